@@ -1,0 +1,92 @@
+"""GLAD: global linear aggregation of patch tokens, one stage of the token pyramid.
+
+Late ViT layers have low-rank attention: many tokens carry the same information. A stage
+replaces the ``N_p`` patch tokens with ``M`` new ones, each a convex combination of all old ones
+(``X' = softmax(W) X``). Prefix tokens (cls, dist, registers) pass through untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .plan import pool_grid
+
+__all__ = ["TokenAggregation", "pooling_matrix"]
+
+
+def pooling_matrix(grid: tuple[int, int], m: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The ``m x N_p`` matrix of average pooling ``grid`` (rows x cols, raster order) to m tokens.
+
+    The target grid keeps the source's aspect where it can (14x14 -> 7x7 with 2x2 windows,
+    14x14 -> 14x7 with 2x1 windows); sizes that do not divide use adaptive pooling's
+    overlapping windows, and an ``m`` with no fitting grid pools the raster sequence in 1-D.
+    Returns the matrix and the target grid.
+    """
+    h, w = grid
+    n = h * w
+    eye = torch.eye(n, dtype=torch.float64)
+    target = pool_grid(grid, m)
+    if target is None:
+        pooled = F.adaptive_avg_pool1d(eye.reshape(n, 1, n), m).reshape(n, m)
+        target = (1, m)
+    else:
+        pooled = F.adaptive_avg_pool2d(eye.reshape(n, 1, h, w), target).reshape(n, m)
+    return pooled.T.contiguous().float(), target
+
+
+class TokenAggregation(nn.Module):
+    """Aggregate ``num_in`` patch tokens to ``num_out`` with ``P = softmax(W, -1)``.
+
+    Sits in a timm ``VisionTransformer.blocks`` sequence before the block it shrinks, so the
+    model's own ``forward_features`` runs it. In eval mode ``P`` is computed once and cached.
+    """
+
+    def __init__(self, num_in: int, num_out: int, num_prefix_tokens: int = 1,
+                 grid_in: tuple[int, int] | None = None, eps: float = 1e-6) -> None:
+        super().__init__()
+        if not 1 <= num_out <= num_in:
+            raise ValueError(f"cannot aggregate {num_in} tokens to {num_out}")
+        self.num_in, self.num_out = num_in, num_out
+        self.num_prefix_tokens = num_prefix_tokens
+        self.grid_in = grid_in or (1, num_in)
+        pool, self.grid_out = pooling_matrix(self.grid_in, num_out)
+        self.weight = nn.Parameter(torch.log(pool + eps))
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    def matrix(self) -> torch.Tensor:
+        """``P = softmax(W)``: ``M x N_p``, each row a convex combination of input tokens."""
+        return self.weight.softmax(dim=-1)
+
+    def set_matrix(self, p: torch.Tensor, eps: float = 1e-6) -> None:
+        """Set ``W`` so that ``softmax(W)`` equals the row-stochastic ``p`` (up to ``eps``)."""
+        if p.shape != self.weight.shape:
+            raise ValueError(f"matrix shape {tuple(p.shape)} != {tuple(self.weight.shape)}")
+        with torch.no_grad():
+            self.weight.copy_(torch.log(p.to(self.weight) + eps))
+
+    def _matrix(self) -> torch.Tensor:
+        if self.training:
+            return self.matrix()
+        key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype,
+               self.weight.device)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.matrix().detach())
+        return self._cache[1]
+
+    def train(self, mode: bool = True) -> TokenAggregation:
+        self._cache = None
+        return super().train(mode)
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        k = self.num_prefix_tokens
+        if x.shape[1] != k + self.num_in:
+            raise ValueError(f"token aggregation expects {k} prefix + {self.num_in} patch tokens, "
+                             f"got {x.shape[1]}: the model only runs at its plan's input size")
+        patches = torch.matmul(self._matrix(), x[:, k:])
+        return torch.cat([x[:, :k], patches], dim=1) if k else patches
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_in} -> {self.num_out} tokens, grid {self.grid_in} -> {self.grid_out}, "
+                f"prefix={self.num_prefix_tokens}")

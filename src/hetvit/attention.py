@@ -1,0 +1,157 @@
+"""DGSSA: dynamic-guided static self-attention.
+
+Early ViT layers produce nearly the same attention map for every image, so the per-image
+``softmax(q k^T)`` can be replaced by one learned map per head. What is left per image is the
+value projection, ``A @ V`` and the output projection: no q, no k, no ``q k^T``, no softmax.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["StaticAttention", "attention_map", "is_dynamic_attention"]
+
+
+def is_dynamic_attention(module: nn.Module) -> bool:
+    """True for timm-style attention: a fused ``qkv`` Linear, ``num_heads`` and ``proj``."""
+    return (isinstance(getattr(module, "qkv", None), nn.Linear)
+            and hasattr(module, "num_heads") and isinstance(getattr(module, "proj", None), nn.Linear))
+
+
+def attention_map(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The softmax attention map of a timm ``Attention`` for input ``x``: ``B x H x N x N``.
+
+    Computed from q and k directly, so it works whether timm fuses attention or not, and without
+    switching fusion off anywhere.
+    """
+    b, n, _ = x.shape
+    h = attn.num_heads
+    d = attn.qkv.out_features // (3 * h)
+    qkv = attn.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
+    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+    return ((q * d**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+
+class StaticAttention(nn.Module):
+    """Attention with a static, learned map per head (DGSSA).
+
+    ``out = proj(merge_heads(softmax(logits) @ split_heads(v(x))))``.
+
+    The value and output projections are inherited from the attention module it replaces;
+    ``logits`` (``H x N x N``) start from the log of the layer's mean dynamic map over a
+    calibration set. In eval mode the softmax is computed once and cached.
+
+    During fine-tuning, :attr:`guide` may hold the teacher's dynamic map for the current batch
+    (``B x H x N x N``) and :attr:`mix` a weight ``lambda``: the layer then runs with
+    ``lambda * guide + (1 - lambda) * static`` (the optional curriculum of the method).
+    """
+
+    def __init__(self, dim: int, num_heads: int, num_tokens: int, attn_dim: int | None = None,
+                 qkv_bias: bool = True, proj_bias: bool = True) -> None:
+        super().__init__()
+        attn_dim = attn_dim or dim
+        if attn_dim % num_heads:
+            raise ValueError(f"attention width {attn_dim} is not divisible by {num_heads} heads")
+        self.num_heads = num_heads
+        self.head_dim = attn_dim // num_heads
+        self.attn_dim = attn_dim
+        self.num_tokens = num_tokens
+        self.v = nn.Linear(dim, attn_dim, bias=qkv_bias)
+        self.norm: nn.Module = nn.Identity()
+        self.proj = nn.Linear(attn_dim, dim, bias=proj_bias)
+        self.proj_drop: nn.Module = nn.Identity()
+        self.logits = nn.Parameter(torch.zeros(num_heads, num_tokens, num_tokens))
+        self.guide: torch.Tensor | None = None
+        self.mix: float = 0.0
+        self._cache: tuple[tuple, torch.Tensor] | None = None
+
+    @classmethod
+    def from_attention(cls, attn: nn.Module, num_tokens: int) -> StaticAttention:
+        """A static attention that inherits ``v`` and ``proj`` from a timm ``Attention``."""
+        if not is_dynamic_attention(attn):
+            raise TypeError(f"cannot make static attention from {type(attn).__name__}: "
+                            "expected timm Attention with a fused qkv projection")
+        if getattr(attn, "gate", None) is not None:
+            raise TypeError("gated attention is not supported")
+        qkv: nn.Linear = attn.qkv
+        attn_dim = qkv.out_features // 3
+        new = cls(qkv.in_features, attn.num_heads, num_tokens, attn_dim=attn_dim,
+                  qkv_bias=qkv.bias is not None, proj_bias=attn.proj.bias is not None)
+        new = new.to(device=qkv.weight.device, dtype=qkv.weight.dtype)
+        with torch.no_grad():
+            new.v.weight.copy_(qkv.weight[2 * attn_dim:])
+            if qkv.bias is not None:
+                new.v.bias.copy_(qkv.bias[2 * attn_dim:])
+            new.proj.load_state_dict(attn.proj.state_dict())
+        # Scale-norm (an extra LayerNorm before proj) and dropout come along as they are.
+        new.norm = copy.deepcopy(getattr(attn, "norm", nn.Identity()))
+        new.proj_drop = copy.deepcopy(getattr(attn, "proj_drop", nn.Identity()))
+        return new
+
+    # ----------------------------------------------------------------- the static map
+    def static_map(self) -> torch.Tensor:
+        """``softmax(logits)``: ``H x N x N``, differentiable (for the guidance loss)."""
+        return self.logits.softmax(dim=-1)
+
+    def set_map(self, attn_map: torch.Tensor, eps: float = 1e-6) -> None:
+        """Initialise the logits so that the static map equals ``attn_map`` (``H x N x N``)."""
+        if attn_map.shape != self.logits.shape:
+            raise ValueError(f"map shape {tuple(attn_map.shape)} does not match the static "
+                             f"logits {tuple(self.logits.shape)}")
+        with torch.no_grad():
+            self.logits.copy_(torch.log(attn_map.to(self.logits) + eps))
+
+    def _map(self) -> torch.Tensor:
+        if self.training:
+            return self.static_map()
+        key = (self.logits._version, self.logits.data_ptr(), self.logits.dtype,
+               self.logits.device)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, self.static_map().detach())
+        return self._cache[1]
+
+    def train(self, mode: bool = True) -> StaticAttention:
+        self._cache = None
+        return super().train(mode)
+
+    # ----------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        b, n, _ = x.shape
+        if n != self.num_tokens:
+            raise ValueError(f"static attention was built for {self.num_tokens} tokens but got "
+                             f"{n}: the compressed model only runs at the input size of its plan")
+        if attn_mask is not None or is_causal:
+            raise ValueError("static attention does not take attention masks")
+        a = self._map()
+        if self.guide is not None and self.mix > 0:
+            a = self.mix * self.guide + (1.0 - self.mix) * a
+        v = self.v(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+        out = torch.matmul(a, v).transpose(1, 2).reshape(b, n, self.attn_dim)
+        return self.proj_drop(self.proj(self.norm(out)))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, tokens={self.num_tokens}"
+
+
+@torch.no_grad()
+def mean_attention(attn: nn.Module, inputs: Iterable[torch.Tensor]) -> torch.Tensor | None:
+    """Mean dynamic attention map (``H x N x N``) of ``attn`` over a stream of input batches."""
+    total, count = None, 0
+    for x in inputs:
+        m = attention_map(attn, x).sum(0)
+        total = m if total is None else total + m
+        count += x.shape[0]
+    return None if total is None else total / count
+
+
+def warn_uniform(layer: int) -> None:
+    warnings.warn(f"no calibration data: static attention of block {layer} starts from a uniform "
+                  "map. Pass calibration images to start from the layer's real attention.",
+                  stacklevel=3)

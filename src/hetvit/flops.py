@@ -1,0 +1,111 @@
+"""Multiply-accumulate counts (MACs) of ViTs and of compressed ViTs.
+
+Fused attention (``scaled_dot_product_attention``) is invisible to op-level counters such as
+fvcore, and it is a large part of what DGSSA saves. So costs are counted two ways that must
+agree: :func:`formula_macs` from the architecture and the plan in closed form, and
+:func:`count_macs` from the modules that actually run in a forward pass. Element-wise work
+(norms, GELU, softmax, residual adds) is not counted, as is usual for GMAC figures.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .aggregation import TokenAggregation
+from .attention import StaticAttention, is_dynamic_attention
+from .plan import Plan, token_grid
+
+__all__ = ["formula_macs", "count_macs", "block_macs"]
+
+
+def block_macs(n: int, dim: int, hidden: int, static: bool) -> int:
+    """MACs of one pre-norm transformer block on ``n`` tokens.
+
+    Dynamic: q, k, v (``3 n D^2``), ``q k^T`` and ``A V`` (``2 n^2 D``), output projection
+    (``n D^2``) and MLP (``2 n D D_h``). Static attention drops q, k and ``q k^T``:
+    ``n D^2 + n^2 D + n D^2 + 2 n D D_h``.
+    """
+    mlp = 2 * n * dim * hidden
+    if static:
+        return 2 * n * dim * dim + n * n * dim + mlp
+    return 4 * n * dim * dim + 2 * n * n * dim + mlp
+
+
+def formula_macs(arch: dict[str, Any], plan: Plan | None = None) -> int:
+    """MACs per image of the architecture ``arch`` (see ``surgery.describe``) under ``plan``."""
+    from .surgery import num_prefix_tokens
+
+    plan = plan or Plan()
+    dim, depth = arch["embed_dim"], arch["depth"]
+    hidden = round(arch["mlp_ratio"] * dim)
+    rows, cols = token_grid(arch)
+    n_patches = rows * cols
+    ph, pw = arch["patch_size"]
+    prefix = num_prefix_tokens(arch)
+    total = n_patches * arch["in_chans"] * ph * pw * dim  # patch embedding
+    stages = dict(plan.pyramid)
+    n = n_patches
+    for layer in range(depth):
+        if layer in stages:
+            total += stages[layer] * n * dim
+            n = stages[layer]
+        total += block_macs(prefix + n, dim, hidden, layer in plan.static)
+    heads = 2 if arch.get("distilled") else 1
+    return total + heads * dim * arch["num_classes"]
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, img_size: tuple[int, int] | None = None) -> int:
+    """MACs per image counted from the modules a real forward pass runs.
+
+    Linear and convolution layers are counted from their actual input shapes; the attention
+    matrix products, which fused kernels hide, are counted from the shapes entering each
+    attention module; aggregation from its matrix.
+    """
+    total = 0
+
+    def linear(mod: nn.Linear, args: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        total += out.numel() // out.shape[0] * mod.in_features
+
+    def conv(mod: nn.Conv2d, args: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        k = mod.in_channels // mod.groups * mod.kernel_size[0] * mod.kernel_size[1]
+        total += out.numel() // out.shape[0] * k
+
+    def attention(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        n, width = args[0].shape[1], out.shape[-1]
+        attn_dim = getattr(mod, "attn_dim", width)
+        total += (1 if isinstance(mod, StaticAttention) else 2) * n * n * attn_dim
+
+    def aggregate(mod: TokenAggregation, args: tuple, out: torch.Tensor) -> None:
+        nonlocal total
+        total += mod.num_out * mod.num_in * args[0].shape[-1]
+
+    hooks = []
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            hooks.append(mod.register_forward_hook(linear))
+        elif isinstance(mod, nn.Conv2d):
+            hooks.append(mod.register_forward_hook(conv))
+        elif isinstance(mod, StaticAttention) or is_dynamic_attention(mod):
+            hooks.append(mod.register_forward_hook(attention))
+        elif isinstance(mod, TokenAggregation):
+            hooks.append(mod.register_forward_hook(aggregate))
+    if img_size is None:
+        img_size = tuple(model.patch_embed.img_size)
+    param = next(model.parameters())
+    was_training = model.training
+    model.eval()
+    try:
+        model(torch.zeros(1, model.patch_embed.proj.in_channels, *img_size, dtype=param.dtype,
+                          device=param.device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    return total

@@ -1,0 +1,137 @@
+"""Save and load compressed models: a directory with the plan, the weights and the source.
+
+``plan.json``, ``model.safetensors`` and ``source.json`` (the source architecture, its timm
+``pretrained_cfg`` and a checksum of the weights). Saves are atomic: everything is written to a
+temporary directory that is renamed into place, so an interrupted save never leaves a
+checkpoint that loads half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .plan import Plan, PlanError
+
+__all__ = ["save", "load", "CheckpointError", "is_checkpoint"]
+
+PLAN_FILE, WEIGHTS_FILE, SOURCE_FILE = "plan.json", "model.safetensors", "source.json"
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A hetvit checkpoint directory that is missing, incomplete or damaged."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _jsonable(obj: Any) -> Any:
+    """``pretrained_cfg`` may hold tuples and other non-JSON values; keep what JSON can say."""
+    return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else None))
+
+
+def save(model: nn.Module, directory: str | Path, plan: Plan | None = None) -> Path:
+    """Write ``model`` (compressed or not) to ``directory`` atomically; returns the directory.
+
+    An existing checkpoint at ``directory`` is replaced only once the new one is complete.
+    """
+    from safetensors.torch import save_file
+
+    from .surgery import describe, plan_of
+
+    directory = Path(directory)
+    plan = plan or plan_of(model)
+    source = {
+        "format": FORMAT,
+        "arch": describe(model),
+        "pretrained_cfg": _jsonable(dict(getattr(model, "pretrained_cfg", None) or {})),
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        source["sha256"] = _sha256(tmp / WEIGHTS_FILE)
+        (tmp / PLAN_FILE).write_text(plan.to_json() + "\n")
+        (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.rename(directory, old)
+        os.rename(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def is_checkpoint(path: str | Path) -> bool:
+    """True if ``path`` looks like a hetvit checkpoint directory."""
+    p = Path(path)
+    return p.is_dir() and (p / SOURCE_FILE).is_file()
+
+
+def load(directory: str | Path, map_location: str | torch.device = "cpu",
+         verify: bool = True) -> nn.Module:
+    """Rebuild the model saved in ``directory``, in eval mode, with its saved weights.
+
+    Raises :class:`CheckpointError` naming the file when something is missing or damaged.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .surgery import build_model, compress
+
+    d = Path(directory)
+    if not d.is_dir():
+        raise CheckpointError(f"checkpoint directory not found: {d}")
+    for name in (PLAN_FILE, WEIGHTS_FILE, SOURCE_FILE):
+        if not (d / name).is_file():
+            raise CheckpointError(f"{d} is not a complete hetvit checkpoint: {name} is missing")
+    try:
+        source = json.loads((d / SOURCE_FILE).read_text())
+        arch = source["arch"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{d / SOURCE_FILE} is damaged: {e}") from e
+    try:
+        plan = Plan.load(d / PLAN_FILE)
+    except PlanError as e:
+        raise CheckpointError(f"{d / PLAN_FILE} is damaged: {e}") from e
+    if verify and source.get("sha256") and _sha256(d / WEIGHTS_FILE) != source["sha256"]:
+        raise CheckpointError(f"{d / WEIGHTS_FILE} is damaged or truncated (its checksum does not "
+                              f"match {SOURCE_FILE}); save the model again")
+    try:
+        state = load_file(str(d / WEIGHTS_FILE), device=str(map_location))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{d / WEIGHTS_FILE} is damaged or truncated: {e}") from e
+
+    model = build_model(arch)
+    if source.get("pretrained_cfg"):
+        model.pretrained_cfg = source["pretrained_cfg"]
+    if plan.static or plan.pyramid:
+        model = compress(model, plan, init="none")
+    model.to(map_location)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(f"{d / WEIGHTS_FILE} does not match its plan and source: missing "
+                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    return model.eval()

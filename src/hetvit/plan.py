@@ -1,0 +1,242 @@
+"""The compression plan: which layers get static attention, where the token pyramid shrinks.
+
+A plan is small, JSON-serialisable and checked against the model it is applied to, so that a
+mistake (a layer that does not exist, a pyramid that grows) fails before any surgery runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Plan", "PlanError", "PRESETS", "token_grid", "pool_grid"]
+
+
+class PlanError(ValueError):
+    """A plan that cannot be applied to the model it was given."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where to put DGSSA (``static``) and GLAD (``pyramid``) in a ViT.
+
+    Attributes:
+        static: indices of the blocks whose attention becomes a static learned map.
+        pyramid: ``(layer, M)`` stages: before block ``layer`` the patch tokens are aggregated
+            down to ``M`` tokens. Layers strictly increase and ``M`` strictly decreases.
+        img_size: the ``(height, width)`` input size the plan was made for. Static maps and
+            aggregation matrices have fixed shapes, so the plan only fits this size.
+        source: the model the plan was made for (``name`` of the timm model, when known).
+        preset: the preset name it came from, if any (informational).
+    """
+
+    static: tuple[int, ...] = ()
+    pyramid: tuple[tuple[int, int], ...] = ()
+    img_size: tuple[int, int] | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    preset: str | None = None
+
+    def __post_init__(self) -> None:
+        # Normalise lists from JSON into tuples so plans compare and hash by value.
+        object.__setattr__(self, "static", tuple(int(i) for i in self.static))
+        object.__setattr__(self, "pyramid", tuple((int(l), int(m)) for l, m in self.pyramid))
+        if self.img_size is not None:
+            object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
+        if len(set(self.static)) != len(self.static):
+            raise PlanError(f"static layers repeat: {list(self.static)}")
+
+    # ----------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["static"] = list(self.static)
+        d["pyramid"] = [list(s) for s in self.pyramid]
+        d["img_size"] = list(self.img_size) if self.img_size else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Plan:
+        unknown = set(d) - {"static", "pyramid", "img_size", "source", "preset"}
+        if unknown:
+            raise PlanError(f"unknown plan fields: {sorted(unknown)}")
+        try:
+            return cls(
+                static=d.get("static", ()),
+                pyramid=[tuple(s) for s in d.get("pyramid", ())],
+                img_size=d.get("img_size"),
+                source=dict(d.get("source") or {}),
+                preset=d.get("preset"),
+            )
+        except (TypeError, ValueError) as e:
+            if isinstance(e, PlanError):
+                raise
+            raise PlanError(f"malformed plan {d!r}: {e}") from e
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"plan is not valid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise PlanError("a plan must be a JSON object with 'static' and 'pyramid'")
+        return cls.from_dict(d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Plan:
+        p = Path(path)
+        if not p.is_file():
+            raise PlanError(f"plan file not found: {p}")
+        return cls.from_json(p.read_text())
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def preset(cls, name: str, model: Any) -> Plan:
+        """The preset ``name`` scaled to ``model``'s depth and token grid.
+
+        ``model`` is a timm ``VisionTransformer`` (or anything :func:`hetvit.surgery.describe`
+        accepts).
+        """
+        from .surgery import describe
+
+        arch = describe(model)
+        return preset_for(name, depth=arch["depth"], grid=token_grid(arch),
+                          img_size=tuple(arch["img_size"]), source={"name": arch.get("name")})
+
+    # ----------------------------------------------------------------- validation
+    def validate(self, depth: int, grid: tuple[int, int], img_size: tuple[int, int] | None = None
+                 ) -> None:
+        """Raise :class:`PlanError` if the plan cannot run on a ViT of this shape.
+
+        Args:
+            depth: number of transformer blocks.
+            grid: the patch token grid ``(rows, cols)`` at the model's input size.
+            img_size: the model's input size; checked against ``self.img_size``.
+        """
+        n_patches = grid[0] * grid[1]
+        for i in self.static:
+            if not 0 <= i < depth:
+                raise PlanError(f"static layer {i} is out of range: the model has {depth} "
+                                f"blocks (valid layers 0..{depth - 1})")
+        prev_layer, prev_m = -1, n_patches
+        for layer, m in self.pyramid:
+            if not 0 <= layer < depth:
+                raise PlanError(f"pyramid stage ({layer}, {m}): layer {layer} is out of range "
+                                f"(the model has {depth} blocks, valid layers 0..{depth - 1})")
+            if layer <= prev_layer:
+                raise PlanError(f"pyramid layers must strictly increase: {list(self.pyramid)}")
+            if m < 1:
+                raise PlanError(f"pyramid stage ({layer}, {m}): M must be at least 1")
+            if m > prev_m:
+                raise PlanError(f"pyramid stage ({layer}, {m}): M={m} is larger than the "
+                                f"{prev_m} patch tokens present before block {layer}")
+            if m == prev_m and prev_layer >= 0:
+                raise PlanError(f"pyramid must strictly decrease the token count: "
+                                f"{list(self.pyramid)}")
+            prev_layer, prev_m = layer, m
+        if img_size is not None and self.img_size is not None:
+            if tuple(img_size) != tuple(self.img_size):
+                raise PlanError(f"plan was made for input size {tuple(self.img_size)}, the "
+                                f"model takes {tuple(img_size)}: make a plan for this size")
+
+    def tokens_before(self, layer: int, n_patches: int) -> int:
+        """Patch tokens entering block ``layer`` (after any aggregation placed before it)."""
+        n = n_patches
+        for stage_layer, m in self.pyramid:
+            if stage_layer <= layer:
+                n = m
+        return n
+
+    def with_source(self, **source: Any) -> Plan:
+        return Plan(self.static, self.pyramid, self.img_size, {**self.source, **source},
+                    self.preset)
+
+    def describe(self) -> str:
+        st = ",".join(map(str, self.static)) or "-"
+        py = " ".join(f"{l}:{m}" for l, m in self.pyramid) or "-"
+        return f"static [{st}]  pyramid [{py}]"
+
+
+def token_grid(arch: dict[str, Any]) -> tuple[int, int]:
+    """Patch token grid ``(rows, cols)`` of an architecture description."""
+    h, w = arch["img_size"]
+    ph, pw = arch["patch_size"]
+    return h // ph, w // pw
+
+
+def pool_grid(grid: tuple[int, int], m: int) -> tuple[int, int] | None:
+    """The ``(rows, cols)`` grid of ``m`` tokens that best keeps the shape of ``grid``.
+
+    Returns None when ``m`` has no factorisation that fits inside ``grid`` (then aggregation
+    pools the raster sequence in 1-D).
+    """
+    h, w = grid
+    best, best_cost = None, math.inf
+    for r in range(1, h + 1):
+        if m % r:
+            continue
+        c = m // r
+        if c > w:
+            continue
+        # Prefer grids whose windows are close to equal along both axes.
+        cost = abs(math.log((h / r) / (w / c)))
+        if cost < best_cost - 1e-12:
+            best, best_cost = (r, c), cost
+    return best
+
+
+# A preset is a rule, written for a 12-block model and scaled to other depths:
+#   static: how many leading blocks get static attention (fraction of depth),
+#   stages: (fraction of depth where a stage sits, fraction of the patch tokens kept).
+PRESETS: dict[str, dict[str, Any]] = {
+    "balanced": {"static": 3 / 12, "stages": [(4 / 12, 1 / 2), (8 / 12, 1 / 4)]},
+    "fast": {"static": 4 / 12, "stages": [(3 / 12, 1 / 2), (6 / 12, 1 / 4), (9 / 12, 1 / 8)]},
+    "fastest": {"static": 4 / 12, "stages": [(2 / 12, 1 / 2), (4 / 12, 1 / 4),
+                                              (7 / 12, 1 / 8)]},
+}
+
+
+def preset_for(name: str, depth: int, grid: tuple[int, int],
+               img_size: tuple[int, int] | None = None,
+               source: dict[str, Any] | None = None) -> Plan:
+    """Scale preset ``name`` to a model with ``depth`` blocks and a ``grid`` of patch tokens.
+
+    Stage sizes follow the grid: each kept fraction is turned into a grid of about that many
+    tokens with the input grid's aspect, so pooling windows stay regular (14x14 -> 14x7 -> 7x7).
+    """
+    if name not in PRESETS:
+        raise PlanError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    rule = PRESETS[name]
+    n_static = min(depth, max(0, round(depth * rule["static"])))
+    stages: list[tuple[int, int]] = []
+    cur = grid
+    for at, keep in rule["stages"]:
+        layer = min(depth - 1, max(1, round(depth * at)))
+        m = _grid_tokens(grid, keep)
+        if stages and layer <= stages[-1][0]:
+            continue
+        if m >= cur[0] * cur[1] or m < 1:
+            continue
+        stages.append((layer, m))
+        cur = pool_grid(cur, m) or (1, m)
+    return Plan(static=tuple(range(n_static)), pyramid=tuple(stages), img_size=img_size,
+                source=dict(source or {}), preset=name)
+
+
+def _grid_tokens(grid: tuple[int, int], keep: float) -> int:
+    """Token count of a regular grid holding about ``keep`` of ``grid``'s tokens."""
+    h, w = grid
+    if keep == 1 / 2:
+        # Halve along one axis: 14x14 -> 14x7, 8x8 -> 8x4 (2x1 windows).
+        return h * math.ceil(w / 2)
+    side_h = max(1, round(h * math.sqrt(keep)))
+    side_w = max(1, round(w * math.sqrt(keep)))
+    return side_h * side_w

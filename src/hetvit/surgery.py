@@ -1,0 +1,281 @@
+"""Surgery: put DGSSA and GLAD into a timm ``VisionTransformer``.
+
+The compressed model stays a timm ``VisionTransformer``: static layers swap their ``attn``
+module, and aggregation stages are inserted into ``blocks``. So ``forward_features``,
+``forward_head``, ``pretrained_cfg`` and everything built on them keep working.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from timm.layers import LayerScale
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from .aggregation import TokenAggregation
+from .attention import StaticAttention, attention_map, is_dynamic_attention, warn_uniform
+from .plan import Plan, PlanError, token_grid
+
+__all__ = ["compress", "describe", "build_model", "load_model", "UnsupportedModelError",
+           "is_compressed", "plan_of"]
+
+SUPPORTED = ("timm VisionTransformer models with a fixed input size: DeiT (tiny/small/base and "
+             "the distilled variants), ViT (augreg) and DeiT-3 (LayerScale)")
+
+
+class UnsupportedModelError(TypeError):
+    """The model is not a ViT that hetvit knows how to compress."""
+
+
+# ----------------------------------------------------------------------------- describe / build
+def _check_supported(model: nn.Module) -> None:
+    if not isinstance(model, VisionTransformer):
+        raise UnsupportedModelError(f"{type(model).__name__} is not supported: hetvit compresses "
+                                    f"{SUPPORTED}")
+    if getattr(model, "dynamic_img_size", False):
+        raise UnsupportedModelError("this ViT takes a dynamic image size; static attention and "
+                                    "token aggregation need a fixed token count. Create the model "
+                                    "with dynamic_img_size=False.")
+    if getattr(model, "attn_pool", None) is not None:
+        raise UnsupportedModelError(f"ViTs with an attention-pooling head are not supported: "
+                                    f"hetvit compresses {SUPPORTED}")
+    for i, blk in enumerate(model.blocks):
+        if isinstance(blk, TokenAggregation):
+            continue
+        attn = getattr(blk, "attn", None)
+        if not (isinstance(attn, StaticAttention) or is_dynamic_attention(attn)):
+            raise UnsupportedModelError(f"block {i} ({type(blk).__name__}) has no timm-style "
+                                        f"attention; hetvit compresses {SUPPORTED}")
+
+
+def describe(model: nn.Module) -> dict[str, Any]:
+    """The architecture of a timm ViT as keyword arguments that rebuild it.
+
+    For a compressed model this is its source model's architecture.
+    """
+    if getattr(model, "hetvit_source", None) is not None:
+        return copy.deepcopy(model.hetvit_source)
+    _check_supported(model)
+    blk = model.blocks[0]
+    attn = blk.attn
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    arch: dict[str, Any] = {
+        "name": cfg.get("architecture"),
+        "distilled": isinstance(model, VisionTransformerDistilled),
+        "img_size": list(model.patch_embed.img_size),
+        "patch_size": list(model.patch_embed.patch_size),
+        "in_chans": model.patch_embed.proj.in_channels,
+        "num_classes": model.num_classes,
+        "global_pool": model.global_pool,
+        "embed_dim": model.embed_dim,
+        "depth": len(model.blocks),
+        "num_heads": attn.num_heads,
+        "mlp_ratio": blk.mlp.fc1.out_features / model.embed_dim,
+        "qkv_bias": attn.qkv.bias is not None,
+        "qk_norm": not isinstance(attn.q_norm, nn.Identity),
+        "init_values": 1.0 if isinstance(blk.ls1, LayerScale) else None,
+        "class_token": model.cls_token is not None,
+        "reg_tokens": getattr(model, "num_reg_tokens", 0),
+        "no_embed_class": model.no_embed_class,
+        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
+        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
+    }
+    return arch
+
+
+def num_prefix_tokens(arch: dict[str, Any]) -> int:
+    return int(arch["class_token"]) + int(arch["reg_tokens"]) + int(arch["distilled"])
+
+
+_ARCH_KWARGS = ("img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim",
+                "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values",
+                "class_token", "reg_tokens", "no_embed_class", "pre_norm", "fc_norm")
+
+
+def build_model(arch: dict[str, Any]) -> VisionTransformer:
+    """An uninitialised model of architecture ``arch`` (from :func:`describe`).
+
+    A timm model name is rebuilt through ``timm.create_model`` so that what the description
+    does not hold (activation, norm layers, pretrained_cfg) comes from timm itself.
+    """
+    kwargs = {k: arch[k] for k in _ARCH_KWARGS if k in arch}
+    kwargs["img_size"] = tuple(kwargs["img_size"])
+    kwargs["patch_size"] = tuple(kwargs["patch_size"])[0]
+    name = arch.get("name")
+    if name:
+        import timm
+
+        return timm.create_model(name, pretrained=False, **kwargs)
+    kwargs["weight_init"] = "skip"
+    cls = VisionTransformerDistilled if arch.get("distilled") else VisionTransformer
+    return cls(**kwargs)
+
+
+def load_model(name: str, checkpoint: str | Path | None = None, **overrides: Any
+               ) -> VisionTransformer:
+    """A timm model by name, with weights from a local checkpoint file if one is given.
+
+    Reads official DeiT ``.pth`` files (state dict under ``model``), Lightning ``.ckpt`` files
+    (under ``state_dict``) and timm ``.pth`` / ``.safetensors`` files. Without a checkpoint the
+    weights are random, and a warning says so.
+    """
+    import timm
+
+    try:
+        model = timm.create_model(name, pretrained=False, **overrides)
+    except RuntimeError as e:  # timm's "Unknown model (...)"
+        raise UnsupportedModelError(f"unknown timm model {name!r}: {e}") from e
+    if checkpoint is None:
+        warnings.warn(f"{name}: no checkpoint given, the weights are random (speed does not "
+                      "depend on them, accuracy does)", stacklevel=2)
+    else:
+        load_weights(model, checkpoint)
+    return model
+
+
+def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
+    """Load a state dict file into ``model`` with clear errors for a wrong or broken file."""
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
+    for key in ("model", "state_dict", "model_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} holds no state dict")
+    prefix = "model."
+    if state and all(k.startswith(prefix) for k in state):
+        state = {k[len(prefix):]: v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"checkpoint {path} does not fit the model: missing "
+                         f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+
+# ----------------------------------------------------------------------------- compress
+def is_compressed(model: nn.Module) -> bool:
+    return getattr(model, "hetvit_plan", None) is not None
+
+
+def plan_of(model: nn.Module) -> Plan:
+    """The plan a model was compressed with (an empty plan for an uncompressed model)."""
+    return getattr(model, "hetvit_plan", None) or Plan()
+
+
+def compress(model: nn.Module, plan: Plan, calibration: Any = None, *,
+             max_batches: int | None = None, init: str = "calibrate") -> VisionTransformer:
+    """A compressed copy of ``model``: static attention and token aggregation as ``plan`` says.
+
+    Args:
+        model: a timm ``VisionTransformer`` (see :data:`SUPPORTED`); it is not modified.
+        plan: where to put static layers and pyramid stages; validated against ``model``.
+        calibration: images to initialise the static maps from the layers' mean dynamic
+            attention: a tensor ``B x C x H x W``, or an iterable of tensors or
+            ``(images, labels)`` batches (a DataLoader). Without it the maps start uniform.
+        max_batches: use at most this many calibration batches.
+        init: ``"calibrate"`` (default), or ``"none"`` to leave the new parameters at their
+            defaults (for loading saved weights into the structure).
+    """
+    if is_compressed(model):
+        raise PlanError("this model is already compressed; compress its source model instead")
+    arch = describe(model)
+    grid = token_grid(arch)
+    prefix = num_prefix_tokens(arch)
+    plan.validate(arch["depth"], grid, tuple(arch["img_size"]))
+    if plan.img_size is None:
+        plan = Plan(plan.static, plan.pyramid, tuple(arch["img_size"]), plan.source, plan.preset)
+    if not plan.source.get("name") and arch.get("name"):
+        plan = plan.with_source(name=arch["name"])
+
+    new = copy.deepcopy(model)
+    stages = dict(plan.pyramid)
+    blocks: list[nn.Module] = []
+    n, cur_grid = grid[0] * grid[1], grid
+    tokens_at: dict[int, int] = {}
+    for i, blk in enumerate(new.blocks):
+        if i in stages:
+            agg = TokenAggregation(n, stages[i], prefix, cur_grid)
+            agg.to(next(blk.parameters()))
+            blocks.append(agg)
+            n, cur_grid = stages[i], agg.grid_out
+        tokens_at[i] = prefix + n
+        blocks.append(blk)
+    new.blocks = nn.Sequential(*blocks)
+
+    maps: dict[int, torch.Tensor | None] = dict.fromkeys(plan.static)
+    if init == "calibrate" and plan.static and calibration is not None:
+        maps = _calibrate(new, plan.static, calibration, max_batches)
+    layer_blocks = [b for b in new.blocks if not isinstance(b, TokenAggregation)]
+    for i in plan.static:
+        blk = layer_blocks[i]
+        static = StaticAttention.from_attention(blk.attn, tokens_at[i])
+        if maps[i] is not None:
+            static.set_map(maps[i])
+        elif init == "calibrate":
+            warn_uniform(i)
+        blk.attn = static
+
+    new.hetvit_plan = plan
+    new.hetvit_source = arch
+    new.train(model.training)
+    return new
+
+
+def _batches(calibration: Any) -> Iterable[torch.Tensor]:
+    if isinstance(calibration, torch.Tensor):
+        yield calibration
+        return
+    for item in calibration:
+        yield item[0] if isinstance(item, (tuple, list)) else item
+
+
+@torch.no_grad()
+def _calibrate(model: VisionTransformer, layers: Iterable[int], calibration: Any,
+               max_batches: int | None) -> dict[int, torch.Tensor | None]:
+    """Mean dynamic attention map of each layer in ``layers`` over the calibration images.
+
+    Aggregation stages are already in place and attention is still dynamic, so each map has the
+    token count the static layer will see.
+    """
+    layer_blocks = [b for b in model.blocks if not isinstance(b, TokenAggregation)]
+    sums: dict[int, torch.Tensor] = {}
+    hooks = []
+    for i in layers:
+        def hook(mod: nn.Module, args: tuple, i: int = i) -> None:
+            m = attention_map(mod, args[0]).sum(0)
+            sums[i] = m if i not in sums else sums[i] + m
+        hooks.append(layer_blocks[i].attn.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    count = 0
+    param = next(model.parameters())
+    try:
+        for b, x in enumerate(_batches(calibration)):
+            if max_batches is not None and b >= max_batches:
+                break
+            model.forward_features(x.to(param))
+            count += x.shape[0]
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if count == 0:
+        return dict.fromkeys(layers)
+    return {i: sums[i] / count for i in layers}
