@@ -44,7 +44,7 @@ class TokenAggregation(nn.Module):
     """
 
     def __init__(self, num_in: int, num_out: int, num_prefix_tokens: int = 1,
-                 grid_in: tuple[int, int] | None = None, eps: float = 1e-6) -> None:
+                 grid_in: tuple[int, int] | None = None, eps: float = 1e-8) -> None:
         super().__init__()
         if not 1 <= num_out <= num_in:
             raise ValueError(f"cannot aggregate {num_in} tokens to {num_out}")
@@ -59,7 +59,7 @@ class TokenAggregation(nn.Module):
         """``P = softmax(W)``: ``M x N_p``, each row a convex combination of input tokens."""
         return self.weight.softmax(dim=-1)
 
-    def set_matrix(self, p: torch.Tensor, eps: float = 1e-6) -> None:
+    def set_matrix(self, p: torch.Tensor, eps: float = 1e-8) -> None:
         """Set ``W`` so that ``softmax(W)`` equals the row-stochastic ``p`` (up to ``eps``)."""
         if p.shape != self.weight.shape:
             raise ValueError(f"matrix shape {tuple(p.shape)} != {tuple(self.weight.shape)}")

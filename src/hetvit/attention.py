@@ -12,7 +12,6 @@ import warnings
 from collections.abc import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["StaticAttention", "attention_map", "is_dynamic_attention"]
@@ -20,8 +19,8 @@ __all__ = ["StaticAttention", "attention_map", "is_dynamic_attention"]
 
 def is_dynamic_attention(module: nn.Module) -> bool:
     """True for timm-style attention: a fused ``qkv`` Linear, ``num_heads`` and ``proj``."""
-    return (isinstance(getattr(module, "qkv", None), nn.Linear)
-            and hasattr(module, "num_heads") and isinstance(getattr(module, "proj", None), nn.Linear))
+    return (isinstance(getattr(module, "qkv", None), nn.Linear) and hasattr(module, "num_heads")
+            and isinstance(getattr(module, "proj", None), nn.Linear))
 
 
 def attention_map(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -30,19 +30,19 @@ class Plan:
         img_size: the ``(height, width)`` input size the plan was made for. Static maps and
             aggregation matrices have fixed shapes, so the plan only fits this size.
         source: the model the plan was made for (``name`` of the timm model, when known).
-        preset: the preset name it came from, if any (informational).
+        label: where the plan came from: a preset name, "recommended", ... (informational).
     """
 
     static: tuple[int, ...] = ()
     pyramid: tuple[tuple[int, int], ...] = ()
     img_size: tuple[int, int] | None = None
     source: dict[str, Any] = field(default_factory=dict)
-    preset: str | None = None
+    label: str | None = None
 
     def __post_init__(self) -> None:
         # Normalise lists from JSON into tuples so plans compare and hash by value.
         object.__setattr__(self, "static", tuple(int(i) for i in self.static))
-        object.__setattr__(self, "pyramid", tuple((int(l), int(m)) for l, m in self.pyramid))
+        object.__setattr__(self, "pyramid", tuple((int(at), int(m)) for at, m in self.pyramid))
         if self.img_size is not None:
             object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
         if len(set(self.static)) != len(self.static):
@@ -58,7 +58,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
-        unknown = set(d) - {"static", "pyramid", "img_size", "source", "preset"}
+        unknown = set(d) - {"static", "pyramid", "img_size", "source", "label"}
         if unknown:
             raise PlanError(f"unknown plan fields: {sorted(unknown)}")
         try:
@@ -67,7 +67,7 @@ class Plan:
                 pyramid=[tuple(s) for s in d.get("pyramid", ())],
                 img_size=d.get("img_size"),
                 source=dict(d.get("source") or {}),
-                preset=d.get("preset"),
+                label=d.get("label"),
             )
         except (TypeError, ValueError) as e:
             if isinstance(e, PlanError):
@@ -157,11 +157,11 @@ class Plan:
 
     def with_source(self, **source: Any) -> Plan:
         return Plan(self.static, self.pyramid, self.img_size, {**self.source, **source},
-                    self.preset)
+                    self.label)
 
     def describe(self) -> str:
         st = ",".join(map(str, self.static)) or "-"
-        py = " ".join(f"{l}:{m}" for l, m in self.pyramid) or "-"
+        py = " ".join(f"{at}:{m}" for at, m in self.pyramid) or "-"
         return f"static [{st}]  pyramid [{py}]"
 
 
@@ -180,7 +180,7 @@ def pool_grid(grid: tuple[int, int], m: int) -> tuple[int, int] | None:
     """
     h, w = grid
     best, best_cost = None, math.inf
-    for r in range(1, h + 1):
+    for r in range(h, 0, -1):  # on a tie, keep more rows: 14x14 -> 14x7
         if m % r:
             continue
         c = m // r
@@ -228,7 +228,7 @@ def preset_for(name: str, depth: int, grid: tuple[int, int],
         stages.append((layer, m))
         cur = pool_grid(cur, m) or (1, m)
     return Plan(static=tuple(range(n_static)), pyramid=tuple(stages), img_size=img_size,
-                source=dict(source or {}), preset=name)
+                source=dict(source or {}), label=name)
 
 
 def _grid_tokens(grid: tuple[int, int], keep: float) -> int:

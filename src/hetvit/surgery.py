@@ -163,7 +163,10 @@ def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
     prefix = "model."
     if state and all(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items()}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"checkpoint {path} does not fit the model: {e}") from e
     if result.missing_keys or result.unexpected_keys:
         raise ValueError(f"checkpoint {path} does not fit the model: missing "
                          f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
@@ -200,7 +203,7 @@ def compress(model: nn.Module, plan: Plan, calibration: Any = None, *,
     prefix = num_prefix_tokens(arch)
     plan.validate(arch["depth"], grid, tuple(arch["img_size"]))
     if plan.img_size is None:
-        plan = Plan(plan.static, plan.pyramid, tuple(arch["img_size"]), plan.source, plan.preset)
+        plan = Plan(plan.static, plan.pyramid, tuple(arch["img_size"]), plan.source, plan.label)
     if not plan.source.get("name") and arch.get("name"):
         plan = plan.with_source(name=arch["name"])
 

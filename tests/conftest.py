@@ -1,0 +1,38 @@
+"""Shared fixtures: tiny timm ViTs that run in milliseconds on a CPU."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from timm.models.deit import VisionTransformerDistilled
+from timm.models.vision_transformer import VisionTransformer
+
+
+def tiny_vit(distilled: bool = False, **kwargs) -> VisionTransformer:
+    """A 32x32, patch-8 ViT (a 4x4 grid of 16 patch tokens plus prefix tokens)."""
+    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
+    args.update(kwargs)
+    cls = VisionTransformerDistilled if distilled else VisionTransformer
+    torch.manual_seed(0)
+    return cls(**args).eval()
+
+
+@pytest.fixture
+def vit() -> VisionTransformer:
+    return tiny_vit()
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.randn(4, 3, 32, 32)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_uniform_init():
+    # Most tests compress without calibration on purpose; the warning is tested on its own.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="no calibration data")
+        yield

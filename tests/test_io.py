@@ -1,0 +1,73 @@
+import json
+
+import pytest
+import torch
+
+import hetvit
+from hetvit.io import CheckpointError
+from hetvit.plan import Plan
+
+from .conftest import tiny_vit
+
+PLAN = Plan(static=(0, 1), pyramid=((2, 4),))
+
+
+@pytest.mark.parametrize("distilled", [False, True])
+def test_round_trip_gives_identical_outputs(distilled, tmp_path, images):
+    student = hetvit.compress(tiny_vit(distilled=distilled), PLAN, calibration=images)
+    with torch.no_grad():  # train a little so that nothing is at its initial value
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    student.eval()
+    hetvit.save(student, tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "model.safetensors", "plan.json", "source.json"]
+    loaded = hetvit.load(tmp_path / "ckpt")
+    assert loaded.hetvit_plan.static == PLAN.static and not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded(images), student(images))
+
+
+def test_uncompressed_model_round_trip(tmp_path, images):
+    model = tiny_vit()
+    hetvit.save(model, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "plan.json").read_text())["static"] == []
+    with torch.no_grad():
+        assert torch.equal(hetvit.load(tmp_path / "m")(images), model(images))
+
+
+def test_truncated_weights_give_a_clear_error(tmp_path):
+    hetvit.save(hetvit.compress(tiny_vit(), PLAN), tmp_path / "c")
+    w = tmp_path / "c" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors is damaged or truncated"):
+        hetvit.load(tmp_path / "c")
+    with pytest.raises(CheckpointError, match="damaged or truncated"):
+        hetvit.load(tmp_path / "c", verify=False)
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        hetvit.load(tmp_path / "nothing")
+    hetvit.save(tiny_vit(), tmp_path / "c")
+    (tmp_path / "c" / "plan.json").write_text("{oops")
+    with pytest.raises(CheckpointError, match="plan.json is damaged"):
+        hetvit.load(tmp_path / "c")
+    (tmp_path / "c" / "plan.json").unlink()
+    with pytest.raises(CheckpointError, match="plan.json is missing"):
+        hetvit.load(tmp_path / "c")
+
+
+def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch, images):
+    model = tiny_vit()
+    hetvit.save(model, tmp_path / "c")
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        hetvit.save(hetvit.compress(model, PLAN), tmp_path / "c")
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary left behind
+    with torch.no_grad():
+        assert torch.equal(hetvit.load(tmp_path / "c")(images), model(images))
