@@ -1,0 +1,370 @@
+"""Attention-pattern analysis: metrics on constructed layers, streaming exactness, recommend."""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import hetvit
+from hetvit.attention import attention_map
+from hetvit.flops import formula_macs
+from hetvit.patterns import PatternReport, analyze, token_ladder
+from hetvit.plan import Plan, token_grid
+from hetvit.surgery import describe
+
+from .conftest import tiny_vit
+
+pytestmark = pytest.mark.filterwarnings("ignore:the model looks untrained")
+
+D = 32  # the tiny ViT's width
+N = 17  # its tokens: cls + a 4x4 grid
+
+
+def zero_qk(model, layer: int) -> None:
+    """q = k = 0 in ``layer``: every logit is 0, so every row of every map is uniform."""
+    qkv = model.blocks[layer].attn.qkv
+    with torch.no_grad():
+        qkv.weight[: 2 * D].zero_()
+        qkv.bias[: 2 * D].zero_()
+
+
+def sharpen_qk(model, layer: int, scale: float = 3.0, seed: int = 0) -> None:
+    """Large random q and k weights: peaked maps that depend on the image."""
+    qkv = model.blocks[layer].attn.qkv
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        qkv.weight[: 2 * D] = torch.randn(2 * D, D, generator=gen) * scale / math.sqrt(D)
+
+
+def test_zero_qk_layer_is_uniform_identical_and_rank_one():
+    model = tiny_vit()
+    zero_qk(model, 1)
+    torch.manual_seed(0)
+    report = analyze(model, torch.randn(6, 3, 32, 32), progress=False)
+    np.testing.assert_allclose(report.mean_maps[1], 1 / N, atol=1e-7)
+    np.testing.assert_allclose(report.similarity[1], 1.0, atol=1e-9)
+    np.testing.assert_allclose(report.js[1], 0.0, atol=1e-9)
+    np.testing.assert_allclose(report.static_kl[1], 0.0, atol=1e-9)
+    np.testing.assert_allclose(report.effective_rank[1], 1 / N, atol=1e-6)
+    np.testing.assert_allclose(report.rank90[1], 1 / N)
+    np.testing.assert_allclose(report.rank99[1], 1 / N)
+
+
+def test_large_random_qk_layer_differs_between_images():
+    model = tiny_vit()
+    zero_qk(model, 1)
+    sharpen_qk(model, 2)
+    torch.manual_seed(0)
+    report = analyze(model, torch.randn(8, 3, 32, 32), progress=False)
+    assert report.similarity[2].max() < 0.5
+    assert report.js[2].min() > 0.3
+    assert report.static_kl[2].min() > 0.5
+    assert (report.effective_rank[2] > 5 * report.effective_rank[1]).all()
+    assert (report.rank90[2] > report.rank90[1]).all()
+
+
+# --------------------------------------------------------------------------- streaming exactness
+def reference(model, images, prefix: int = 1) -> dict[str, np.ndarray]:
+    """Every metric from all maps at once, by direct (quadratic) formulas."""
+    maps, tokens = {}, {}
+    hooks = []
+    for i, blk in enumerate(model.blocks):
+        hooks.append(blk.register_forward_pre_hook(
+            lambda m, a, i=i: tokens.__setitem__(i, a[0].double())))
+        hooks.append(blk.attn.register_forward_pre_hook(
+            lambda m, a, i=i: maps.__setitem__(i, attention_map(m, a[0]).double())))
+    with torch.no_grad():
+        model.forward_features(images)
+    for h in hooks:
+        h.remove()
+    out: dict[str, list] = {k: [] for k in ("similarity", "js", "static_kl", "effective_rank",
+                                            "rank90", "rank99", "redundancy", "mean_maps")}
+    n = images.shape[0]
+    off_diag = ~torch.eye(n, dtype=torch.bool)
+    for i in range(len(model.blocks)):
+        a = maps[i]  # n x H x N x N
+        flat = a.flatten(2).transpose(0, 1)  # H x n x N*N
+        unit = flat / flat.norm(dim=-1, keepdim=True)
+        gram = unit @ unit.transpose(1, 2)  # H x n x n
+        out["similarity"].append((gram[:, off_diag]).mean(-1))
+
+        def kl(p, q):
+            return (p * (p / q).log()).sum(-1)
+
+        p, q = a[:-1], a[1:]
+        m = (p + q) / 2
+        js = (0.5 * kl(p, m) + 0.5 * kl(q, m)) / math.log(2)  # pairs x H x N, bits
+        out["js"].append(js.mean(-1).mean(0))
+        mean = a.mean(0)
+        out["static_kl"].append(kl(a, mean[None].expand_as(a)).mean(-1).mean(0))
+        out["mean_maps"].append(mean)
+
+        s = torch.linalg.svdvals(a)
+        pn = s / s.sum(-1, keepdim=True)
+        out["effective_rank"].append(torch.exp(-(pn * pn.log()).sum(-1)).mean(0) / a.shape[-1])
+        for name, level in (("rank90", 0.9), ("rank99", 0.99)):
+            e = s.square()
+            frac = e.cumsum(-1) / e.sum(-1, keepdim=True)
+            k = torch.tensor([[int(np.searchsorted(f.numpy(), level - 1e-12)) + 1
+                               for f in img] for img in frac], dtype=torch.float64)
+            out[name].append(k.mean(0) / a.shape[-1])
+
+        t = tokens[i][:, prefix:]
+        u = t / t.norm(dim=-1, keepdim=True)
+        g = u @ u.transpose(1, 2)
+        mp = t.shape[1]
+        out["redundancy"].append((g.sum((1, 2)) - mp) / (mp * (mp - 1)))
+    res = {k: torch.stack(v).numpy() for k, v in out.items()}
+    res["redundancy"] = res["redundancy"].mean(1)
+    return res
+
+
+def test_streaming_statistics_equal_all_at_once():
+    model = tiny_vit()
+    sharpen_qk(model, 0, scale=1.5)
+    sharpen_qk(model, 3, scale=3.0, seed=1)
+    torch.manual_seed(3)
+    images = torch.randn(10, 3, 32, 32)
+    want = reference(model, images)
+    # Uneven batches (3, 3, 3, 1), one that splits consecutive pairs across batches.
+    got = analyze(model, images, batch_size=3, progress=False)
+    whole = analyze(model, images, batch_size=10, progress=False)
+    for name in ("similarity", "js", "static_kl", "effective_rank", "rank90", "rank99",
+                 "redundancy", "mean_maps"):
+        np.testing.assert_allclose(getattr(got, name), want[name], rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+        np.testing.assert_allclose(getattr(got, name), getattr(whole, name), rtol=1e-9,
+                                   atol=1e-9, err_msg=name)
+    assert got.num_images == 10 and got.rank_images == 10
+
+
+def test_loader_batches_limits_and_rank_images():
+    model = tiny_vit()
+    sharpen_qk(model, 2)
+    torch.manual_seed(4)
+    images = torch.randn(9, 3, 32, 32)
+    loader = [(images[:4], torch.zeros(4)), None, (images[4:], torch.zeros(5))]
+    report = analyze(model, loader, num_images=7, rank_images=3, progress=False)
+    assert report.num_images == 7 and report.rank_images == 3
+    want = analyze(model, images[:7], rank_images=3, progress=False)
+    np.testing.assert_allclose(report.similarity, want.similarity, rtol=1e-9)
+    np.testing.assert_allclose(report.rank90, want.rank90, rtol=1e-9)
+    first3 = analyze(model, images[:3], progress=False)
+    np.testing.assert_allclose(report.effective_rank, first3.effective_rank, rtol=1e-9)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        analyze(model, images[:1], progress=False)
+
+
+def test_fused_and_unfused_attention_capture_the_same_maps():
+    reports, timm_maps = [], []
+    torch.manual_seed(5)
+    images = torch.randn(5, 3, 32, 32)
+    for fused in (True, False):
+        model = tiny_vit()
+        sharpen_qk(model, 1)
+        for blk in model.blocks:
+            blk.attn.fused_attn = fused
+        reports.append(analyze(model, images, progress=False))
+        if not fused:  # timm's own softmax output, for the absolute check
+            seen = {}
+            attn = model.blocks[1].attn
+            h = attn.attn_drop.register_forward_hook(
+                lambda m, a, o, seen=seen: seen.setdefault("a", o))
+            with torch.no_grad():
+                model(images)
+            h.remove()
+            timm_maps.append(seen["a"].mean(0).numpy())
+    fused_r, unfused_r = reports
+    # Fused and unfused layers before layer 1 round differently (float32), and the sharp layer
+    # amplifies that a little; the maps agree to float precision, not bit for bit.
+    np.testing.assert_allclose(fused_r.mean_maps, unfused_r.mean_maps, atol=1e-5)
+    np.testing.assert_allclose(fused_r.examples, unfused_r.examples, atol=1e-5)
+    np.testing.assert_allclose(fused_r.similarity, unfused_r.similarity, atol=1e-5)
+    np.testing.assert_allclose(fused_r.mean_maps[1], timm_maps[0], atol=1e-6)
+
+
+def test_untrained_model_warns_and_compressed_model_is_refused():
+    model = tiny_vit()
+    with pytest.warns(UserWarning, match="looks untrained"):
+        analyze(model, torch.randn(2, 3, 32, 32), progress=False)
+    with torch.no_grad():
+        model.norm.weight.add_(0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        analyze(model, torch.randn(2, 3, 32, 32), progress=False)
+    compressed = hetvit.compress(model, Plan(static=(0,)))
+    with pytest.raises(ValueError, match="already compressed"):
+        analyze(compressed, torch.randn(2, 3, 32, 32), progress=False)
+
+
+# --------------------------------------------------------------------------- recommend
+def synthetic_report(similarity: list[float], rank90: list[float]) -> PatternReport:
+    """A report with chosen per-layer numbers, for a depth-8 ViT on an 8x8 token grid."""
+    depth = len(similarity)
+    arch = describe(tiny_vit(img_size=64, depth=depth))
+    heads, n = 2, 65
+    sim = np.array(similarity)[:, None].repeat(heads, 1)
+    sim[:, 1] += 0.01  # the plan must follow the worst head
+    r90 = np.array(rank90)[:, None].repeat(heads, 1)
+    r90[:, 0] -= 0.01
+    zeros = np.zeros((depth, heads))
+    return PatternReport(arch=arch, num_images=10, rank_images=10, similarity=sim, js=zeros,
+                         static_kl=zeros, effective_rank=r90 / 2, rank90=r90, rank99=r90,
+                         redundancy=np.zeros(depth), spectra=np.zeros((depth, heads, n)))
+
+
+SIM = [0.99, 0.97, 0.95, 0.5, 0.96, 0.4, 0.3, 0.3]  # layer 4 passes but breaks the run
+RANK = [0.9, 0.9, 0.8, 0.6, 0.45, 0.3, 0.2, 0.2]
+
+
+def test_recommend_static_is_the_leading_run_and_respects_max_static():
+    report = synthetic_report(SIM, RANK)
+    plan = report.recommend(similarity=0.9)
+    assert plan.static == (0, 1, 2)
+    assert report.recommendation["passed_similarity"] == [0, 1, 2, 4]
+    assert report.recommendation["leading_run"] == 3
+    assert report.recommend(max_static=2).static == (0, 1)
+    assert report.recommend(max_static=0).static == ()
+    assert report.recommend(similarity=0.98).static == (0,)
+    assert report.recommend(similarity=0.995).static == ()  # head 1 passes, head 0 does not
+    assert report.recommend(similarity=0.9, max_static=10).static == (0, 1, 2)
+
+
+def test_recommend_pyramid_follows_rank_and_the_token_grid():
+    report = synthetic_report(SIM, RANK)
+    plan = report.recommend()
+    arch = report.arch
+    grid = token_grid(arch)
+    ladder = token_ladder(grid)
+    assert ladder == [64, 32, 16, 9, 4]
+    plan.validate(arch["depth"], grid, tuple(arch["img_size"]))
+    assert plan.label == "recommended"
+    need = report.recommendation["rank_need"]
+    for layer, m in plan.pyramid:
+        assert layer >= len(plan.static) and m in ladder
+        assert m >= need[layer] * 64  # margin 1: at least the rank need
+    # Rank 0.45 from layer 4 on needs 29 of 64 tokens, so the half grid (32) from layer 4, and
+    # 0.3 from layer 5 needs 19.2, still 32; 0.2 from layer 6 needs 12.8 -> 16.
+    assert plan.pyramid == ((4, 32), (6, 16))
+
+
+@pytest.mark.parametrize("target", [1.2, 1.6, 2.2])
+def test_recommend_reaches_the_speed_target(target):
+    report = synthetic_report(SIM, RANK)
+    plan = report.recommend(speedup=target, max_static=2)
+    assert plan.static == (0, 1)
+    base = formula_macs(report.arch)
+    achieved = base / formula_macs(report.arch, plan)
+    assert achieved >= target
+    rec = report.recommendation
+    assert rec["target_reached"] is True
+    assert rec["speedup"] == pytest.approx(achieved)
+    # The most conservative plan that reaches the target: a slightly larger margin misses it.
+    if rec["margin"] is not None:
+        looser = report._plan(2, np.array(rec["rank_need"]), rec["margin"] * 1.1)
+        assert base / formula_macs(report.arch, looser) < target or looser == plan
+
+
+def test_recommend_warns_when_the_target_is_out_of_reach():
+    report = synthetic_report(SIM, RANK)
+    with pytest.warns(UserWarning, match="out of reach"):
+        plan = report.recommend(speedup=50.0)
+    assert report.recommendation["target_reached"] is False
+    assert plan.pyramid[-1][1] == 4  # the fastest plan goes to the smallest grid
+    text = report.explain()
+    assert "NOT reached" in text and "GMACs: baseline" in text
+
+
+def test_explain_covers_every_layer_and_any_plan():
+    report = synthetic_report(SIM, RANK)
+    plan = report.recommend()
+    text = report.explain(plan)
+    assert len([ln for ln in text.splitlines() if ln.strip()[:1].isdigit()]) == 8
+    assert "stage -> 32 tokens" in text
+    preset = Plan(static=(0, 1, 2, 3, 4), pyramid=((2, 16),))
+    other = report.explain(preset)
+    assert "kept < need" in other  # the preset keeps fewer tokens than layer 2's rank needs
+    base, macs = formula_macs(report.arch), formula_macs(report.arch, preset)
+    assert f"({base / macs:.2f}x)" in other
+
+
+# --------------------------------------------------------------------------- output
+def test_save_writes_json_markdown_and_plots_atomically(tmp_path):
+    model = tiny_vit()
+    sharpen_qk(model, 3)
+    torch.manual_seed(6)
+    report = analyze(model, torch.randn(4, 3, 32, 32), progress=False)
+    plan = report.recommend(speedup=1.3)
+    (tmp_path / "patterns").mkdir()
+    (tmp_path / "patterns" / "stale.txt").write_text("from an older run")
+    out = report.save(tmp_path / "patterns")  # replaces the old directory as a whole
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["heatmaps.png", "maps.png", "patterns.json", "patterns.md", "rank.png",
+                     "similarity.png", "spectra.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["patterns"]  # no temp dir left
+    data = json.loads((out / "patterns.json").read_text())
+    assert Plan.from_dict(data["plan"]) == plan
+    assert np.allclose(data["similarity"], report.similarity, atol=1e-6)
+    assert "## Recommended plan" in (out / "patterns.md").read_text()
+    loaded = PatternReport.load(out)
+    assert loaded.recommend(speedup=1.3) == plan
+
+
+# --------------------------------------------------------------------------- CLI
+def image_folder(root, per_class: int = 4):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (rng.random((40, 40, 3)) * 255).astype("uint8")
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+def test_cli_analyze_checkpoint_writes_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from hetvit.cli import app
+
+    model = tiny_vit()
+    sharpen_qk(model, 3)
+    with torch.no_grad():
+        model.norm.weight.add_(0.1)  # not at its initial value: no "untrained" warning
+    hetvit.save(model, tmp_path / "model")
+    data = image_folder(tmp_path / "data")
+    result = CliRunner().invoke(app, [
+        "analyze", "--checkpoint", str(tmp_path / "model"), "--data", str(data),
+        "--num-images", "6", "--batch-size", "4", "--max-static", "1",
+        "--recommend-speedup", "1.3", "--out", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert "random" not in result.output
+    assert "GMACs: baseline" in result.output
+    report = json.loads((tmp_path / "report" / "patterns.json").read_text())
+    assert report["num_images"] == 6
+    plan = Plan.from_dict(report["plan"])
+    assert plan.static == (0,)
+    assert report["recommendation"]["target_reached"] is True
+
+
+def test_cli_analyze_warns_without_weights(tmp_path):
+    from typer.testing import CliRunner
+
+    from hetvit.cli import app
+
+    data = image_folder(tmp_path / "data", per_class=2)
+    result = CliRunner().invoke(app, [
+        "analyze", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8",
+        "--embed-dim", "32", "--depth", "2", "--num-heads", "2", "--num-classes", "2",
+        "--data", str(data), "--num-images", "3"])
+    assert result.exit_code == 0, result.output
+    assert "the model is random" in result.output
+    assert not (tmp_path / "report").exists()
+    bad = CliRunner().invoke(app, ["analyze", "--data", str(data)])
+    assert bad.exit_code == 2
