@@ -1,0 +1,443 @@
+"""ONNX export of (compressed) ViTs, and onnxruntime checks that the export computes the same.
+
+The point of DGSSA for deployment is that a static layer ships no q/k work at all: in eval mode
+its attention map is a cached tensor, so tracing turns it into a constant initializer and the
+graph keeps only ``v``, ``A @ V`` and the output projection. :func:`layer_matmuls` verifies this
+on the exported graph, and :func:`check_parity` compares onnxruntime with PyTorch.
+
+Exports are atomic: the graph is written to a temporary file beside the target, checked, and
+only then renamed into place, so a failed export or a failed check never leaves a ``.onnx`` file
+that looks usable.
+
+The legacy TorchScript exporter (``dynamo=False``) is used: it needs no extra dependency, and it
+names nodes after the modules they come from (``/blocks/blocks.3/attn/MatMul``), which is what
+lets the graph check attribute each MatMul to a layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["export_onnx", "check_parity", "layer_matmuls", "ort_session", "ort_runner",
+           "load_images",
+           "ExportError", "ParityError", "Parity", "ExportResult", "MIN_OPSET"]
+
+MIN_OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+
+
+class ExportError(RuntimeError):
+    """The model cannot be exported, or the output cannot be written."""
+
+
+@dataclass
+class Parity:
+    """How closely onnxruntime reproduces PyTorch on one set of images.
+
+    ``ties`` counts images whose top-1 differs only because PyTorch's two best logits are
+    within ``atol`` of each other: at that tolerance either class is a correct answer, so such
+    an image is not a disagreement. It is reported so that it is never hidden.
+    """
+
+    name: str
+    images: int
+    max_abs_diff: float
+    top1_agree: int
+    ties: int = 0
+    atol: float = 1e-4
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.atol and self.top1_agree + self.ties == self.images
+
+    def __str__(self) -> str:
+        tie = f" ({self.ties} tie(s) within atol)" if self.ties else ""
+        verdict = "ok" if self.passed else "FAILED"
+        return (f"{self.name}: {self.images} images, max |diff| {self.max_abs_diff:.2e} "
+                f"(atol {self.atol:.0e}), top-1 agree {self.top1_agree}/{self.images}{tie}: "
+                f"{verdict}")
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_onnx` wrote and what its checks found.
+
+    ``matmuls`` maps each transformer layer (plan numbering) to the number of MatMuls in it
+    whose two inputs both depend on the image: ``q k^T`` and ``A V`` in a dynamic layer (2), none
+    in a static one.
+    """
+
+    path: Path
+    opset: int
+    static_layers: tuple[int, ...] = ()
+    matmuls: dict[int, int] = field(default_factory=dict)
+    parity: list[Parity] = field(default_factory=list)
+
+    @property
+    def graph_ok(self) -> bool:
+        return all(self.matmuls.get(i, 0) == 0 for i in self.static_layers)
+
+    @property
+    def passed(self) -> bool:
+        return self.graph_ok and all(p.passed for p in self.parity)
+
+
+class ParityError(ExportError):
+    """The export ran but its checks failed; ``result`` holds the figures."""
+
+    def __init__(self, message: str, result: ExportResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+# ----------------------------------------------------------------------------- dependencies
+def _onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ExportError("onnxruntime is not installed, so the export cannot be checked: "
+                          "pip install onnxruntime (or hetvit[export]), or skip the check "
+                          "(--no-check / check=False)") from None
+    return onnxruntime
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("the onnx package is not installed: pip install onnx "
+                          "(or hetvit[export])") from None
+    return onnx
+
+
+# ----------------------------------------------------------------------------- export
+def _input_shape(model: nn.Module) -> tuple[int, int, int]:
+    embed = getattr(model, "patch_embed", None)
+    if embed is None or getattr(embed, "img_size", None) is None:
+        raise ExportError(f"{type(model).__name__} has no fixed input size (patch_embed.img_size);"
+                          " hetvit exports timm VisionTransformers")
+    h, w = (int(s) for s in embed.img_size)
+    return int(embed.proj.in_channels), h, w
+
+
+@contextlib.contextmanager
+def _inference_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode with no teacher guidance, restored afterwards.
+
+    Eval mode is what makes the static maps and aggregation matrices cached tensors, which
+    tracing records as constants; a guide left over from fine-tuning would bake one batch of
+    teacher attention into the graph.
+    """
+    from .attention import StaticAttention
+
+    was_training = model.training
+    guides = [(m, m.guide, m.mix) for m in model.modules() if isinstance(m, StaticAttention)]
+    model.eval()
+    for m, _, _ in guides:
+        m.guide, m.mix = None, 0.0
+    try:
+        yield
+    finally:
+        for m, guide, mix in guides:
+            m.guide, m.mix = guide, mix
+        model.train(was_training)
+
+
+def _write_onnx(model: nn.Module, path: Path, opset: int, batch_size: int) -> None:
+    c, h, w = _input_shape(model)
+    param = next(model.parameters())
+    example = torch.randn(batch_size, c, h, w, device=param.device, dtype=param.dtype)
+    with _inference_mode(model), torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about the token-count checks; token shapes are static by design.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(path), opset_version=opset, dynamo=False,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          do_constant_folding=True)
+
+
+def _temp_beside(path: Path) -> Path:
+    """An empty temporary file in ``path``'s directory (created if needed).
+
+    Creating it is also the check that the output can be written at all, done before any
+    export work.
+    """
+    if path.is_dir():
+        raise ExportError(f"cannot write {path}: it is a directory; give a file name such as "
+                          f"{path / 'model.onnx'}")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"cannot write {path}: {parent} is a file, not a directory")
+            break
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
+    os.close(fd)
+    return Path(tmp)
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = MIN_OPSET,
+                batch_size: int = 1, check: bool = True,
+                images: torch.Tensor | Iterable[Any] | None = None,
+                atol: float = 1e-4, random_images: int = 8) -> ExportResult:
+    """Export ``model`` to ONNX at ``path`` with a dynamic batch axis; check it; return figures.
+
+    Args:
+        model: a timm ``VisionTransformer``, compressed or not, in float32. It is exported in
+            eval mode (its mode is restored afterwards).
+        path: the ``.onnx`` file to write. It appears only once the export and its checks have
+            passed; an existing file is replaced then.
+        opset: ONNX opset, at least 17 (the first with LayerNormalization).
+        batch_size: batch of the example input used for tracing; the batch axis is dynamic
+            whatever it is. Token shapes are static: the model runs at its plan's input size.
+        check: verify the graph (no ``q k^T`` in static layers) and compare onnxruntime with
+            PyTorch on ``random_images`` random inputs and on ``images`` when given. Needs
+            onnxruntime.
+        images: real, preprocessed images for the parity check: a tensor ``B x C x H x W`` or
+            an iterable of batches (see :func:`check_parity`); :func:`load_images` makes one.
+        atol: the largest accepted absolute difference of the logits.
+
+    Raises:
+        ExportError: the model cannot be exported or ``path`` cannot be written.
+        ParityError: the checks failed (``.result`` holds the figures); nothing is written.
+    """
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old: hetvit exports with opset {MIN_OPSET} or "
+                          "newer")
+    if batch_size < 1:
+        raise ExportError(f"batch_size must be at least 1, got {batch_size}")
+    param = next(model.parameters(), None)
+    if param is None or param.dtype != torch.float32:
+        raise ExportError("hetvit exports float32 models (the parity tolerance is for fp32); "
+                          "call model.float() first")
+    _input_shape(model)
+    if check:
+        _onnxruntime()  # fail before any work, not after the export
+    path = Path(path)
+    tmp = _temp_beside(path)
+    try:
+        try:
+            _write_onnx(model, tmp, opset, batch_size)
+        except Exception as e:
+            raise ExportError(f"ONNX export of {type(model).__name__} failed: {e}") from e
+        from .surgery import plan_of
+
+        result = ExportResult(path=path, opset=opset, static_layers=plan_of(model).static)
+        result.matmuls = layer_matmuls(model, tmp)
+        if check:
+            session = ort_session(tmp)
+            c, h, w = _input_shape(model)
+            gen = torch.Generator().manual_seed(0)
+            random = torch.randn(random_images, c, h, w, generator=gen)
+            result.parity.append(check_parity(model, session, random, atol, "random images"))
+            if images is not None:
+                result.parity.append(check_parity(model, session, images, atol, "real images"))
+        if not result.passed:
+            raise ParityError(_failure_message(result), result)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal mode
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _failure_message(result: ExportResult) -> str:
+    lines = [f"the export to {result.path} failed its checks; nothing was written"]
+    if not result.graph_ok:
+        bad = [i for i in result.static_layers if result.matmuls.get(i, 0)]
+        lines.append(f"static layer(s) {bad} still compute attention from the image "
+                     "(activation x activation MatMuls in the graph)")
+    lines += [str(p) for p in result.parity if not p.passed]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- graph check
+_BLOCK = re.compile(r"/blocks\.(\d+)/")
+
+
+def layer_matmuls(model: nn.Module, onnx_path: str | os.PathLike) -> dict[int, int]:
+    """Per transformer layer, the MatMuls of ``onnx_path`` whose two inputs depend on the image.
+
+    A dynamic attention layer has two (``q k^T`` and ``A V``); a static layer none, because
+    its map is a constant and its projections multiply by weights. Layers are numbered as in
+    the plan (aggregation steps in ``model.blocks`` are skipped). Relies on the module-scoped
+    node names of the TorchScript exporter.
+    """
+    from .aggregation import TokenAggregation
+
+    onnx = _onnx()
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    dynamic = {i.name for i in graph.input}
+    dynamic -= {i.name for i in graph.initializer}
+    counts: dict[int, int] = {}
+    for node in graph.node:  # ONNX graphs are topologically sorted
+        if any(name in dynamic for name in node.input):
+            dynamic.update(node.output)
+            if node.op_type == "MatMul" and all(name in dynamic for name in node.input):
+                match = _BLOCK.search(node.name)
+                if not match:
+                    raise ExportError(f"graph check: cannot tell which layer the image x image "
+                                      f"MatMul {node.name!r} belongs to")
+                seq = int(match.group(1))
+                counts[seq] = counts.get(seq, 0) + 1
+    result: dict[int, int] = {}
+    layer = 0
+    for seq, blk in enumerate(model.blocks):
+        if isinstance(blk, TokenAggregation):
+            continue
+        result[layer] = counts.get(seq, 0)
+        layer += 1
+    return result
+
+
+# ----------------------------------------------------------------------------- onnxruntime
+def ort_session(onnx_path: str | os.PathLike, threads: int | None = None,
+                spinning: bool = False) -> Any:
+    """An onnxruntime CPU session with all graph optimisations.
+
+    ``threads``: intra-op threads (None: onnxruntime's default, one per physical core). Spinning
+    worker threads are off by default: they keep cores busy after a run ends, which slows
+    whatever runs next in the same process (the other model in a side-by-side benchmark).
+    """
+    ort = _onnxruntime()
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    if threads is not None:
+        opts.intra_op_num_threads = int(threads)
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    return ort.InferenceSession(str(onnx_path), sess_options=opts,
+                                providers=["CPUExecutionProvider"])
+
+
+def _numpy(x: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().to("cpu", torch.float32).numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def ort_runner(model: nn.Module, batch_size: int = 1, threads: int | None = None,
+               opset: int = MIN_OPSET, spinning: bool = False
+               ) -> Callable[[torch.Tensor | np.ndarray], np.ndarray]:
+    """Export ``model`` to a temporary file and return ``run(images) -> logits`` (numpy).
+
+    For benchmarks: the file is deleted once the session holds the graph, and the returned
+    callable takes a torch tensor or a numpy array of any batch size (``batch_size`` is only
+    the tracing example). Its ``session`` attribute is the onnxruntime session.
+    """
+    with tempfile.TemporaryDirectory(prefix="hetvit-onnx-") as d:
+        path = Path(d) / "model.onnx"
+        export_onnx(model, path, opset=opset, batch_size=batch_size, check=False)
+        session = ort_session(path, threads=threads, spinning=spinning)
+
+    def run(images: torch.Tensor | np.ndarray) -> np.ndarray:
+        return session.run(None, {INPUT_NAME: _numpy(images)})[0]
+
+    run.session = session  # type: ignore[attr-defined]
+    return run
+
+
+# ----------------------------------------------------------------------------- parity
+@torch.no_grad()
+def check_parity(model: nn.Module, onnx: str | os.PathLike | Any,
+                 images: torch.Tensor | Iterable[Any], atol: float = 1e-4,
+                 name: str = "images", batch_size: int = 32) -> Parity:
+    """Compare the logits of ``model`` (PyTorch) and ``onnx`` (a path or a session).
+
+    ``images`` is a tensor ``B x C x H x W`` or an iterable of tensors or ``(images, labels)``
+    batches (a DataLoader); it is run in chunks of ``batch_size``.
+    """
+    session = onnx if hasattr(onnx, "run") else ort_session(onnx)
+    param = next(model.parameters())
+    worst, agree, ties, n = 0.0, 0, 0, 0
+    with _inference_mode(model):
+        for batch in _chunks(images, batch_size):
+            ref = model(batch.to(param)).float().cpu().numpy()
+            out = session.run(None, {INPUT_NAME: _numpy(batch)})[0]
+            if out.shape != ref.shape:
+                raise ExportError(f"onnxruntime returned shape {out.shape}, PyTorch "
+                                  f"{ref.shape}")
+            worst = max(worst, float(np.abs(out - ref).max()) if ref.size else 0.0)
+            same = out.argmax(-1) == ref.argmax(-1)
+            agree += int(same.sum())
+            # A differing top-1 where PyTorch's own top-2 gap is within atol is a tie.
+            top2 = np.sort(ref, axis=-1)[:, -2:] if ref.shape[-1] > 1 else None
+            if top2 is not None:
+                ties += int((~same & (top2[:, 1] - top2[:, 0] <= atol)).sum())
+            n += len(ref)
+    return Parity(name=name, images=n, max_abs_diff=worst, top1_agree=agree, ties=ties,
+                  atol=atol)
+
+
+def _chunks(images: torch.Tensor | Iterable[Any], size: int) -> Iterator[torch.Tensor]:
+    if isinstance(images, torch.Tensor):
+        yield from images.split(size)
+        return
+    for item in images:
+        if item is None:  # a loader batch whose images were all unreadable
+            continue
+        yield item[0] if isinstance(item, (tuple, list)) else item
+
+
+def load_images(path: str | os.PathLike, model: nn.Module, limit: int = 64) -> torch.Tensor:
+    """Up to ``limit`` images from ``path``, preprocessed with ``model``'s eval transform.
+
+    ``path`` is an ImageFolder directory, a ``.tar.gz`` of one, or a plain directory of image
+    files. Images are taken evenly across the set, so a class-sorted folder gives many classes.
+    """
+    from PIL import Image
+
+    from .data import IMAGE_EXTENSIONS, DataError, make_transform, open_dataset
+
+    path = Path(path)
+    transform = make_transform(model, training=False)
+    flat = path.is_dir() and any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir())
+    if flat:
+        def read(file: Path) -> Image.Image:
+            with Image.open(file) as img:
+                return img.convert("RGB")
+
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        load = [lambda f=f: read(f) for f in files]
+    else:
+        try:
+            dataset = open_dataset(path)
+        except DataError as e:
+            raise ExportError(f"cannot read images from {path}: {e}") from None
+        load = [lambda i=i: dataset.load(i) for i in range(len(dataset))]
+    picks = np.linspace(0, len(load) - 1, num=min(limit, len(load))).round().astype(int)
+    tensors = []
+    for i in dict.fromkeys(picks.tolist()):
+        try:
+            img = load[i]()
+        except OSError as e:
+            warnings.warn(f"skipping unreadable image: {e}", stacklevel=2)
+            continue
+        if img is not None:
+            tensors.append(transform(img))
+    if not tensors:
+        raise ExportError(f"no readable images in {path}")
+    return torch.stack(tensors)
