@@ -1,0 +1,430 @@
+"""Image datasets for training and evaluation: ImageFolder directories and ``.tar.gz`` archives.
+
+An archive is unpacked once into a cache directory keyed by its SHA-256, so every later open
+(and every process) reuses the same files. Class indices come either from the sorted folder
+names or from a class map file (one class name a line, line ``i`` is class ``i``); the latter is
+what partial sets such as a 725-class ImageNet sample need, where sorting the folders would give
+wrong indices. Broken images are skipped with a warning and counted, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import shutil
+import tarfile
+import tempfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+__all__ = [
+    "DataError",
+    "ImageDataset",
+    "open_dataset",
+    "make_loader",
+    "make_transform",
+    "data_config",
+    "read_class_map",
+    "extract_archive",
+    "cache_root",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".gif", ".tif",
+                    ".tiff")
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
+CLASS_MAP_NAMES = ("synsets.txt", "class_map.txt", "classes.txt")
+
+ClassMapArg = str | os.PathLike | Sequence[str] | dict[str, int] | None
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given (missing, empty, or inconsistent with its map)."""
+
+
+# --------------------------------------------------------------------------------------------
+# archives and the cache
+
+
+def cache_root() -> Path:
+    """Where unpacked archives live: ``$HETVIT_CACHE/data`` or ``~/.cache/hetvit/data``."""
+    base = os.environ.get("HETVIT_CACHE") or os.path.join("~", ".cache", "hetvit")
+    return Path(base).expanduser() / "data"
+
+
+def _is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = None
+                    ) -> Path:
+    """Unpack ``archive`` once and return the directory holding its contents.
+
+    The target is ``<cache>/<sha256[:16]>``: content-addressed, so a changed archive never
+    reuses stale files. Extraction goes to a temporary directory beside the target that is then
+    renamed into place; ``rename`` is atomic, so a target that exists is always complete, and of
+    two processes racing the loser just removes its own copy.
+    """
+    archive = Path(archive)
+    if not archive.is_file():
+        raise DataError(f"archive not found: {archive}")
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    target = root / _sha256(archive)[:16]
+    if target.is_dir():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
+    try:
+        try:
+            with tarfile.open(archive, "r:*") as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise DataError(f"cannot unpack {archive}: {err}") from err
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir():  # not a lost race: a real failure
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# layout and class maps
+
+
+def _visible_dirs(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _has_images(path: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir() if p.is_file())
+
+
+def _find_class_root(top: Path) -> Path:
+    """The directory whose sub-folders are the classes.
+
+    An archive unpacks to ``<split>/<class>/<img>``, so descend through single sub-folders until
+    one has sub-folders that hold images.
+    """
+    path = top
+    while True:
+        subdirs = _visible_dirs(path)
+        if any(_has_images(d) for d in subdirs):
+            return path
+        if len(subdirs) == 1:
+            path = subdirs[0]
+            continue
+        if not subdirs:
+            raise DataError(f"no class folders with images under {top} (the dataset is empty)")
+        raise DataError(
+            f"cannot tell the class folders in {path}: none of its {len(subdirs)} folders holds "
+            "images directly; point to the folder whose sub-folders are the classes"
+        )
+
+
+def _find_class_map_file(top: Path, class_root: Path) -> Path | None:
+    for directory in dict.fromkeys([top, class_root, class_root.parent]):
+        for name in CLASS_MAP_NAMES:
+            if (directory / name).is_file():
+                return directory / name
+    return None
+
+
+def read_class_map(path: str | os.PathLike) -> list[str]:
+    """Class names from a file, one a line: line ``i`` (blank lines ignored) is class ``i``."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"class map not found: {path}")
+    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not names:
+        raise DataError(f"class map {path} is empty")
+    if len(set(names)) < len(names):
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        raise DataError(f"class map {path} names a class twice: {', '.join(duplicates[:5])}")
+    return names
+
+
+def _resolve_class_map(class_map: ClassMapArg, top: Path, class_root: Path) -> list[str] | None:
+    if class_map is None:
+        return None
+    if isinstance(class_map, dict):
+        order = sorted(class_map, key=class_map.__getitem__)
+        if [class_map[n] for n in order] != list(range(len(order))):
+            raise DataError("a class map dict must map names to 0..n-1 without gaps")
+        return order
+    if isinstance(class_map, str | os.PathLike):
+        if str(class_map) == "auto":
+            found = _find_class_map_file(top, class_root)
+            if found is None:
+                raise DataError(
+                    f"--class-map auto: no {' / '.join(CLASS_MAP_NAMES)} found in {top}")
+            return read_class_map(found)
+        candidate = Path(class_map)
+        if not candidate.is_absolute() and not candidate.exists() and (top / candidate).is_file():
+            candidate = top / candidate  # a name relative to the dataset root
+        return read_class_map(candidate)
+    return [str(n) for n in class_map]
+
+
+# --------------------------------------------------------------------------------------------
+# dataset
+
+
+class ImageDataset(Dataset):
+    """An ImageFolder-style dataset: ``samples`` are ``(path, class index)`` pairs.
+
+    ``classes[i]`` is the name of class ``i`` (all classes of the class map when one is given,
+    so ``len(classes)`` is the model's number of outputs). ``skipped`` counts images that failed
+    to load; the counter is shared with data-loader worker processes so the total is right
+    whatever the number of workers.
+    """
+
+    def __init__(self, samples: list[tuple[Path, int]], classes: list[str],
+                 transform: Callable | None = None, root: Path | None = None,
+                 skipped_folders: Sequence[str] = ()) -> None:
+        self.samples = samples
+        self.classes = classes
+        self.class_to_idx = {name: i for i, name in enumerate(classes)}
+        self.transform = transform
+        self.root = root
+        self.skipped_folders = list(skipped_folders)
+        self._skipped = multiprocessing.Value("i", 0)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def targets(self) -> list[int]:
+        return [target for _, target in self.samples]
+
+    @property
+    def skipped(self) -> int:
+        """How many images could not be read so far (each was warned about)."""
+        return int(self._skipped.value)
+
+    def load(self, index: int) -> Image.Image | None:
+        """The image as RGB, or ``None`` (after a warning) when the file is unreadable."""
+        path, _ = self.samples[index]
+        try:
+            with Image.open(path) as img:
+                return img.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as err:
+            with self._skipped.get_lock():
+                self._skipped.value += 1
+            warnings.warn(f"skipping unreadable image {path}: {err}", stacklevel=2)
+            return None
+
+    def __getitem__(self, index: int) -> tuple[Any, int] | None:
+        img = self.load(index)
+        if img is None:
+            return None
+        target = self.samples[index][1]
+        return (self.transform(img) if self.transform is not None else img), target
+
+
+def open_dataset(path: str | os.PathLike, transform: Callable | None = None,
+                 class_map: ClassMapArg = None, skip_unknown: bool = False,
+                 cache_dir: str | os.PathLike | None = None) -> ImageDataset:
+    """Open an ImageFolder directory or a ``.tar.gz`` of one.
+
+    ``class_map``: ``None`` (sorted folder names), ``"auto"`` (a ``synsets.txt`` /
+    ``class_map.txt`` / ``classes.txt`` at the dataset root), a file path, or a list of names.
+    With a map, a folder whose name the map lacks is an error, or, with ``skip_unknown``, is
+    skipped with a warning.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data path not found: {path}")
+    if _is_archive(path):
+        top = extract_archive(path, cache_dir)
+    elif path.is_dir():
+        top = path
+    else:
+        kinds = ", ".join(ARCHIVE_SUFFIXES)
+        raise DataError(f"{path} is neither a directory nor a tar archive ({kinds})")
+    class_root = _find_class_root(top)
+    folders = _visible_dirs(class_root)
+    mapped = _resolve_class_map(class_map, top, class_root)
+
+    if mapped is None:
+        found = _find_class_map_file(top, class_root)
+        if found is not None:
+            # Not used unasked (the spec of --class-map), but sorting the folders of a partial
+            # set gives wrong indices, so say so.
+            warnings.warn(f"{found} looks like a class map but none was asked for: class "
+                          "indices follow the sorted folder names; pass class_map='auto' "
+                          "(--class-map auto) to use it", stacklevel=2)
+        classes = [f.name for f in folders]
+        index_of = {name: i for i, name in enumerate(classes)}
+        skipped_folders: list[str] = []
+    else:
+        classes = mapped
+        index_of = {name: i for i, name in enumerate(classes)}
+        unknown = [f.name for f in folders if f.name not in index_of]
+        if unknown and not skip_unknown:
+            shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            raise DataError(
+                f"{len(unknown)} folder(s) in {class_root} are not in the class map: {shown} "
+                "(pass skip_unknown / --skip-unknown to leave them out)")
+        if unknown:
+            warnings.warn(f"skipping {len(unknown)} folder(s) not in the class map: "
+                          f"{', '.join(unknown[:5])}", stacklevel=2)
+        skipped_folders = unknown
+        folders = [f for f in folders if f.name in index_of]
+
+    samples: list[tuple[Path, int]] = []
+    for folder in folders:
+        files = sorted(p for p in folder.iterdir()
+                       if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise DataError(f"class folder {folder} holds no images")
+        samples.extend((p, index_of[folder.name]) for p in files)
+    if not samples:
+        raise DataError(f"no images found under {class_root}")
+    return ImageDataset(samples, classes, transform, root=class_root,
+                        skipped_folders=skipped_folders)
+
+
+# --------------------------------------------------------------------------------------------
+# transforms
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's data config for ``model``, corrected to the size the model really takes.
+
+    A model created with an ``img_size`` override keeps the ``pretrained_cfg`` of its family
+    (e.g. 224 px, crop_pct 0.9). Feeding it that would fail; and for a model built for its own
+    small input size, a centre crop would only throw pixels away, so crop_pct becomes 1.0.
+    """
+    from timm.data import resolve_model_data_config
+
+    cfg = dict(resolve_model_data_config(model))
+    patch_embed = getattr(model, "patch_embed", None)
+    size = getattr(patch_embed, "img_size", None)
+    if size is not None:
+        size = tuple(int(s) for s in size)
+        if tuple(cfg["input_size"][1:]) != size:
+            cfg["input_size"] = (cfg["input_size"][0], *size)
+            cfg["crop_pct"] = 1.0
+    return cfg
+
+
+def make_transform(model: nn.Module, training: bool = False, scale: tuple[float, float] = (
+        0.08, 1.0), hflip: float = 0.5, color_jitter: float | None = None,
+        auto_augment: str | None = None, re_prob: float = 0.0) -> Callable:
+    """The timm transform for ``model``: light augmentation when ``training``, else eval."""
+    from timm.data import create_transform
+
+    cfg = data_config(model)
+    if not training:
+        return create_transform(**cfg, is_training=False)
+    cfg.pop("crop_pct", None)
+    cfg.pop("crop_mode", None)
+    return create_transform(**cfg, is_training=True, scale=tuple(scale), hflip=hflip,
+                            color_jitter=color_jitter, auto_augment=auto_augment,
+                            re_prob=re_prob)
+
+
+# --------------------------------------------------------------------------------------------
+# loading
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffle, and a random stream for augmentation, that depend only on ``(seed, epoch)``.
+
+    Lightning calls ``set_epoch`` before each epoch. When the epoch's indices are drawn, the
+    global ``random`` / numpy / torch generators are reseeded from ``(seed, epoch, rank)``, and
+    so is ``generator`` (the DataLoader's, from which worker seeds derive). The epoch's random
+    numbers (crops, flips, drop-path) thus start from a known state exactly where its data
+    starts, and a run resumed from a checkpoint draws the same ones as an uninterrupted run. A
+    reseed in an ``on_train_epoch_start`` hook would not do: on resume Lightning creates the
+    data iterator, and prefetches a batch, before that hook runs.
+
+    Iterated twice without a ``set_epoch`` in between (a plain loop, or Lightning's DDP wrapper,
+    which does not forward it), the sampler moves to the next epoch by itself, so epochs never
+    repeat the same order and augmentations.
+    """
+
+    def __init__(self, size: int, seed: int = 0, reseed: bool = True,
+                 generator: torch.Generator | None = None) -> None:
+        self.size, self.seed, self.reseed, self.epoch = size, seed, reseed, 0
+        self.generator = generator
+        self.set_epoch(0)
+
+    def epoch_seed(self) -> int:
+        return (self.seed * 1_000_003 + self.epoch * 1009) % (2**31)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._used = False
+        if self.generator is not None:
+            self.generator.manual_seed(self.epoch_seed())
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        if self._used:
+            self.set_epoch(self.epoch + 1)
+        self._used = True
+        seed = self.epoch_seed()
+        if self.reseed:
+            rank = torch.distributed.get_rank() if torch.distributed.is_available() and (
+                torch.distributed.is_initialized()) else 0
+            seed_everything_quietly(seed + 7919 * rank)
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
+        return iter(order.tolist())
+
+
+def seed_everything_quietly(seed: int) -> None:
+    """Seed ``random``, numpy and torch (Lightning's ``seed_everything`` without its log)."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def collate_skipping(batch: list[Any]) -> Any:
+    """Default collation after dropping unreadable samples; ``None`` if none is left."""
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        return None
+    return torch.utils.data.default_collate(batch)
+
+
+def make_loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False,
+                workers: int = 0, seed: int = 0, drop_last: bool = False) -> DataLoader:
+    """A DataLoader that skips unreadable images; with ``shuffle``, epochs are reproducible.
+
+    The order and the augmentation randomness of epoch ``k`` depend only on ``(seed, k)``
+    (see :class:`EpochShuffleSampler`), which is what makes an interrupted run resumable
+    exactly.
+    """
+    generator = torch.Generator() if shuffle else None
+    sampler = EpochShuffleSampler(len(dataset), seed, generator=generator) if shuffle else None
+    # Workers are restarted each epoch (not persistent) so that their seeds, drawn from
+    # ``generator``, follow the epoch: that keeps resumed runs identical with workers too.
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=collate_skipping, drop_last=drop_last, generator=generator,
+                      pin_memory=torch.cuda.is_available())

@@ -1,0 +1,664 @@
+"""Training with Lightning: a ViT from scratch now, distillation fine-tuning on the same base.
+
+:class:`BaseModule` holds what every run shares: AdamW with no decay on norms, biases and
+position/class tokens; a per-step linear warm-up then cosine schedule; label-smoothed
+cross-entropy; validation top-1/top-5. (A resumed run draws the same augmentations as an
+uninterrupted one because the training loader reseeds per epoch, see ``hetvit.data``.)
+:class:`TrainModule` adds a timm model built from ``(model_name, model_kwargs)``, both saved
+as hyper-parameters, so a ``last.ckpt`` is enough to rebuild the model. :func:`fit` wires
+data, checkpoints, logs and the final export.
+
+Checkpoint layout (kept stable, runs are resumed across sessions): ``state_dict`` keys are
+``model.<timm key>``; ``hyper_parameters`` hold the fields of :class:`TrainModule`'s
+``__init__``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention_map
+from .data import DataError, make_loader, make_transform, open_dataset
+
+__all__ = [
+    "TrainConfig",
+    "FinetuneModule",
+    "finetune",
+    "BaseModule",
+    "TrainModule",
+    "fit",
+    "create_model",
+    "warmup_cosine",
+    "check_precision",
+    "save_model",
+    "CHECKPOINT_NAME",
+    "TrainingError",
+    "train",
+    "load_checkpoint_model",
+]
+
+CHECKPOINT_NAME = "last.ckpt"
+
+
+class TrainingError(ValueError):
+    """A training run that cannot start as asked (bad precision, checkpoint conflicts, ...)."""
+
+
+def create_model(model_name: str, model_kwargs: dict[str, Any] | None = None) -> nn.Module:
+    """A fresh (randomly initialised) timm model whose data config matches its input size.
+
+    The ``pretrained_cfg`` of a model built with an ``img_size`` override still describes the
+    family's default input; it is corrected here so that transforms, ``hetvit.io.save`` and
+    ``hetvit evaluate`` all see the size the model was trained at (and no centre crop).
+    """
+    import timm
+
+    from .data import data_config
+
+    model = timm.create_model(model_name, pretrained=False, **(model_kwargs or {}))
+    cfg = data_config(model)
+    model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}),
+                            "input_size": cfg["input_size"], "crop_pct": cfg["crop_pct"]}
+    return model
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """LR multiplier: linear from ~0 to 1 over ``warmup_steps``, then cosine to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / span)
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class BaseModule(L.LightningModule):
+    """Optimiser, schedule, loss and validation shared by training and distillation.
+
+    Subclasses set ``self.model`` (the network being trained) and implement
+    ``training_step``; they may override :meth:`trainable_parameters` (e.g. to leave a frozen
+    teacher out of the optimiser). ``seed`` is only recorded (as a hyper-parameter); the
+    seeding itself is done by :func:`fit` and the training loader.
+    """
+
+    model: nn.Module
+
+    def __init__(self, lr: float = 1e-3, weight_decay: float = 0.05, warmup_epochs: float = 1.0,
+                 min_lr: float = 1e-5, label_smoothing: float = 0.1, seed: int | None = 0
+                 ) -> None:
+        super().__init__()
+        self.lr, self.weight_decay, self.warmup_epochs = lr, weight_decay, warmup_epochs
+        self.min_lr, self.label_smoothing, self.seed = min_lr, label_smoothing, seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def trainable_parameters(self) -> nn.Module:
+        """The module whose parameters the optimiser updates."""
+        return self.model
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """AdamW groups: weight decay except on norms, biases and tokens."""
+        from timm.optim import param_groups_weight_decay
+
+        module = self.trainable_parameters()
+        skip = module.no_weight_decay() if hasattr(module, "no_weight_decay") else ()
+        return param_groups_weight_decay(module, self.weight_decay, no_weight_decay_list=skip)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(self.param_groups(), lr=self.lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        max_epochs = max(1, int(self.trainer.max_epochs or 1))
+        warmup = int(round(self.warmup_epochs * total / max_epochs))
+        min_ratio = self.min_lr / self.lr if self.lr > 0 else 0.0
+
+        def multiplier(step: int) -> float:
+            return warmup_cosine(step, warmup, total, min_ratio)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def classification_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        if batch is None:
+            return
+        images, target = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, target)
+        k = min(5, logits.shape[-1])
+        topk = logits.topk(k, dim=-1).indices
+        top1 = (topk[:, 0] == target).float().mean()
+        top5 = (topk == target[:, None]).any(-1).float().mean()
+        size = target.shape[0]
+        self.log("val/loss", loss, batch_size=size, sync_dist=True)
+        self.log("val/top1", top1, batch_size=size, sync_dist=True, prog_bar=True)
+        self.log("val/top5", top5, batch_size=size, sync_dist=True)
+
+
+class TrainModule(BaseModule):
+    """Supervised training of a timm classifier from scratch."""
+
+    def __init__(self, model_name: str, model_kwargs: dict[str, Any] | None = None,
+                 lr: float = 1e-3, weight_decay: float = 0.05, warmup_epochs: float = 1.0,
+                 min_lr: float = 1e-5, label_smoothing: float = 0.1, seed: int | None = 0,
+                 augment: dict[str, Any] | None = None) -> None:
+        super().__init__(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                         min_lr=min_lr, label_smoothing=label_smoothing, seed=seed)
+        self.save_hyperparameters()
+        self.model = create_model(model_name, model_kwargs)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every image of the batch was unreadable
+            return None
+        images, target = batch
+        logits = self(images)
+        loss = self.classification_loss(logits, target)
+        size = target.shape[0]
+        self.log("train/loss", loss, batch_size=size, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size,
+                 prog_bar=False, on_step=True, on_epoch=False)
+        return loss
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs besides the model; the CLI fills it from its flags."""
+
+    data: Path
+    out: Path
+    val_data: Path | None = None
+    epochs: int = 16
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr: float = 1e-5
+    label_smoothing: float = 0.1
+    scale: tuple[float, float] = (0.6, 1.0)
+    hflip: float = 0.5
+    workers: int = 0
+    seed: int = 0
+    devices: int = 1
+    accelerator: str = "auto"
+    precision: str = "32-true"
+    resume: bool = False
+    class_map: str | None = None
+    skip_unknown: bool = False
+    limit_train_batches: int | float | None = None
+    limit_val_batches: int | float | None = None
+    threads: int | None = None
+    progress: bool = True
+    extra_callbacks: list[Any] = field(default_factory=list)
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_precision(precision: str, accelerator: str) -> None:
+    """Fail early, and clearly, on a precision the hardware cannot run."""
+    allowed = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
+    if precision not in allowed:
+        raise TrainingError(f"precision must be one of {', '.join(allowed)}, not {precision!r}")
+    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto"
+                                                and torch.cuda.is_available())
+    if precision == "16-mixed" and not on_gpu:
+        raise TrainingError("precision 16-mixed needs a CUDA GPU (none is used here); "
+                         "use bf16-mixed or 32-true")
+    if precision.startswith("bf16") and on_gpu and not torch.cuda.is_bf16_supported():
+        raise TrainingError("this GPU has no bfloat16 support; use 16-mixed or 32-true")
+
+
+class EpochSummary(L.Callback):
+    """One plain line per epoch (time, train loss, val top-1): readable in a ``nohup`` log."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_rank != 0:
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}",
+                 f"time {time.perf_counter() - self._start:.0f}s",
+                 f"step {trainer.global_step}"]
+        for key in ("train/loss_epoch", "val/loss", "val/top1", "val/top5"):
+            if key in metrics:
+                parts.append(f"{key} {float(metrics[key]):.4f}")
+        print(" | ".join(parts), file=sys.stderr, flush=True)
+
+
+def save_model(model: nn.Module, directory: Path, model_name: str,
+               model_kwargs: dict[str, Any]) -> Path:
+    """Write the trained model as a loadable directory with ``hetvit.io.save``.
+
+    ``config.json`` beside it records how to rebuild the bare timm model without hetvit.
+    """
+    config = json.dumps({"model_name": model_name, "model_kwargs": model_kwargs}, indent=2)
+    try:
+        from . import io
+
+        path = Path(io.save(model, directory))
+    except Exception as err:  # noqa: BLE001 - never lose hours of training to an export bug
+        from safetensors.torch import save_file
+
+        warnings.warn(f"hetvit.io.save failed ({err!r}); writing plain safetensors instead",
+                      stacklevel=2)
+        path = Path(directory)
+        path.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(path / "model.safetensors"))
+    (path / "config.json").write_text(config + "\n")
+    return path
+
+
+def fit(module: BaseModule, config: TrainConfig) -> L.Trainer:
+    """Train ``module`` on ``config.data``; checkpoints go to ``<out>/checkpoints/last.ckpt``.
+
+    With ``config.resume`` the run continues from that checkpoint (optimizer, schedule, epoch,
+    step). Without it an existing checkpoint is an error rather than being overwritten.
+    """
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    check_precision(config.precision, config.accelerator)
+    torch.set_num_threads(config.threads or available_cores())
+    out = Path(config.out)
+    ckpt_dir = out / "checkpoints"
+    last = ckpt_dir / CHECKPOINT_NAME
+    if config.resume and not last.is_file():
+        raise TrainingError(f"--resume: no checkpoint at {last}")
+    if not config.resume and last.is_file():
+        raise TrainingError(f"{last} exists: pass --resume to continue that run, or choose "
+                              "another --out")
+    for path in (config.data, config.val_data):
+        if path is not None and not Path(path).exists():
+            raise DataError(f"data path not found: {path}")
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    model = module.model
+    train_tf = make_transform(model, training=True, scale=config.scale, hflip=config.hflip)
+    train_set = open_dataset(config.data, train_tf, class_map=config.class_map,
+                             skip_unknown=config.skip_unknown)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None and len(train_set.classes) > num_classes:
+        raise DataError(f"{config.data} has {len(train_set.classes)} classes but the model "
+                        f"outputs {num_classes}; pass --num-classes {len(train_set.classes)}")
+    if len(train_set) < config.batch_size * config.devices:
+        raise DataError(f"{config.data} holds {len(train_set)} images, fewer than one batch "
+                        f"({config.batch_size} x {config.devices} device(s)); lower --batch-size")
+    train_loader = make_loader(train_set, config.batch_size, shuffle=True,
+                               workers=config.workers, seed=config.seed, drop_last=True)
+    val_loader = None
+    val_set = None
+    if config.val_data is not None:
+        val_set = open_dataset(config.val_data, make_transform(model, training=False),
+                               class_map=config.class_map, skip_unknown=config.skip_unknown)
+        if val_set.classes != train_set.classes:
+            raise DataError("the validation set's classes differ from the training set's: "
+                            f"{val_set.classes[:5]} vs {train_set.classes[:5]}")
+        val_loader = make_loader(val_set, config.batch_size * 2, workers=config.workers)
+
+    out.mkdir(parents=True, exist_ok=True)
+    refresh = 1 if sys.stderr.isatty() else 25
+    callbacks: list[Any] = [
+        # Without a monitor, top-1 keeps the newest epoch; Lightning writes "last" only when a
+        # top-k checkpoint was saved, so the top-k file itself is named last.ckpt.
+        ModelCheckpoint(dirpath=ckpt_dir, filename=Path(CHECKPOINT_NAME).stem, save_top_k=1,
+                        every_n_epochs=1, save_on_train_epoch_end=True,
+                        enable_version_counter=False),
+        EpochSummary(),
+        *config.extra_callbacks,
+    ]
+    if config.progress:
+        callbacks.append(TQDMProgressBar(refresh_rate=refresh))
+    extra: dict[str, Any] = {}
+    if config.limit_train_batches is not None:
+        extra["limit_train_batches"] = config.limit_train_batches
+    if config.limit_val_batches is not None:
+        extra["limit_val_batches"] = config.limit_val_batches
+    trainer = L.Trainer(
+        max_epochs=config.epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        strategy="ddp" if config.devices > 1 else "auto",
+        precision=config.precision,
+        callbacks=callbacks,
+        logger=CSVLogger(save_dir=str(out), name="logs"),
+        log_every_n_steps=10,
+        enable_progress_bar=config.progress,
+        enable_model_summary=not config.resume,
+        num_sanity_val_steps=0,
+        **extra,
+    )
+    with warnings.catch_warnings():
+        # Lightning suggests workers on 2-core machines where they only steal compute.
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(module, train_loader, val_loader,
+                    ckpt_path=str(last) if config.resume else None)
+    for name, dataset in (("training", train_set), ("validation", val_set)):
+        if dataset is not None and dataset.skipped:
+            print(f"warning: {dataset.skipped} unreadable {name} image(s) were skipped",
+                  file=sys.stderr)
+    return trainer
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+    """The run's settings as JSON-friendly values (written to ``<out>/train_config.json``)."""
+    values = asdict(config)
+    values.pop("extra_callbacks", None)
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
+
+
+def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig) -> Path:
+    """Train a timm model from scratch and write it to ``<out>/model``; returns that path.
+
+    On ``resume`` the hyper-parameters stored in the checkpoint win over the given ones for
+    the model (a resumed run must rebuild the same network).
+    """
+    out = Path(config.out)
+    module = TrainModule(model_name, model_kwargs, lr=config.lr,
+                         weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
+                         min_lr=config.min_lr, label_smoothing=config.label_smoothing,
+                         seed=config.seed,
+                         augment={"scale": list(config.scale), "hflip": config.hflip})
+    if config.resume:
+        last = out / "checkpoints" / CHECKPOINT_NAME
+        if last.is_file():
+            stored = torch.load(last, map_location="cpu", weights_only=False)["hyper_parameters"]
+            if (stored["model_name"], stored["model_kwargs"]) != (model_name, model_kwargs):
+                raise TrainingError(
+                    f"--resume: the checkpoint was trained as {stored['model_name']} "
+                    f"{stored['model_kwargs']}, not {model_name} {model_kwargs}")
+    out.mkdir(parents=True, exist_ok=True)
+    if not config.resume or not (out / "train_config.json").exists():
+        (out / "train_config.json").write_text(json.dumps(
+            {"model_name": model_name, "model_kwargs": model_kwargs, **config_dict(config)},
+            indent=2) + "\n")
+    trainer = fit(module, config)
+    target = out / "model"
+    if trainer.is_global_zero:
+        module.model.eval()
+        save_model(module.model.float().cpu(), target, model_name, model_kwargs)
+    return target
+
+
+def load_checkpoint_model(path: str | os.PathLike) -> nn.Module:
+    """The model inside a ``hetvit train`` Lightning checkpoint (e.g. a run's ``last.ckpt``).
+
+    Rebuilt from the checkpoint's own hyper-parameters, so evaluating a run in progress needs
+    no model flags.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise TrainingError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    params = ckpt.get("hyper_parameters", {})
+    if "model_name" not in params:
+        raise TrainingError(f"{path} is not a hetvit train checkpoint (no model_name in its "
+                            "hyper-parameters)")
+    model = create_model(params["model_name"], params.get("model_kwargs"))
+    prefix = "model."
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    model.load_state_dict(state)
+    return model.eval()
+
+# --------------------------------------------------------------------------------------------
+# dynamic-guided fine-tuning with distillation
+
+
+def aggregation_path(student: nn.Module) -> dict[int, torch.Tensor | None]:
+    """For each block of ``student``, the product of the aggregation matrices before it.
+
+    ``None`` where no stage precedes the block (tokens are the original ones). The matrices are
+    detached: they map teacher targets onto the student's tokens, and a target must not pull
+    the aggregation towards itself.
+    """
+    from .aggregation import TokenAggregation
+
+    path: dict[int, torch.Tensor | None] = {}
+    total: torch.Tensor | None = None
+    layer = 0
+    for blk in student.blocks:
+        if isinstance(blk, TokenAggregation):
+            p = blk.matrix().detach()
+            total = p if total is None else p @ total
+            continue
+        path[layer] = total
+        layer += 1
+    return path
+
+
+def project_map(attn_map: torch.Tensor, p: torch.Tensor | None, prefix: int) -> torch.Tensor:
+    """A teacher attention map (``B x H x N x N``) seen through aggregation ``p`` (``M x N_p``).
+
+    Query rows are aggregated like tokens (``P A``); the attention an old key token received is
+    shared among the new tokens it went into, in proportion to its weights (columns of ``P``
+    normalised to one), so every row still sums to one.
+    """
+    if p is None:
+        return attn_map
+    m, n = p.shape
+    full = torch.zeros(prefix + m, prefix + n, dtype=attn_map.dtype, device=attn_map.device)
+    full[:prefix, :prefix] = torch.eye(prefix, dtype=attn_map.dtype, device=attn_map.device)
+    full[prefix:, prefix:] = p.to(attn_map.dtype)
+    share = full / full.sum(0, keepdim=True).clamp_min(1e-12)
+    return full @ attn_map @ share.T
+
+
+def guidance_kl(dynamic: torch.Tensor, static_logits: torch.Tensor) -> torch.Tensor:
+    """``KL(A_dyn || softmax(logits))`` averaged over batch, heads and query rows.
+
+    ``dynamic``: ``B x H x N x N`` teacher maps; ``static_logits``: ``H x N x N``.
+    """
+    log_static = static_logits.log_softmax(-1).unsqueeze(0)
+    kl = torch.xlogy(dynamic, dynamic) - dynamic * log_static
+    return kl.sum(-1).mean()
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+            ) -> torch.Tensor:
+    """Hinton distillation: ``T^2 KL(softmax(t/T) || softmax(s/T))``, averaged over the batch."""
+    t = temperature
+    return F.kl_div((student_logits / t).log_softmax(-1), (teacher_logits / t).log_softmax(-1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+class FinetuneModule(BaseModule):
+    """Fine-tune a compressed student under a frozen teacher.
+
+    Loss = ``ce * CE(labels) + kd * KD(teacher logits) + guidance * mean_l KL(A_dyn || A_static)``
+    over the student's static layers, with the teacher's dynamic maps seen through the
+    student's aggregation where tokens were reduced before a static layer. With ``mix_epochs``
+    the static layers first run on ``lambda * A_dyn + (1 - lambda) * A_static``, lambda going
+    linearly from 1 to 0 over that many epochs (the curriculum).
+
+    The teacher is held outside the module's children: it is neither trained nor saved in
+    checkpoints (it is rebuilt from its source on resume).
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, ce: float = 1.0, kd: float = 1.0,
+                 guidance: float = 1.0, temperature: float = 1.0, mix_epochs: float = 0.0,
+                 map_lr_scale: float = 10.0, lr: float = 5e-4, weight_decay: float = 0.05,
+                 warmup_epochs: float = 0.2, min_lr: float = 1e-6, label_smoothing: float = 0.1,
+                 seed: int | None = 0) -> None:
+        super().__init__(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                         min_lr=min_lr, label_smoothing=label_smoothing, seed=seed)
+        self.save_hyperparameters(ignore=["student", "teacher"])
+        from .surgery import plan_of
+
+        self.hparams["plan"] = plan_of(student).to_dict()
+        self.map_lr_scale = map_lr_scale
+        self.model = student
+        self._teacher = [teacher.eval().requires_grad_(False)]
+        self.ce, self.kd, self.guidance = ce, kd, guidance
+        self.temperature, self.mix_epochs = temperature, mix_epochs
+        from .surgery import num_prefix_tokens, plan_of
+
+        self.static_layers = list(plan_of(student).static)
+        self.prefix = num_prefix_tokens(student.hetvit_source)
+        self._layer_blocks = [b for b in student.blocks if hasattr(b, "attn")]
+
+    @property
+    def teacher(self) -> nn.Module:
+        return self._teacher[0]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The static logits and aggregation weights learn faster and are never decayed.
+
+        Both live in log space, where decay would pull the maps towards uniform, and they
+        start far from where a few epochs of a small learning rate could move them.
+        """
+        from .aggregation import TokenAggregation
+        from .attention import StaticAttention
+
+        maps = [p for m in self.model.modules() if isinstance(m, (StaticAttention,
+                                                                   TokenAggregation))
+                for name, p in m.named_parameters(recurse=False)]
+        ids = {id(p) for p in maps}
+        groups = []
+        for group in super().param_groups():
+            params = [p for p in group["params"] if id(p) not in ids]
+            if params:
+                groups.append({**group, "params": params})
+        if maps:
+            groups.append({"params": maps, "weight_decay": 0.0,
+                           "lr": self.lr * self.map_lr_scale})
+        return groups
+
+    def on_fit_start(self) -> None:
+        self._teacher[0] = self.teacher.to(self.device)
+
+    def mix(self) -> float:
+        """The curriculum's lambda for the current step: 1 -> 0 over ``mix_epochs``."""
+        if self.mix_epochs <= 0:
+            return 0.0
+        trainer = self._trainer
+        steps = max(1, int(trainer.num_training_batches)) if trainer is not None else 1
+        return max(0.0, 1.0 - self.global_step / (self.mix_epochs * steps))
+
+    @torch.no_grad()
+    def teacher_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Teacher logits and its dynamic maps at the student's static layers."""
+        maps: dict[int, torch.Tensor] = {}
+        hooks = []
+        if self.guidance > 0 or self.mix_epochs > 0:
+            for i in self.static_layers:
+                attn = self.teacher.blocks[i].attn
+                hooks.append(attn.register_forward_pre_hook(
+                    lambda m, a, i=i: maps.__setitem__(i, attention_map(m, a[0]))))
+        try:
+            logits = self.teacher(images)
+        finally:
+            for h in hooks:
+                h.remove()
+        path = aggregation_path(self.model)
+        return logits, {i: project_map(a, path[i], self.prefix) for i, a in maps.items()}
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:
+            return None
+        images, target = batch
+        t_logits, maps = self.teacher_forward(images)
+        lam = self.mix()
+        for i in self.static_layers:
+            attn = self._layer_blocks[i].attn
+            attn.guide, attn.mix = (maps.get(i), lam) if lam > 0 else (None, 0.0)
+        try:
+            logits = self.model(images)
+        finally:
+            for i in self.static_layers:
+                self._layer_blocks[i].attn.guide = None
+        size = images.shape[0]
+        loss = logits.new_zeros(())
+        if self.ce > 0 and target is not None:
+            ce = self.classification_loss(logits, target)
+            loss = loss + self.ce * ce
+            self.log("train/ce", ce, batch_size=size)
+        if self.kd > 0:
+            kd = kd_loss(logits, t_logits, self.temperature)
+            loss = loss + self.kd * kd
+            self.log("train/kd", kd, batch_size=size)
+        if self.guidance > 0 and maps:
+            g = torch.stack([guidance_kl(maps[i], self._layer_blocks[i].attn.logits)
+                             for i in self.static_layers]).mean()
+            loss = loss + self.guidance * g
+            self.log("train/guidance", g, batch_size=size, prog_bar=True)
+        self.log("train/loss", loss, batch_size=size, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("mix", lam, batch_size=size)
+        return loss
+
+
+def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 1.0,
+             kd: float = 1.0, guidance: float = 1.0, temperature: float = 1.0,
+             mix_epochs: float = 0.0, map_lr_scale: float = 10.0,
+             calibration_images: int = 256) -> Path:
+    """Compress ``teacher`` with ``plan`` and fine-tune the student; returns ``<out>/model``.
+
+    The static maps start from the teacher's mean attention over the first
+    ``calibration_images`` training images (eval transform). On ``resume`` the student's
+    structure is rebuilt from the plan and every weight comes from the checkpoint.
+    """
+    from torch.utils.data import Subset
+
+    from . import io
+    from .surgery import compress
+
+    out = Path(config.out)
+    teacher = teacher.eval()
+    last = out / "checkpoints" / CHECKPOINT_NAME
+    if config.resume and last.is_file():
+        stored = torch.load(last, map_location="cpu", weights_only=False)["hyper_parameters"]
+        if stored.get("plan", {}).get("static") != list(plan.static) or [
+                list(s) for s in stored.get("plan", {}).get("pyramid", [])] != [
+                list(s) for s in plan.pyramid]:
+            raise TrainingError(f"--resume: the checkpoint was trained with plan "
+                                f"{stored.get('plan')}, not {plan.to_dict()}")
+        student = compress(teacher, plan, init="none")
+    else:
+        calib = None
+        if plan.static and calibration_images > 0:
+            ds = open_dataset(config.data, make_transform(teacher), class_map=config.class_map,
+                              skip_unknown=config.skip_unknown)
+            calib = make_loader(Subset(ds, range(min(calibration_images, len(ds)))),
+                                batch_size=config.batch_size, workers=config.workers)
+        student = compress(teacher, plan, calibration=calib)
+    module = FinetuneModule(student, teacher, ce=ce, kd=kd, guidance=guidance,
+                            temperature=temperature, mix_epochs=mix_epochs,
+                            map_lr_scale=map_lr_scale, lr=config.lr,
+                            weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
+                            min_lr=config.min_lr, label_smoothing=config.label_smoothing,
+                            seed=config.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    if not config.resume or not (out / "finetune_config.json").exists():
+        (out / "finetune_config.json").write_text(json.dumps(
+            {"plan": plan.to_dict(), "ce": ce, "kd": kd, "guidance": guidance,
+             "temperature": temperature, "mix_epochs": mix_epochs, "map_lr_scale": map_lr_scale,
+             "calibration_images": calibration_images, **config_dict(config)}, indent=2) + "\n")
+    trainer = fit(module, config)
+    target = out / "model"
+    if trainer.is_global_zero:
+        io.save(module.model.float().cpu().eval(), target)
+    return target

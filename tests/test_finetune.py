@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+import hetvit
+from hetvit.aggregation import pooling_matrix
+from hetvit.attention import attention_map
+from hetvit.plan import Plan
+from hetvit.training import FinetuneModule, guidance_kl, kd_loss, project_map
+
+from .conftest import tiny_vit
+
+
+def _teacher_maps(module: FinetuneModule, x: torch.Tensor) -> dict[int, torch.Tensor]:
+    return module.teacher_forward(x)[1]
+
+
+def _sharp_teacher():
+    """A tiny ViT whose attention depends clearly on the image (random init is near uniform)."""
+    model = tiny_vit()
+    with torch.no_grad():
+        for blk in model.blocks:
+            blk.attn.qkv.weight[:64] *= 6
+    return model
+
+
+def test_guidance_is_zero_at_the_teachers_map_and_positive_elsewhere(images):
+    teacher = _sharp_teacher()
+    one, other = images[:1], images[1:2]
+    student = hetvit.compress(teacher, Plan(static=(0, 1)), calibration=one)
+    module = FinetuneModule(student, teacher)
+    for i, a in _teacher_maps(module, one).items():
+        assert guidance_kl(a, student.blocks[i].attn.logits).abs() < 1e-5
+    for i, a in _teacher_maps(module, other).items():
+        assert guidance_kl(a, student.blocks[i].attn.logits) > 1e-3
+
+
+def test_guidance_equals_kl_by_hand():
+    torch.manual_seed(0)
+    dyn = torch.randn(2, 3, 5, 5).softmax(-1)
+    logits = torch.randn(3, 5, 5)
+    st = logits.softmax(-1)
+    by_hand = (dyn * (dyn.log() - st.log())).sum(-1).mean()
+    torch.testing.assert_close(guidance_kl(dyn, logits), by_hand)
+
+
+def test_kd_loss_is_zero_for_equal_logits_and_matches_kl():
+    s, t = torch.randn(4, 10), torch.randn(4, 10)
+    assert kd_loss(t, t, 2.0).abs() < 1e-6
+    pt, ps = (t / 2).softmax(-1), (s / 2).softmax(-1)
+    torch.testing.assert_close(kd_loss(s, t, 2.0), 4 * (pt * (pt.log() - ps.log())).sum(-1).mean())
+
+
+def test_projected_map_keeps_rows_stochastic_and_identity_is_a_no_op():
+    a = torch.randn(2, 3, 17, 17).softmax(-1)
+    assert project_map(a, None, 1) is a
+    torch.testing.assert_close(project_map(a, torch.eye(16), 1), a)
+    p, _ = pooling_matrix((4, 4), 4)
+    b = project_map(a, p, 1)
+    assert b.shape == (2, 3, 5, 5)
+    torch.testing.assert_close(b.sum(-1), torch.ones(2, 3, 5))
+    # cls row: its attention to the 4 patches of a pooling window is summed
+    window = [0, 1, 4, 5]
+    torch.testing.assert_close(b[..., 0, 1], a[..., 0, [1 + j for j in window]].sum(-1))
+
+
+def test_static_layer_after_aggregation_gets_a_guide_of_its_size(images):
+    teacher = tiny_vit()
+    student = hetvit.compress(teacher, Plan(static=(0, 2), pyramid=((1, 4),)), calibration=images)
+    maps = _teacher_maps(FinetuneModule(student, teacher), images)
+    assert maps[0].shape == (4, 2, 17, 17) and maps[2].shape == (4, 2, 5, 5)
+
+
+def test_teacher_maps_are_the_teachers_own(images):
+    teacher = tiny_vit()
+    student = hetvit.compress(teacher, Plan(static=(1,)), calibration=images)
+    seen = {}
+    teacher.blocks[1].attn.register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0]))
+    maps = _teacher_maps(FinetuneModule(student, teacher), images)
+    torch.testing.assert_close(maps[1], attention_map(teacher.blocks[1].attn, seen["x"]))
+
+
+@pytest.mark.parametrize("mix_epochs", [0.0, 1.0])
+def test_training_steps_reduce_the_guidance_loss(mix_epochs, images):
+    teacher = _sharp_teacher()
+    student = hetvit.compress(teacher, Plan(static=(0, 1), pyramid=((2, 4),)))  # uniform start
+    module = FinetuneModule(student, teacher, ce=0.0, kd=0.0, guidance=1.0, lr=0.05,
+                            mix_epochs=mix_epochs)
+    student.train()
+    opt = torch.optim.Adam(student.parameters(), lr=0.05)
+    target = torch.zeros(len(images), dtype=torch.long)
+
+    def loss() -> torch.Tensor:
+        maps = _teacher_maps(module, images)
+        return torch.stack([guidance_kl(maps[i], student.blocks[i].attn.logits)
+                            for i in (0, 1)]).mean()
+
+    # The best a static map can do is the mean of the teacher's maps over the batch.
+    best = torch.stack([guidance_kl(a, a.mean(0).log())
+                        for a in _teacher_maps(module, images).values()]).mean().item()
+    start = loss().item()
+    for _ in range(40):
+        opt.zero_grad()
+        module.training_step((images, target), 0).backward()
+        opt.step()
+    assert loss().item() - best < 0.25 * (start - best)

@@ -1,0 +1,153 @@
+"""Training: it learns, it resumes exactly, and its schedule and guards behave."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hetvit.data import DataError, make_loader, make_transform, open_dataset
+from hetvit.evaluate import evaluate
+from hetvit.training import (
+    TrainConfig,
+    TrainingError,
+    TrainModule,
+    check_precision,
+    fit,
+    load_checkpoint_model,
+    warmup_cosine,
+)
+
+# timm's vit_tiny at the tests' tiny size: VisionTransformer(img_size=32, patch_size=8,
+# embed_dim=32, depth=2, num_heads=2, num_classes=3)
+NAME = "vit_tiny_patch16_224"
+TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
+        "num_classes": 3}
+COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
+
+
+def write_colours(root: Path, per_class: int = 8, seed: int = 0) -> Path:
+    """Solid colours with pixel noise: learnable in a few steps, not trivially constant."""
+    rng = np.random.default_rng(seed)
+    for c, rgb in enumerate(COLOURS):
+        (root / f"c{c}").mkdir(parents=True)
+        for i in range(per_class):
+            noise = rng.integers(-30, 30, (32, 32, 3))
+            pixels = np.clip(np.array(rgb) + noise, 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / f"c{c}" / f"{i}.png")
+    return root
+
+
+def config(tmp_path: Path, out: str, **changes) -> TrainConfig:
+    values = dict(data=tmp_path / "data", out=tmp_path / out, epochs=2, batch_size=8, lr=3e-3,
+                  warmup_epochs=0.5, min_lr=1e-4, threads=1, progress=False,
+                  accelerator="cpu", seed=7)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def module(seed: int = 7, **kwargs) -> TrainModule:
+    L.seed_everything(seed, verbose=False)
+    return TrainModule(NAME, {**TINY, **kwargs}, lr=3e-3, warmup_epochs=0.5, min_lr=1e-4,
+                       seed=seed)
+
+
+def eval_loss(model: torch.nn.Module, root: Path) -> dict[str, float]:
+    ds = open_dataset(root, make_transform(model))
+    return evaluate(model, make_loader(ds, batch_size=16))
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    write_colours(tmp_path / "data")
+    mod = module()
+    before = eval_loss(mod.model, tmp_path / "data")
+    fit(mod, config(tmp_path, "run", epochs=3))  # 9 steps
+    after = eval_loss(mod.model, tmp_path / "data")
+    assert before["loss"] > math.log(3) * 0.8  # starts near chance
+    assert after["loss"] < 0.5 * before["loss"]
+    assert after["top1"] == 1.0
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert list((tmp_path / "run" / "logs").glob("version_*/metrics.csv"))
+
+
+def test_resume_after_epoch_one_equals_training_straight(tmp_path):
+    write_colours(tmp_path / "data")
+    # augmentation and drop-path both draw random numbers: the resumed run must draw the same
+    common = dict(epochs=2, scale=(0.5, 1.0), hflip=0.5)
+
+    straight = module(drop_path_rate=0.1)
+    fit(straight, config(tmp_path, "straight", **common))
+
+    class StopAfterFirstEpoch(L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    first = module(drop_path_rate=0.1)
+    fit(first, config(tmp_path, "resumed", extra_callbacks=[StopAfterFirstEpoch()], **common))
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 3  # stopped after the first of 2 epochs
+    assert not all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
+                                                     straight.model.state_dict().values(),
+                                                     strict=True))
+
+    # as in a new process, a fresh module; perturbed so only the checkpoint explains a match
+    second = module(drop_path_rate=0.1)
+    with torch.no_grad():
+        for p in second.model.parameters():
+            p.add_(1.0)
+    trainer = fit(second, config(tmp_path, "resumed", resume=True, **common))
+    assert trainer.global_step == 6 and trainer.current_epoch == 2
+
+    expected = straight.model.state_dict()
+    for key, value in second.model.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6, msg=key)
+    # the optimizer state went on too (same Adam moments as the straight run)
+    opt_a = trainer.optimizers[0].state_dict()["state"]
+    straight_ckpt = torch.load(tmp_path / "straight" / "checkpoints" / "last.ckpt",
+                               weights_only=False)
+    opt_b = straight_ckpt["optimizer_states"][0]["state"]
+    for idx in opt_b:
+        torch.testing.assert_close(opt_a[idx]["exp_avg"], opt_b[idx]["exp_avg"], rtol=0,
+                                   atol=1e-6)
+
+    rebuilt = load_checkpoint_model(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
+    for key, value in rebuilt.state_dict().items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6)
+
+
+def test_existing_checkpoint_needs_resume_and_resume_needs_a_checkpoint(tmp_path):
+    write_colours(tmp_path / "data", per_class=2)
+    with pytest.raises(DataError, match="fewer than one batch"):
+        fit(module(), config(tmp_path, "run", epochs=1))
+    write_colours(tmp_path / "more" / "data", per_class=3)
+    tmp_path = tmp_path / "more"
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        fit(module(), config(tmp_path, "run", resume=True))
+    fit(module(), config(tmp_path, "run", epochs=1))
+    with pytest.raises(TrainingError, match="--resume"):
+        fit(module(), config(tmp_path, "run", epochs=1))
+
+
+def test_warmup_then_cosine_schedule():
+    values = [warmup_cosine(s, warmup_steps=4, total_steps=20, min_ratio=0.01) for s in range(21)]
+    assert values[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert values[4] == pytest.approx(1.0)
+    # half-way through the cosine part the factor is the mean of the ends
+    assert values[12] == pytest.approx((1 + 0.01) / 2)
+    assert values[20] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(values[4:], values[5:], strict=False))
+
+
+def test_unavailable_precision_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this checks the CPU-only message")
+    with pytest.raises(TrainingError, match="16-mixed needs a CUDA GPU"):
+        check_precision("16-mixed", "auto")
+    with pytest.raises(TrainingError, match="precision must be one of"):
+        check_precision("8-bit", "cpu")
+    check_precision("bf16-mixed", "cpu")
