@@ -66,13 +66,22 @@ class TokenAggregation(nn.Module):
         with torch.no_grad():
             self.weight.copy_(torch.log(p.to(self.weight) + eps))
 
-    def _matrix(self) -> torch.Tensor:
-        if self.training:
-            return self.matrix()
+    def _full_matrix(self) -> torch.Tensor:
+        """Eval mode: ``P`` extended with an identity block for the prefix tokens, cached.
+
+        ``(k + M) x (k + N_p)``: one matrix product over the whole sequence then replaces
+        slicing off the prefix, a product on the (non-contiguous) patch slice and a
+        concatenation, which matters at batch 1 where the fixed cost per op is visible.
+        """
         key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype,
                self.weight.device)
         if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.matrix().detach())
+            k = self.num_prefix_tokens
+            p = self.matrix().detach()
+            full = p.new_zeros(k + self.num_out, k + self.num_in)
+            full[:k, :k] = torch.eye(k, dtype=p.dtype, device=p.device)
+            full[k:, k:] = p
+            self._cache = (key, full)
         return self._cache[1]
 
     def train(self, mode: bool = True) -> TokenAggregation:
@@ -84,7 +93,9 @@ class TokenAggregation(nn.Module):
         if x.shape[1] != k + self.num_in:
             raise ValueError(f"token aggregation expects {k} prefix + {self.num_in} patch tokens, "
                              f"got {x.shape[1]}: the model only runs at its plan's input size")
-        patches = torch.matmul(self._matrix(), x[:, k:])
+        if not self.training:
+            return torch.matmul(self._full_matrix(), x)
+        patches = torch.matmul(self.matrix(), x[:, k:])
         return torch.cat([x[:, :k], patches], dim=1) if k else patches
 
     def extra_repr(self) -> str:

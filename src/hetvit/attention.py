@@ -131,8 +131,17 @@ class StaticAttention(nn.Module):
         a = self._map()
         if self.guide is not None and self.mix > 0:
             a = self.mix * self.guide + (1.0 - self.mix) * a
-        v = self.v(x).reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
-        out = torch.matmul(a, v).transpose(1, 2).reshape(b, n, self.attn_dim)
+        v = self.v(x)
+        if a.dim() == 3 and b > 1:
+            # One product per head on a column slice of v: broadcasting the H x N x N map
+            # against B x H x N x d would first copy it B times (more memory traffic than the
+            # product itself at batch 32), and v would be copied into head-major order.
+            d = self.head_dim
+            out = torch.cat([torch.matmul(a[h], v[..., h * d:(h + 1) * d])
+                             for h in range(self.num_heads)], dim=-1)
+        else:
+            v = v.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+            out = torch.matmul(a, v).transpose(1, 2).reshape(b, n, self.attn_dim)
         return self.proj_drop(self.proj(self.norm(out)))
 
     def extra_repr(self) -> str:

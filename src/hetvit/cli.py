@@ -995,7 +995,8 @@ def bench_command(
     threads: Annotated[int | None, typer.Option(
         help="torch CPU threads (default: torch's, one per core).")] = None,
     runtime: Annotated[str, typer.Option(
-        help="What runs the models: torch (eager, or compiled with --compile).")] = "torch",
+        help="What runs the models: torch (eager, or compiled with --compile) or "
+        "onnxruntime (both models exported to ONNX, fp32 on the CPU).")] = "torch",
     img_size: Annotated[int | None, typer.Option(help="--model override: input size.")] = None,
     patch_size: Annotated[int | None, typer.Option(help="--model override: patch size.")] = None,
     embed_dim: Annotated[int | None, typer.Option(help="--model override: width.")] = None,

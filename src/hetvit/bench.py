@@ -1,0 +1,451 @@
+"""Speed of a baseline ViT and its compressed version, measured side by side in one process.
+
+Machines are noisy (other processes, frequency scaling, thermal drift), so an absolute img/s
+figure says little and two figures taken minutes apart say less. What is reported is the ratio,
+measured the way that cancels most of the noise: both models are warmed up, then timed in
+alternating runs (baseline, compressed, compressed, baseline, ...) over several rounds, and the
+speedup is the median of the per-round ratios, with its spread. Cost is reported as GMACs from
+the closed-form count, cross-checked against a count of the modules a forward pass runs.
+
+How a model is turned into something to time is a *runtime*: ``"torch"`` (eager or
+``torch.compile``) is built in; others (e.g. onnxruntime) plug in with :func:`register_runtime`.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["Settings", "Paired", "ModelInfo", "BenchResult", "compare", "model_info",
+           "register_runtime", "RUNTIMES", "DTYPES", "render", "environment"]
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+Runner = Callable[[], object]
+"""Runs the model once on its fixed input and returns when the result is ready."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How both models are run. Everything here is recorded with the result."""
+
+    batch_size: int = 32
+    dtype: str = "fp32"
+    device: str = "cpu"
+    compile: bool = False
+    runtime: str = "torch"
+
+
+RunnerFactory = Callable[[nn.Module, torch.Tensor, Settings], Runner]
+"""``factory(model, inputs, settings) -> runner``.
+
+``model`` is in eval mode, already on ``settings.device`` in ``settings.dtype``; ``inputs`` is
+the batch to run it on. The factory may do slow one-off work (compilation, export); the runner
+it returns is what gets timed, after warm-up calls. It should use ``torch.get_num_threads()``
+threads (set from ``compare(threads=...)``), which is the figure the result records.
+"""
+
+
+def _torch_runner(model: nn.Module, inputs: torch.Tensor, settings: Settings) -> Runner:
+    fn: Callable[[torch.Tensor], Any] = model
+    if settings.compile:
+        # Static shapes: each batch size gets its own graph, compiled during warm-up.
+        fn = torch.compile(model, dynamic=False)
+    cuda = inputs.device.type == "cuda"
+
+    def run() -> object:
+        with torch.inference_mode():
+            out = fn(inputs)
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
+    return run
+
+
+def _onnxruntime_runner(model: nn.Module, inputs: torch.Tensor, settings: Settings) -> Runner:
+    """Export to ONNX (fp32, CPU) and time the onnxruntime session on the same inputs."""
+    from .export import ort_runner
+
+    if inputs.device.type != "cpu" or inputs.dtype != torch.float32:
+        raise ValueError("the onnxruntime runtime times fp32 on the CPU: use --dtype fp32 "
+                         "--device cpu")
+    if settings.compile:
+        raise ValueError("--compile applies to the torch runtime, not onnxruntime")
+    run = ort_runner(model, inputs.shape[0], threads=torch.get_num_threads())
+    array = inputs.numpy()
+    return lambda: run(array)
+
+
+RUNTIMES: dict[str, RunnerFactory] = {"torch": _torch_runner,
+                                      "onnxruntime": _onnxruntime_runner}
+
+
+def register_runtime(name: str, factory: RunnerFactory) -> None:
+    """Make ``compare(..., runtime=name)`` (and ``hetvit bench --runtime name``) use ``factory``.
+
+    For example, onnxruntime through :func:`hetvit.export.ort_runner`::
+
+        def ort(model, inputs, settings):
+            run = ort_runner(model, inputs.shape[0], threads=torch.get_num_threads())
+            return lambda: run(inputs)
+
+        register_runtime("onnxruntime", ort)
+    """
+    RUNTIMES[name] = factory
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class Paired:
+    """One quantity measured for both models, one value per round, in alternating order.
+
+    ``unit`` is ``"img/s"`` (higher is better) or ``"ms"`` (lower is better); the per-round
+    speedup is compressed over baseline throughput, or baseline over compressed latency.
+    """
+
+    unit: str
+    baseline: list[float]
+    compressed: list[float]
+
+    @property
+    def ratios(self) -> list[float]:
+        """The speedup of each round (> 1 means the compressed model is faster)."""
+        if self.unit == "ms":
+            return [b / c for b, c in zip(self.baseline, self.compressed, strict=True)]
+        return [c / b for b, c in zip(self.baseline, self.compressed, strict=True)]
+
+    @property
+    def speedup(self) -> float:
+        """Median of the per-round speedups: pairs taken seconds apart share the same noise."""
+        return statistics.median(self.ratios)
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        """Smallest and largest per-round speedup."""
+        return min(self.ratios), max(self.ratios)
+
+    @property
+    def iqr(self) -> tuple[float, float]:
+        """25th and 75th percentile of the per-round speedups."""
+        r = self.ratios
+        if len(r) < 2:
+            return r[0], r[0]
+        q = statistics.quantiles(r, n=4, method="inclusive")
+        return q[0], q[2]
+
+    def median(self, which: str) -> float:
+        return statistics.median(getattr(self, which))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"unit": self.unit, "baseline": self.median("baseline"),
+                "compressed": self.median("compressed"), "speedup": self.speedup,
+                "speedup_min": self.spread[0], "speedup_max": self.spread[1],
+                "speedup_q1": self.iqr[0], "speedup_q3": self.iqr[1],
+                "rounds": {"baseline": self.baseline, "compressed": self.compressed,
+                           "speedup": self.ratios}}
+
+
+@dataclass
+class ModelInfo:
+    """The cost of one model: analytic GMACs, counted GMACs and parameters."""
+
+    gmacs: float
+    gmacs_counted: float
+    params: int
+    plan: str
+
+    @property
+    def macs_agree(self) -> bool:
+        return math.isclose(self.gmacs, self.gmacs_counted, rel_tol=1e-9)
+
+
+@dataclass
+class BenchResult:
+    """Everything :func:`compare` measured, and the conditions it was measured under."""
+
+    baseline: ModelInfo
+    compressed: ModelInfo
+    throughput: Paired
+    latency: Paired | None
+    settings: Settings
+    env: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def speedup(self) -> float:
+        """Median throughput speedup at ``settings.batch_size``."""
+        return self.throughput.speedup
+
+    @property
+    def gmac_reduction(self) -> float:
+        """How many times fewer MACs the compressed model needs per image."""
+        return self.baseline.gmacs / self.compressed.gmacs
+
+    @property
+    def efficiency(self) -> float:
+        """Speedup divided by the GMAC reduction: 1.0 means every saved MAC became time."""
+        return self.speedup / self.gmac_reduction
+
+    @property
+    def latency_speedup(self) -> float | None:
+        return None if self.latency is None else self.latency.speedup
+
+    @property
+    def latency_efficiency(self) -> float | None:
+        return None if self.latency is None else self.latency.speedup / self.gmac_reduction
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "speedup": self.speedup,
+            "gmac_reduction": self.gmac_reduction,
+            "efficiency": self.efficiency,
+            "latency_speedup": self.latency_speedup,
+            "latency_efficiency": self.latency_efficiency,
+            "baseline": asdict(self.baseline),
+            "compressed": asdict(self.compressed),
+            "throughput": self.throughput.to_dict(),
+            "latency": None if self.latency is None else self.latency.to_dict(),
+            "settings": asdict(self.settings),
+            "env": self.env,
+        }
+
+
+# ----------------------------------------------------------------------------- measuring
+def model_info(model: nn.Module) -> ModelInfo:
+    """GMACs (closed form and counted) and parameters of a timm ViT, compressed or not."""
+    from .flops import count_macs, formula_macs
+    from .surgery import describe, plan_of
+
+    plan = plan_of(model)
+    return ModelInfo(gmacs=formula_macs(describe(model), plan) / 1e9,
+                     gmacs_counted=count_macs(model) / 1e9,
+                     params=sum(p.numel() for p in model.parameters()),
+                     plan=plan.describe() if plan.static or plan.pyramid else "baseline")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: str = "cpu") -> dict[str, Any]:
+    """What a speed figure depends on besides the models: versions, threads, hardware, load."""
+    import timm
+
+    env: dict[str, Any] = {
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    knobs = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",
+                                            "KMP_BLOCKTIME", "GOMP_SPINCOUNT") if k in os.environ}
+    if knobs:
+        env["threading_env"] = knobs
+    if hasattr(os, "getloadavg"):
+        # Other work on the machine makes absolute figures meaningless; record how much there was.
+        env["load_avg_1m"] = round(os.getloadavg()[0], 2)
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return env
+
+
+def _prepare(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """``model`` in eval mode on ``device`` in ``dtype``; a copy, so the caller's is untouched."""
+    param = next(model.parameters())
+    if param.device != device or param.dtype != dtype:
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def _timed(runner: Runner, iters: int) -> float:
+    start = time.perf_counter()
+    for _ in range(iters):
+        runner()
+    return time.perf_counter() - start
+
+
+def _per_call_ms(runner: Runner, iters: int) -> float:
+    """Median time of single calls: robust to a call that another process happened to slow."""
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        runner()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def _iterations(runners: list[Runner], min_time: float) -> list[int]:
+    """Calls per timed run so that each run lasts about ``min_time`` seconds."""
+    return [max(1, math.ceil(min_time / max(_timed(r, 1), 1e-6))) for r in runners]
+
+
+def _alternate(runners: list[Runner], iters: list[int], rounds: int,
+               measure: Callable[[Runner, int], float]) -> list[list[float]]:
+    """``measure`` both runners ``rounds`` times in A B, B A, A B... order (cancels drift)."""
+    values: list[list[float]] = [[], []]
+    for r in range(rounds):
+        order = (0, 1) if r % 2 == 0 else (1, 0)
+        for i in order:
+            values[i].append(measure(runners[i], iters[i]))
+    return values
+
+
+def compare(baseline: nn.Module, compressed: nn.Module, batch_size: int = 32, *,
+            rounds: int = 7, warmup: int = 2, min_time: float = 1.0, latency: bool = False,
+            latency_rounds: int | None = None, compile: bool = False, dtype: str = "fp32",
+            device: str = "cpu", runtime: str = "torch", threads: int | None = None,
+            seed: int = 0) -> BenchResult:
+    """Throughput (and optionally batch-1 latency) of two models, side by side.
+
+    Args:
+        baseline, compressed: timm ViTs taking the same input size (the compressed one usually
+            from :func:`hetvit.compress`). They are not modified: a converted copy is timed when
+            ``device`` or ``dtype`` differ from theirs.
+        batch_size: images per call for the throughput measurement.
+        rounds: alternating timed runs per model; the speedup is the median over rounds.
+        warmup: untimed calls per model first (they also cover ``torch.compile``).
+        min_time: seconds each timed run lasts at least (several calls when one is quicker).
+        latency: also measure batch-1 latency (median ms per call).
+        latency_rounds: rounds for the latency measurement (default: ``rounds``).
+        compile: run both models under ``torch.compile``.
+        dtype: ``"fp32"`` or ``"bf16"`` (the models and inputs are cast).
+        device: ``"cpu"`` or ``"cuda"`` (``"cuda:N"``).
+        runtime: a key of :data:`RUNTIMES`.
+        threads: torch CPU threads for the measurement (restored afterwards).
+        seed: seed of the random input images.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; available: {sorted(RUNTIMES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+    if batch_size < 1 or rounds < 1 or warmup < 0:
+        raise ValueError("batch_size and rounds must be at least 1, warmup at least 0")
+    settings = Settings(batch_size=batch_size, dtype=dtype, device=device, compile=compile,
+                        runtime=runtime)
+    sizes = [tuple(m.patch_embed.img_size) for m in (baseline, compressed)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(f"the models take different input sizes: {sizes[0]} and {sizes[1]}")
+
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        infos = [model_info(baseline), model_info(compressed)]
+        env = environment(device)
+        dev, dt = torch.device(device), DTYPES[dtype]
+        models = [_prepare(m, dev, dt) for m in (baseline, compressed)]
+        chans = baseline.patch_embed.proj.in_channels
+        gen = torch.Generator().manual_seed(seed)
+
+        def measure(batch: int, n_rounds: int, what: str) -> Paired:
+            x = torch.randn(batch, chans, *sizes[0], generator=gen).to(device=dev, dtype=dt)
+            runners = [RUNTIMES[runtime](m, x, settings) for m in models]
+            for r in runners:
+                for _ in range(warmup):
+                    r()
+            iters = _iterations(runners, min_time)
+            gc.collect()
+            gc_was = gc.isenabled()
+            gc.disable()
+            try:
+                if what == "ms":
+                    values = _alternate(runners, iters, n_rounds, _per_call_ms)
+                else:
+                    values = _alternate(runners, iters, n_rounds,
+                                        lambda r, n: n * batch / _timed(r, n))
+            finally:
+                if gc_was:
+                    gc.enable()
+            return Paired(what, values[0], values[1])
+
+        throughput = measure(batch_size, rounds, "img/s")
+        lat = measure(1, latency_rounds or rounds, "ms") if latency else None
+        env["threads"] = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(old_threads)
+    env.update(rounds=rounds, latency_rounds=(latency_rounds or rounds) if latency else None,
+               warmup=warmup, min_time=min_time)
+    return BenchResult(infos[0], infos[1], throughput, lat, settings, env)
+
+
+# ----------------------------------------------------------------------------- rendering
+def render(result: BenchResult, title: str | None = None) -> Any:
+    """A rich renderable: both models' cost and speed, the ratios, and the conditions."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    s, b, c = result.settings, result.baseline, result.compressed
+    tp, lat = result.throughput, result.latency
+    table = Table(title=title, title_justify="left")
+    table.add_column("model")
+    table.add_column("GMACs", justify="right")
+    table.add_column("params (M)", justify="right")
+    table.add_column(f"img/s (batch {s.batch_size})", justify="right")
+    if lat is not None:
+        table.add_column("latency ms (batch 1)", justify="right")
+
+    def row(name: str, info: ModelInfo, which: str) -> list[str]:
+        cells = [name, f"{info.gmacs:.4g}", f"{info.params / 1e6:.2f}", f"{tp.median(which):.1f}"]
+        if lat is not None:
+            cells.append(f"{lat.median(which):.2f}")
+        return cells
+
+    def ratio(p: Paired) -> str:
+        lo, hi = p.spread
+        return f"{p.speedup:.2f}x [{lo:.2f}-{hi:.2f}]"
+
+    table.add_row(*row("baseline", b, "baseline"))
+    table.add_row(*row("compressed", c, "compressed"))
+    last = ["speedup", f"{result.gmac_reduction:.2f}x fewer", "", ratio(tp)]
+    if lat is not None:
+        last.append(ratio(lat))
+    table.add_row(*last, style="bold")
+
+    eff = f"efficiency (speedup / GMAC reduction): {100 * result.efficiency:.0f}%"
+    if result.latency_efficiency is not None:
+        eff += f" at batch {s.batch_size}, {100 * result.latency_efficiency:.0f}% at batch 1"
+    e = result.env
+    mode = {"torch": " (torch.compile)" if s.compile else " (eager)"}.get(s.runtime, "")
+    conditions = (f"{s.runtime}{mode}, {s.dtype}, {s.device}"
+                  f"{' (' + e['gpu'] + ')' if e.get('gpu') else ''}, {e.get('threads')} thread(s), "
+                  f"{e.get('cpu')}, torch {e.get('torch')}, timm {e.get('timm')}; "
+                  f"alternating rounds: {len(tp.ratios)}"
+                  f"{f' ({len(lat.ratios)} at batch 1)' if lat is not None else ''}; "
+                  "speedup: median [min-max] of the per-round ratios")
+    if "load_avg_1m" in e:
+        conditions += f"; load avg {e['load_avg_1m']} at start"
+    if e.get("threading_env"):
+        conditions += "; " + " ".join(f"{k}={v}" for k, v in e["threading_env"].items())
+    lines = [table, Text(f"compressed: {c.plan}"), Text(eff), Text(conditions, style="dim")]
+    if e.get("load_avg_1m", 0) >= (e.get("cpu_count") or 1):
+        lines.append(Text("warning: other work kept the CPU busy: absolute figures are "
+                          "unreliable; the ratios, measured in alternating rounds, less so",
+                          style="yellow"))
+    for name, info in (("baseline", b), ("compressed", c)):
+        if not info.macs_agree:
+            lines.append(Text(f"warning: {name} GMACs: formula {info.gmacs:.4f} != counted "
+                              f"{info.gmacs_counted:.4f}", style="yellow"))
+    return Group(*lines)
