@@ -17,7 +17,7 @@ demo: setup
 	$(BIN)/hetvit bench --model deit_small_patch16_224 --plan fast --batch-size 32
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -q
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

@@ -9,7 +9,6 @@ wrong indices. Broken images are skipped with a warning and counted, never silen
 
 from __future__ import annotations
 
-import hashlib
 import multiprocessing
 import os
 import shutil
@@ -24,6 +23,8 @@ import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .io import sha256
 
 __all__ = [
     "DataError",
@@ -63,14 +64,6 @@ def _is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = None
                     ) -> Path:
     """Unpack ``archive`` once and return the directory holding its contents.
@@ -84,7 +77,7 @@ def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | N
     if not archive.is_file():
         raise DataError(f"archive not found: {archive}")
     root = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = root / _sha256(archive)[:16]
+    target = root / sha256(archive)[:16]
     if target.is_dir():
         return target
     root.mkdir(parents=True, exist_ok=True)

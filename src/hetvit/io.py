@@ -13,6 +13,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,7 @@ from torch import nn
 
 from .plan import Plan, PlanError
 
-__all__ = ["save", "load", "CheckpointError", "is_checkpoint"]
+__all__ = ["save", "load", "CheckpointError", "is_checkpoint", "atomic_directory", "sha256"]
 
 PLAN_FILE, WEIGHTS_FILE, SOURCE_FILE = "plan.json", "model.safetensors", "source.json"
 FORMAT = 1
@@ -31,12 +33,44 @@ class CheckpointError(RuntimeError):
     """A hetvit checkpoint directory that is missing, incomplete or damaged."""
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+@contextmanager
+def atomic_directory(directory: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``directory``; on success it replaces ``directory``.
+
+    A reader never sees half a directory: on any error (or an interrupt) the temporary is
+    removed and an existing ``directory`` stays as it was.
+    """
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is not
+        old = None
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.rename(directory, old)
+        os.rename(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _jsonable(obj: Any) -> Any:
@@ -60,30 +94,12 @@ def save(model: nn.Module, directory: str | Path, plan: Plan | None = None) -> P
         "arch": describe(model),
         "pretrained_cfg": _jsonable(dict(getattr(model, "pretrained_cfg", None) or {})),
     }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_directory(directory) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        source["sha256"] = _sha256(tmp / WEIGHTS_FILE)
+        source["sha256"] = sha256(tmp / WEIGHTS_FILE)
         (tmp / PLAN_FILE).write_text(plan.to_json() + "\n")
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is not
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.rename(directory, old)
-        os.rename(tmp, directory)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
@@ -119,7 +135,7 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu",
         plan = Plan.load(d / PLAN_FILE)
     except PlanError as e:
         raise CheckpointError(f"{d / PLAN_FILE} is damaged: {e}") from e
-    if verify and source.get("sha256") and _sha256(d / WEIGHTS_FILE) != source["sha256"]:
+    if verify and source.get("sha256") and sha256(d / WEIGHTS_FILE) != source["sha256"]:
         raise CheckpointError(f"{d / WEIGHTS_FILE} is damaged or truncated (its checksum does not "
                               f"match {SOURCE_FILE}); save the model again")
     try:

@@ -46,8 +46,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -60,6 +58,7 @@ from torch import nn
 
 from .attention import attention_map
 from .flops import formula_macs
+from .io import atomic_directory
 from .plan import Plan, pool_grid, token_grid
 
 __all__ = ["analyze", "PatternReport", "token_ladder"]
@@ -637,25 +636,13 @@ class PatternReport:
             plan = (Plan.from_dict(self.recommendation["plan"]) if self.recommendation
                     else self.recommend())
         explanation = self.explain(plan)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             data = self.to_dict()
             data["plan"] = plan.to_dict()
             data["explanation"] = explanation
             (tmp / "patterns.json").write_text(json.dumps(data, indent=1) + "\n")
             plots = _plots(self, tmp)
             (tmp / "patterns.md").write_text(self._markdown(plan, explanation, plots))
-            old = None
-            if directory.exists():
-                old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-                os.rename(directory, old)
-            os.rename(tmp, directory)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return directory
 
     def _markdown(self, plan: Plan, explanation: str, plots: list[str]) -> str:
