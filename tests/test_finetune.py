@@ -103,3 +103,26 @@ def test_training_steps_reduce_the_guidance_loss(mix_epochs, images):
         module.training_step((images, target), 0).backward()
         opt.step()
     assert loss().item() - best < 0.25 * (start - best)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_frozen_aggregation_keeps_its_pooling_while_the_rest_learns(freeze, images):
+    from hetvit.aggregation import TokenAggregation
+
+    teacher = _sharp_teacher()
+    student = hetvit.compress(teacher, Plan(static=(0,), pyramid=((2, 4),)), calibration=images)
+    module = FinetuneModule(student, teacher, freeze_aggregation=freeze, lr=0.01)
+    agg = next(m for m in student.modules() if isinstance(m, TokenAggregation))
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    opt = torch.optim.AdamW(module.param_groups(), lr=0.01)
+    target = torch.arange(len(images)) % 10
+    student.train()
+    for _ in range(3):
+        opt.zero_grad()
+        module.training_step((images, target), 0).backward()
+        opt.step()
+    after = dict(student.named_parameters())
+    agg_names = {n for n, p in after.items() if any(p is q for q in agg.parameters())}
+    moved = {n for n in after if not torch.equal(after[n], before[n])}
+    assert agg_names and (agg_names & moved) == (set() if freeze else agg_names)
+    assert "blocks.0.attn.logits" in moved and "head.weight" in moved

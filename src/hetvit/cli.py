@@ -295,6 +295,8 @@ def finetune(
     mix_epochs: Annotated[float, typer.Option(
         help="Curriculum: static layers run on lambda*dynamic + (1-lambda)*static, lambda "
         "going 1 -> 0 over this many epochs (0: off).")] = 0.0,
+    freeze_aggregation: Annotated[bool, typer.Option(
+        help="Keep the token aggregation at its average-pooling start (ablation).")] = False,
     calibration_images: Annotated[int, typer.Option(
         help="Training images whose mean attention initialises the static maps (0: uniform "
         "start).")] = 256,
@@ -336,7 +338,8 @@ def finetune(
         the_plan = resolve_plan(plan, source)
         target = run_finetune(source, the_plan, config, ce=ce, kd=kd, guidance=guidance,
                               temperature=temperature, mix_epochs=mix_epochs,
-                              map_lr_scale=map_lr_scale, calibration_images=calibration_images)
+                              map_lr_scale=map_lr_scale, freeze_aggregation=freeze_aggregation,
+                              calibration_images=calibration_images)
     console.print(f"student written to {target}")
 
 

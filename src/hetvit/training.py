@@ -491,7 +491,8 @@ class FinetuneModule(BaseModule):
 
     Loss = ``ce * CE(labels) + kd * KD(teacher logits) + guidance * mean_l KL(A_dyn || A_static)``
     over the student's static layers, with the teacher's dynamic maps seen through the
-    student's aggregation where tokens were reduced before a static layer. With ``mix_epochs``
+    student's aggregation where tokens were reduced before a static layer. ``freeze_aggregation``
+    keeps the pooling matrices at their initial average pooling (an ablation). With ``mix_epochs``
     the static layers first run on ``lambda * A_dyn + (1 - lambda) * A_static``, lambda going
     linearly from 1 to 0 over that many epochs (the curriculum).
 
@@ -501,8 +502,9 @@ class FinetuneModule(BaseModule):
 
     def __init__(self, student: nn.Module, teacher: nn.Module, ce: float = 1.0, kd: float = 1.0,
                  guidance: float = 1.0, temperature: float = 1.0, mix_epochs: float = 0.0,
-                 map_lr_scale: float = 10.0, lr: float = 5e-4, weight_decay: float = 0.05,
-                 warmup_epochs: float = 0.2, min_lr: float = 1e-6, label_smoothing: float = 0.1,
+                 map_lr_scale: float = 10.0, freeze_aggregation: bool = False,
+                 lr: float = 5e-4, weight_decay: float = 0.05, warmup_epochs: float = 0.2,
+                 min_lr: float = 1e-6, label_smoothing: float = 0.1,
                  seed: int | None = 0) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                          min_lr=min_lr, label_smoothing=label_smoothing, seed=seed)
@@ -512,6 +514,12 @@ class FinetuneModule(BaseModule):
         self.hparams["plan"] = plan_of(student).to_dict()
         self.map_lr_scale = map_lr_scale
         self.model = student
+        if freeze_aggregation:
+            from .aggregation import TokenAggregation
+
+            for m in student.modules():
+                if isinstance(m, TokenAggregation):
+                    m.requires_grad_(False)
         self._teacher = [teacher.eval().requires_grad_(False)]
         self.ce, self.kd, self.guidance = ce, kd, guidance
         self.temperature, self.mix_epochs = temperature, mix_epochs
@@ -536,7 +544,7 @@ class FinetuneModule(BaseModule):
 
         maps = [p for m in self.model.modules() if isinstance(m, (StaticAttention,
                                                                    TokenAggregation))
-                for name, p in m.named_parameters(recurse=False)]
+                for name, p in m.named_parameters(recurse=False) if p.requires_grad]
         ids = {id(p) for p in maps}
         groups = []
         for group in super().param_groups():
@@ -614,7 +622,7 @@ class FinetuneModule(BaseModule):
 def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 1.0,
              kd: float = 1.0, guidance: float = 1.0, temperature: float = 1.0,
              mix_epochs: float = 0.0, map_lr_scale: float = 10.0,
-             calibration_images: int = 256) -> Path:
+             freeze_aggregation: bool = False, calibration_images: int = 256) -> Path:
     """Compress ``teacher`` with ``plan`` and fine-tune the student; returns ``<out>/model``.
 
     The static maps start from the teacher's mean attention over the first
@@ -647,7 +655,8 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
         student = compress(teacher, plan, calibration=calib)
     module = FinetuneModule(student, teacher, ce=ce, kd=kd, guidance=guidance,
                             temperature=temperature, mix_epochs=mix_epochs,
-                            map_lr_scale=map_lr_scale, lr=config.lr,
+                            map_lr_scale=map_lr_scale, freeze_aggregation=freeze_aggregation,
+                            lr=config.lr,
                             weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
                             min_lr=config.min_lr, label_smoothing=config.label_smoothing,
                             seed=config.seed)
@@ -656,6 +665,7 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
         (out / "finetune_config.json").write_text(json.dumps(
             {"plan": plan.to_dict(), "ce": ce, "kd": kd, "guidance": guidance,
              "temperature": temperature, "mix_epochs": mix_epochs, "map_lr_scale": map_lr_scale,
+             "freeze_aggregation": freeze_aggregation,
              "calibration_images": calibration_images, **config_dict(config)}, indent=2) + "\n")
     trainer = fit(module, config)
     target = out / "model"
