@@ -36,6 +36,19 @@ def test_uncompressed_model_round_trip(tmp_path, images):
         assert torch.equal(hetvit.load(tmp_path / "m")(images), model(images))
 
 
+def test_saved_files_follow_the_umask_not_private_temp_modes(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        hetvit.save(tiny_vit(), tmp_path / "m")
+    finally:
+        os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "m").iterdir()}
+    assert modes == dict.fromkeys(["model.safetensors", "plan.json", "source.json"], 0o644)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o755
+
+
 def test_truncated_weights_give_a_clear_error(tmp_path):
     hetvit.save(hetvit.compress(tiny_vit(), PLAN), tmp_path / "c")
     w = tmp_path / "c" / "model.safetensors"

@@ -802,30 +802,6 @@ def _timm_model(name: str, overrides: dict, weights: Path | None = None, meta: b
     return net
 
 
-def _plan_rows(arch: dict, plan: Any) -> list[dict]:
-    """One row per aggregation stage and per block: what runs, on how many tokens, at what cost."""
-    from .flops import block_macs
-    from .plan import pool_grid, token_grid
-    from .surgery import num_prefix_tokens
-
-    dim, prefix = arch["embed_dim"], num_prefix_tokens(arch)
-    hidden = round(arch["mlp_ratio"] * dim)
-    grid = token_grid(arch)
-    n, stages, rows = grid[0] * grid[1], dict(plan.pyramid), []
-    for layer in range(arch["depth"]):
-        if layer in stages:
-            m = stages[layer]
-            new_grid = pool_grid(grid, m) or (1, m)
-            rows.append({"layer": layer, "kind": "aggregate", "tokens_in": n, "tokens": m,
-                         "grid_in": list(grid), "grid": list(new_grid), "macs": m * n * dim})
-            n, grid = m, new_grid
-        static = layer in plan.static
-        rows.append({"layer": layer, "kind": "static" if static else "dynamic",
-                     "tokens": n, "prefix": prefix, "grid": list(grid),
-                     "macs": block_macs(prefix + n, dim, hidden, static)})
-    return rows
-
-
 @app.command("plan")
 def plan_command(
     model: Annotated[str, typer.Option(
@@ -854,7 +830,7 @@ def plan_command(
     from rich.console import Console
     from rich.table import Table
 
-    from .flops import formula_macs
+    from .flops import formula_macs, plan_layers
     from .plan import token_grid
     from .surgery import describe
 
@@ -871,7 +847,7 @@ def plan_command(
         if out is not None:
             the_plan.save(out)
     base, new = formula_macs(arch), formula_macs(arch, the_plan)
-    rows = _plan_rows(arch, the_plan)
+    rows = plan_layers(arch, the_plan)
     if as_json:
         print(json.dumps({"model": model, "plan": the_plan.to_dict(), "layers": rows,
                           "gmacs": {"baseline": base / 1e9, "plan": new / 1e9,

@@ -16,9 +16,9 @@ from torch import nn
 
 from .aggregation import TokenAggregation
 from .attention import StaticAttention, is_dynamic_attention
-from .plan import Plan, token_grid
+from .plan import Plan, pool_grid, token_grid
 
-__all__ = ["formula_macs", "count_macs", "block_macs"]
+__all__ = ["formula_macs", "count_macs", "block_macs", "plan_layers"]
 
 
 def block_macs(n: int, dim: int, hidden: int, static: bool) -> int:
@@ -35,26 +35,14 @@ def block_macs(n: int, dim: int, hidden: int, static: bool) -> int:
 
 
 def formula_macs(arch: dict[str, Any], plan: Plan | None = None) -> int:
-    """MACs per image of the architecture ``arch`` (see ``surgery.describe``) under ``plan``."""
-    from .surgery import num_prefix_tokens
-
-    plan = plan or Plan()
-    dim, depth = arch["embed_dim"], arch["depth"]
-    hidden = round(arch["mlp_ratio"] * dim)
+    """MACs per image of the architecture ``arch`` (see ``surgery.describe``) under ``plan``:
+    patch embedding, every stage and block of :func:`plan_layers`, and the head(s)."""
     rows, cols = token_grid(arch)
-    n_patches = rows * cols
     ph, pw = arch["patch_size"]
-    prefix = num_prefix_tokens(arch)
-    total = n_patches * arch["in_chans"] * ph * pw * dim  # patch embedding
-    stages = dict(plan.pyramid)
-    n = n_patches
-    for layer in range(depth):
-        if layer in stages:
-            total += stages[layer] * n * dim
-            n = stages[layer]
-        total += block_macs(prefix + n, dim, hidden, layer in plan.static)
+    stem = rows * cols * arch["in_chans"] * ph * pw * arch["embed_dim"]
     heads = 2 if arch.get("distilled") else 1
-    return total + heads * dim * arch["num_classes"]
+    blocks = sum(r["macs"] for r in plan_layers(arch, plan or Plan()))
+    return stem + blocks + heads * arch["embed_dim"] * arch["num_classes"]
 
 
 @torch.no_grad()
@@ -109,3 +97,30 @@ def count_macs(model: nn.Module, img_size: tuple[int, int] | None = None) -> int
             h.remove()
         model.train(was_training)
     return total
+
+
+def plan_layers(arch: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
+    """One row per aggregation stage and per block: what runs, on how many tokens, at what cost.
+
+    Rows are dicts with ``layer``, ``kind`` (``dynamic``, ``static`` or ``aggregate``),
+    ``tokens`` (patch tokens after the row; ``tokens_in`` for a stage), ``grid`` and ``macs``
+    (a stage costs ``M N D``: every new token is a weighted sum of the ``N`` old ones).
+    """
+    from .surgery import num_prefix_tokens
+
+    dim, prefix = arch["embed_dim"], num_prefix_tokens(arch)
+    hidden = round(arch["mlp_ratio"] * dim)
+    grid = token_grid(arch)
+    n, stages, rows = grid[0] * grid[1], dict(plan.pyramid), []
+    for layer in range(arch["depth"]):
+        if layer in stages:
+            m = stages[layer]
+            new_grid = pool_grid(grid, m) or (1, m)
+            rows.append({"layer": layer, "kind": "aggregate", "tokens_in": n, "tokens": m,
+                         "grid_in": list(grid), "grid": list(new_grid), "macs": m * n * dim})
+            n, grid = m, new_grid
+        static = layer in plan.static
+        rows.append({"layer": layer, "kind": "static" if static else "dynamic",
+                     "tokens": n, "prefix": prefix, "grid": list(grid),
+                     "macs": block_macs(prefix + n, dim, hidden, static)})
+    return rows

@@ -54,12 +54,13 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
+                os.chmod(f, 0o666 & ~umask)  # some writers (safetensors) make files private
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is not
         old = None
         if directory.exists():
