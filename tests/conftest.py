@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 
@@ -17,6 +20,16 @@ def tiny_vit(distilled: bool = False, **kwargs) -> VisionTransformer:
     cls = VisionTransformerDistilled if distilled else VisionTransformer
     torch.manual_seed(0)
     return cls(**args).eval()
+
+
+def write_images(root: Path, folders: list[str], per_class: int = 3) -> None:
+    """An ImageFolder of random-noise 32x32 PNGs, ``per_class`` in each of ``folders``."""
+    rng = np.random.default_rng(1)
+    for name in folders:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
 
 
 @pytest.fixture

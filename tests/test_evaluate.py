@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
-import numpy as np
 import pytest
 import timm
 import torch
@@ -18,6 +16,8 @@ from typer.testing import CliRunner
 from hetvit.cli import app
 from hetvit.data import make_loader, make_transform, open_dataset
 from hetvit.evaluate import evaluate
+
+from .conftest import write_images
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
 
@@ -50,15 +50,6 @@ def test_metrics_match_a_hand_computation():
     assert result["top1"] == pytest.approx(2 / 5)
     assert result["top5"] == pytest.approx(4 / 5)
     assert result["loss"] == pytest.approx(loss / 5, rel=1e-6)
-
-
-def write_images(root: Path, folders: list[str], per_class: int = 3) -> None:
-    rng = np.random.default_rng(1)
-    for name in folders:
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
 
 
 def test_top1_on_a_partial_class_map_set_matches_a_manual_loop(tmp_path):

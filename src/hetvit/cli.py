@@ -113,7 +113,7 @@ def compress(
     class_map: Annotated[str | None, typer.Option(
         help="Class map for the calibration set (not needed: labels are not used).")] = None,
     num_images: Annotated[int, typer.Option(
-        help="Calibration images to use (the first N of the set, in order).")] = 256,
+        help="Calibration images to use, drawn at random (seeded) from the set.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration batch size.")] = 64,
 ) -> None:
     """Compress a ViT with a plan and save it as a hetvit checkpoint directory.
@@ -134,13 +134,10 @@ def compress(
         the_plan = resolve_plan(plan, source)
         loader = None
         if calibration is not None:
-            from torch.utils.data import Subset
-
-            from .data import make_loader, make_transform, open_dataset
+            from .data import make_loader, make_transform, open_dataset, random_subset
 
             ds = open_dataset(calibration, make_transform(source), class_map=class_map)
-            ds = Subset(ds, range(min(num_images, len(ds))))
-            loader = make_loader(ds, batch_size=batch_size)
+            loader = make_loader(random_subset(ds, num_images), batch_size=batch_size)
         student = do_compress(source.eval(), the_plan, calibration=loader)
         io.save(student, out)
     arch = describe(source)
@@ -463,7 +460,7 @@ def evaluate_command(
     from rich.console import Console
     from rich.table import Table
 
-    from .data import DataError, make_loader, make_transform, open_dataset
+    from .data import DataError, make_loader, make_transform, open_dataset, random_subset
     from .evaluate import evaluate
 
     console = Console(stderr=True)
@@ -510,8 +507,7 @@ def evaluate_command(
             fail(f"{data} has {len(dataset.classes)} classes but the model outputs {outputs}; "
                  "pass --class-map if the folders are a subset of the model's classes")
         if limit is not None and limit < len(dataset):
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(0))
-            dataset = torch.utils.data.Subset(dataset, order[:limit].tolist())
+            dataset = random_subset(dataset, limit)
         loader = make_loader(dataset, batch_size, workers=workers)
         result = evaluate(net, loader, progress=not as_json)
     except (DataError, ValueError, FileNotFoundError, RuntimeError) as err:
@@ -685,11 +681,10 @@ def analyze_command(
     import json
     import warnings
 
-    import torch
     from rich.console import Console
     from rich.table import Table
 
-    from .data import DataError, make_loader, make_transform, open_dataset
+    from .data import DataError, make_loader, make_transform, open_dataset, random_subset
     from .patterns import analyze
 
     console = Console(stderr=True)
@@ -720,9 +715,7 @@ def analyze_command(
         except DataError as err:
             fail(str(err))
         # A random subset in random order: classes mixed, as the pairwise JS estimate needs.
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
-        subset = torch.utils.data.Subset(dataset, order[:num_images].tolist())
-        loader = make_loader(subset, batch_size, workers=workers)
+        loader = make_loader(random_subset(dataset, num_images, seed), batch_size, workers=workers)
         with warnings.catch_warnings():
             if untrained:
                 warnings.filterwarnings("ignore", message="the model looks untrained")
@@ -886,12 +879,9 @@ def _bench_models(model: str | None, checkpoint: Path | None, plan: str | None,
     with random weights. Holding an uncompressed model: it is the baseline, compressed with
     ``--plan``. Otherwise ``--model NAME`` with optional ``--checkpoint FILE`` weights.
     """
-    import warnings
-
-    import torch
-
+    from .bench import compress_for_speed
     from .io import is_checkpoint, load
-    from .surgery import build_model, compress, describe, is_compressed
+    from .surgery import build_model, describe, is_compressed
 
     notes: list[str] = []
     if checkpoint is not None and not checkpoint.exists():
@@ -928,12 +918,7 @@ def _bench_models(model: str | None, checkpoint: Path | None, plan: str | None,
         notes.append(f"weights from {checkpoint}" if checkpoint else
                      "weights are random: speed does not depend on them")
     with user_errors():
-        the_plan = resolve_plan(plan or "fast", baseline)
-        c, (h, w) = baseline.patch_embed.proj.in_channels, baseline.patch_embed.img_size
-        calibration = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # uniform-map warnings mean nothing for speed
-            compressed = compress(baseline.eval(), the_plan, calibration=calibration)
+        compressed = compress_for_speed(baseline.eval(), resolve_plan(plan or "fast", baseline))
     if checkpoint is not None:
         notes.append("compressed: static maps calibrated on 2 random images (enough for speed, "
                      "not for accuracy)")
@@ -1034,3 +1019,57 @@ def bench_command(
         Console().print(render(result, title=f"{name} at {h}x{w}"))
     for note in notes:
         err.print(f"note: {note}", highlight=False)
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option(
+        "--out", help="Report directory (replaced once the new report is complete).")
+    ] = Path("demo-report"),
+    images: Annotated[Path | None, typer.Option(
+        "--images", help="CIFAR-10 test images: cifar10-test.tar.gz or an ImageFolder "
+        "(default: ../shared/data/cifar10-test.tar.gz beside the repository).")] = None,
+    assets: Annotated[Path | None, typer.Option(
+        "--assets", help="Directory with the committed cifar10-teacher and cifar10-fast "
+        "models (default: the repository's assets/).")] = None,
+    eval_images: Annotated[int, typer.Option(
+        help="Test images to evaluate on, equally many per class.")] = 1000,
+    analysis_images: Annotated[int, typer.Option(
+        help="Images whose attention maps are analysed.")] = 256,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Show what hetvit does, in about a minute: analyse the committed CIFAR-10 teacher's
+    attention patterns, show its fast student's plan, evaluate and benchmark both side by
+    side, and write a markdown report with plots to --out."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .demo import run
+
+    if eval_images < 10 or analysis_images < 2:
+        fail("--eval-images needs at least 10 images (one per class), --analysis-images 2")
+    console = Console(stderr=True)
+    with user_errors():
+        result = run(out, assets=assets, images=images, eval_images=eval_images,
+                     analysis_images=analysis_images, threads=threads,
+                     log=lambda line: console.print(line, highlight=False))
+    b = result.bench
+    table = Table(title="CIFAR-10 teacher and its fast student, on this machine",
+                  title_justify="left")
+    for col in ("model", "plan", "GMACs", "top-1", f"img/s (batch {b.settings.batch_size})",
+                "speedup"):
+        table.add_column(col, justify="left" if col in ("model", "plan") else "right")
+    for name, info, which, speed in (("teacher", b.baseline, "baseline", ""),
+                                     ("student", b.compressed, "compressed",
+                                      f"{b.speedup:.2f}x")):
+        table.add_row(name, info.plan, f"{info.gmacs:.4f}",
+                      f"{100 * result.accuracy[name]['top1']:.1f}%",
+                      f"{b.throughput.median(which):.0f}", speed)
+    Console().print(table)
+    console.print(f"recommended by the analysis: {result.recommended.describe()}",
+                  highlight=False)
+    console.print(f"report: {result.report / 'report.md'} ({result.seconds:.0f} s)",
+                  highlight=False)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .io import sha256
 
@@ -36,6 +36,7 @@ __all__ = [
     "read_class_map",
     "extract_archive",
     "cache_root",
+    "random_subset",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".gif", ".tif",
@@ -404,6 +405,16 @@ def collate_skipping(batch: list[Any]) -> Any:
     if not batch:
         return None
     return torch.utils.data.default_collate(batch)
+
+
+def random_subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:
+    """``n`` images drawn at random (seeded) in random order: every class represented.
+
+    The first ``n`` of an ImageFolder set would all come from its first class folders, which
+    would bias a calibration or an analysis towards a few classes.
+    """
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
+    return Subset(dataset, order[:n].tolist())
 
 
 def make_loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False,

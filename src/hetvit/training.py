@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import attention_map
-from .data import DataError, make_loader, make_transform, open_dataset
+from .data import DataError, make_loader, make_transform, open_dataset, random_subset
 
 __all__ = [
     "TrainConfig",
@@ -625,12 +625,10 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
              freeze_aggregation: bool = False, calibration_images: int = 256) -> Path:
     """Compress ``teacher`` with ``plan`` and fine-tune the student; returns ``<out>/model``.
 
-    The static maps start from the teacher's mean attention over the first
-    ``calibration_images`` training images (eval transform). On ``resume`` the student's
-    structure is rebuilt from the plan and every weight comes from the checkpoint.
+    The static maps start from the teacher's mean attention over ``calibration_images``
+    training images drawn at random (eval transform). On ``resume`` the student's structure is
+    rebuilt from the plan and every weight comes from the checkpoint.
     """
-    from torch.utils.data import Subset
-
     from . import io
     from .surgery import compress
 
@@ -650,7 +648,7 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
         if plan.static and calibration_images > 0:
             ds = open_dataset(config.data, make_transform(teacher), class_map=config.class_map,
                               skip_unknown=config.skip_unknown)
-            calib = make_loader(Subset(ds, range(min(calibration_images, len(ds)))),
+            calib = make_loader(random_subset(ds, calibration_images, config.seed),
                                 batch_size=config.batch_size, workers=config.workers)
         student = compress(teacher, plan, calibration=calib)
     module = FinetuneModule(student, teacher, ce=ce, kd=kd, guidance=guidance,
