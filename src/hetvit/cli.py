@@ -12,6 +12,7 @@ app = typer.Typer(
     "(DGSSA) and a token aggregation pyramid (GLAD).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     add_completion=False,
 )
 
@@ -387,8 +388,11 @@ def train(
     limit_train_batches: LimitTrainBatchesOpt = None,
     limit_val_batches: LimitValBatchesOpt = None,
 ) -> None:
-    """Train a timm ViT from scratch (AdamW, warm-up + cosine, label smoothing, timm
-    augmentation) with Lightning; resumable, with CSV logs and a progress bar."""
+    """Train a timm ViT from scratch (the teacher).
+
+    AdamW, warm-up + cosine, label smoothing and timm augmentation, on Lightning; resumable
+    (--resume), with CSV logs and a progress bar. The model ends up in OUT/model.
+    """
     from rich.console import Console
 
     from .data import DataError
@@ -676,8 +680,11 @@ def analyze_command(
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the random choice of images.")] = 0,
 ) -> None:
-    """Measure each layer's and head's attention patterns (similarity across images, rank,
-    token redundancy) and recommend a compression plan."""
+    """Measure the attention patterns of a trained ViT and recommend a plan.
+
+    Per layer and head: similarity across images, rank and token redundancy; with --out, a
+    report with plots.
+    """
     import json
     import warnings
 
@@ -816,8 +823,11 @@ def plan_command(
         "--out", help="Also write the plan to this file (for --plan of compress and bench).")
     ] = None,
 ) -> None:
-    """Show a compression plan for a model: the static layers, the pyramid stages with their
-    token counts and grids, and the GMACs against the uncompressed model."""
+    """Show a compression plan for a model, layer by layer, with its GMACs.
+
+    The static layers, the pyramid stages with their token counts and grids, and the GMACs
+    against the uncompressed model.
+    """
     import json
 
     from rich.console import Console
@@ -973,8 +983,11 @@ def bench_command(
     out: Annotated[Path | None, typer.Option(
         "--out", help="Also write the result as JSON to this file.")] = None,
 ) -> None:
-    """Time a model and its compressed version side by side in one process: throughput, speedup
-    (median and spread over alternating rounds), GMACs, and speedup per GMAC saved."""
+    """Time a model and its compressed version side by side in one process.
+
+    Throughput, speedup (median and spread over alternating rounds), GMACs, and speedup per
+    GMAC saved (efficiency).
+    """
     import json
 
     from rich.console import Console
@@ -1041,9 +1054,11 @@ def demo_command(
         help="Images whose attention maps are analysed.")] = 256,
     threads: ThreadsOpt = None,
 ) -> None:
-    """Show what hetvit does, in about a minute: analyse the committed CIFAR-10 teacher's
-    attention patterns, show its fast student's plan, evaluate and benchmark both side by
-    side, and write a markdown report with plots to --out."""
+    """Show what hetvit does, in about a minute, on the committed CIFAR-10 models.
+
+    Analyses the teacher's attention patterns, shows its fast student's plan, evaluates and
+    benchmarks both side by side, and writes a markdown report with plots to --out.
+    """
     from rich.console import Console
     from rich.table import Table
 

@@ -1,0 +1,5 @@
+"""``python -m hetvit``: the same as the ``hetvit`` command."""
+
+from .cli import main
+
+main()
