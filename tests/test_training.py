@@ -151,3 +151,30 @@ def test_unavailable_precision_is_a_clear_error():
     with pytest.raises(TrainingError, match="precision must be one of"):
         check_precision("8-bit", "cpu")
     check_precision("bf16-mixed", "cpu")
+
+
+@pytest.mark.parametrize("guidance", [0.0, 1.0])
+def test_finetune_trains_every_part_of_the_student_and_writes_a_loadable_model(tmp_path,
+                                                                            guidance):
+    """Static maps and pooling learn from the task loss too, not only from the guidance."""
+    import hetvit
+    from hetvit.aggregation import TokenAggregation
+    from hetvit.plan import Plan
+    from hetvit.training import finetune
+
+    write_colours(tmp_path / "data")
+    teacher = module().model.eval().requires_grad_(False)  # a frozen teacher, as users keep one
+    plan = Plan(static=(0,), pyramid=((1, 4),))
+    runs = {}
+    for lr in (0.0, 3e-3):
+        out = f"ft-{lr}"
+        path = finetune(teacher, plan, config(tmp_path, out, epochs=1, lr=lr, min_lr=0.0),
+                        guidance=guidance, calibration_images=8)
+        runs[lr] = hetvit.load(path)
+    start, tuned = runs[0.0], runs[3e-3]
+    assert (tuned.hetvit_plan.static, tuned.hetvit_plan.pyramid) == (plan.static, plan.pyramid)
+    agg = [n for n, m in tuned.named_modules() if isinstance(m, TokenAggregation)]
+    moved = {n for n, p in tuned.named_parameters()
+             if not torch.equal(p, start.get_parameter(n))}
+    assert "blocks.0.attn.logits" in moved and f"{agg[0]}.weight" in moved
+    assert "head.weight" in moved

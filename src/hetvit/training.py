@@ -513,14 +513,14 @@ class FinetuneModule(BaseModule):
 
         self.hparams["plan"] = plan_of(student).to_dict()
         self.map_lr_scale = map_lr_scale
-        self.model = student
+        self.model = student.requires_grad_(True)  # a copy of a frozen model comes frozen
         if freeze_aggregation:
             from .aggregation import TokenAggregation
 
             for m in student.modules():
                 if isinstance(m, TokenAggregation):
                     m.requires_grad_(False)
-        self._teacher = [teacher.eval().requires_grad_(False)]
+        self._teacher = [teacher.eval()]  # run under no_grad; the caller's flags stay as they are
         self.ce, self.kd, self.guidance = ce, kd, guidance
         self.temperature, self.mix_epochs = temperature, mix_epochs
         from .surgery import num_prefix_tokens, plan_of
@@ -558,6 +558,12 @@ class FinetuneModule(BaseModule):
 
     def on_fit_start(self) -> None:
         self._teacher[0] = self.teacher.to(self.device)
+
+    def on_train_epoch_start(self) -> None:
+        # compress() hands the student over in its teacher's mode (eval), and Lightning keeps
+        # each module's mode. In eval mode the static maps and pooling matrices take their
+        # cached, detached inference paths and would learn from the guidance loss alone.
+        self.model.train()
 
     def mix(self) -> float:
         """The curriculum's lambda for the current step: 1 -> 0 over ``mix_epochs``."""
