@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -178,3 +179,17 @@ def test_finetune_trains_every_part_of_the_student_and_writes_a_loadable_model(t
              if not torch.equal(p, start.get_parameter(n))}
     assert "blocks.0.attn.logits" in moved and f"{agg[0]}.weight" in moved
     assert "head.weight" in moved
+
+
+def test_resuming_with_other_settings_keeps_the_earlier_ones(tmp_path):
+    from hetvit.training import write_run_config
+
+    path = tmp_path / "train_config.json"
+    write_run_config(path, {"epochs": 16, "resume": False})
+    write_run_config(path, {"epochs": 16, "resume": True})  # same run, resumed: no history
+    assert not (tmp_path / "config_history.jsonl").exists()
+    write_run_config(path, {"epochs": 24, "resume": True})
+    assert json.loads(path.read_text()) == {"epochs": 24, "resume": True}
+    history = [json.loads(line) for line in
+               (tmp_path / "config_history.jsonl").read_text().splitlines()]
+    assert [h["settings"] for h in history] == [{"epochs": 16, "resume": False}]

@@ -372,6 +372,27 @@ def config_dict(config: TrainConfig) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in values.items()}
 
 
+def write_run_config(path: Path, values: dict[str, Any]) -> None:
+    """Record a run's settings in ``path`` (JSON).
+
+    A resumed run with other settings (more epochs, say) rewrites the file and appends the
+    settings it replaces, time-stamped, to ``config_history.jsonl`` beside it, so the record
+    of how a model was trained stays complete.
+    """
+    def differs(old: dict[str, Any]) -> bool:
+        return ({k: v for k, v in old.items() if k != "resume"}
+                != {k: v for k, v in values.items() if k != "resume"})
+
+    if path.exists():
+        old = json.loads(path.read_text())
+        if not differs(old):
+            return
+        with open(path.parent / "config_history.jsonl", "a") as f:
+            f.write(json.dumps({"replaced_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                "file": path.name, "settings": old}) + "\n")
+    path.write_text(json.dumps(values, indent=2) + "\n")
+
+
 def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig) -> Path:
     """Train a timm model from scratch and write it to ``<out>/model``; returns that path.
 
@@ -393,10 +414,9 @@ def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig) ->
                     f"--resume: the checkpoint was trained as {stored['model_name']} "
                     f"{stored['model_kwargs']}, not {model_name} {model_kwargs}")
     out.mkdir(parents=True, exist_ok=True)
-    if not config.resume or not (out / "train_config.json").exists():
-        (out / "train_config.json").write_text(json.dumps(
-            {"model_name": model_name, "model_kwargs": model_kwargs, **config_dict(config)},
-            indent=2) + "\n")
+    write_run_config(out / "train_config.json", {"model_name": model_name,
+                                                  "model_kwargs": model_kwargs,
+                                                  **config_dict(config)})
     trainer = fit(module, config)
     target = out / "model"
     if trainer.is_global_zero:
@@ -665,12 +685,11 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
                             min_lr=config.min_lr, label_smoothing=config.label_smoothing,
                             seed=config.seed)
     out.mkdir(parents=True, exist_ok=True)
-    if not config.resume or not (out / "finetune_config.json").exists():
-        (out / "finetune_config.json").write_text(json.dumps(
-            {"plan": plan.to_dict(), "ce": ce, "kd": kd, "guidance": guidance,
-             "temperature": temperature, "mix_epochs": mix_epochs, "map_lr_scale": map_lr_scale,
-             "freeze_aggregation": freeze_aggregation,
-             "calibration_images": calibration_images, **config_dict(config)}, indent=2) + "\n")
+    write_run_config(out / "finetune_config.json", {
+        "plan": plan.to_dict(), "ce": ce, "kd": kd, "guidance": guidance,
+        "temperature": temperature, "mix_epochs": mix_epochs, "map_lr_scale": map_lr_scale,
+        "freeze_aggregation": freeze_aggregation, "calibration_images": calibration_images,
+        **config_dict(config)})
     trainer = fit(module, config)
     target = out / "model"
     if trainer.is_global_zero:
