@@ -253,6 +253,12 @@ def test_recommend_pyramid_follows_rank_and_the_token_grid():
     assert plan.pyramid == ((4, 32), (6, 16))
 
 
+def test_recommend_builds_a_pyramid_even_where_the_rank_collapses():
+    """Rank 0.05 everywhere asks for 4 tokens at once; the plan steps down the ladder instead."""
+    report = synthetic_report([0.5] * 8, [0.05] * 8)
+    assert report.recommend().pyramid == ((1, 32), (3, 16), (5, 9), (7, 4))
+
+
 @pytest.mark.parametrize("target", [1.2, 1.6, 2.2])
 def test_recommend_reaches_the_speed_target(target):
     report = synthetic_report(SIM, RANK)
@@ -275,7 +281,8 @@ def test_recommend_warns_when_the_target_is_out_of_reach():
     with pytest.warns(UserWarning, match="out of reach"):
         plan = report.recommend(speedup=50.0)
     assert report.recommendation["target_reached"] is False
-    assert plan.pyramid[-1][1] == 4  # the fastest plan goes to the smallest grid
+    # the fastest plan: one ladder step every PYRAMID_GAP layers from the end of the static run
+    assert plan.pyramid == ((3, 32), (5, 16), (7, 9))
     text = report.explain()
     assert "NOT reached" in text and "GMACs: baseline" in text
 

@@ -323,6 +323,9 @@ class _Progress:
 
 
 # ----------------------------------------------------------------------------- token ladder
+PYRAMID_GAP = 2  # fewest layers between two recommended stages (the presets use 2-3)
+
+
 def token_ladder(grid: tuple[int, int]) -> list[int]:
     """Patch-token counts a pyramid may use, largest first, each a regular grid.
 
@@ -441,7 +444,11 @@ class PatternReport:
         says how many tokens a layer needs. Aggregation before layer ``l`` serves every later
         layer too, so layer ``l`` needs the most any layer from ``l`` on needs. From the first
         stage layer on, each layer runs on the smallest :func:`token_ladder` size ``M`` with
-        ``M >= margin * need(l) * N_patches``, and a stage goes wherever that size drops.
+        ``M >= margin * need(l) * N_patches``, and a stage goes wherever that size drops, but
+        as a pyramid: one step of the ladder per stage (at most about halving the tokens) and
+        stages at least :data:`PYRAMID_GAP` layers apart. A rank measures what a layer's
+        attention mixes, not what the tokens carry through the residual stream, so one deep
+        cut at the first low-rank layer would throw away what later layers still need.
 
         **A speed target** (``speedup``: baseline GMACs / plan GMACs, from
         :func:`hetvit.flops.formula_macs`) keeps the static layers as found and tunes
@@ -505,12 +512,14 @@ class PatternReport:
         n_patches = ladder[0]
         stages: list[tuple[int, int]] = []
         cur = n_patches
+        last = -PYRAMID_GAP
         for layer in range(max(1, n_static), self.depth):
             want = margin * need[layer] * n_patches
             m = min((s for s in ladder if s >= want), default=n_patches)
-            if m < cur:
+            if m < cur and layer - last >= PYRAMID_GAP:
+                m = max(m, ladder[ladder.index(cur) + 1])  # one step of the ladder at a time
                 stages.append((layer, m))
-                cur = m
+                cur, last = m, layer
         return Plan(static=tuple(range(n_static)), pyramid=tuple(stages),
                     img_size=tuple(self.arch["img_size"]), source={"name": self.arch.get("name")},
                     label="recommended")
@@ -539,7 +548,8 @@ class PatternReport:
         lines = [f"plan: {plan.describe()}",
                  f"static rule: worst-head cosine similarity >= {threshold:.3f}, leading run "
                  f"from layer 0; pyramid rule: tokens kept >= margin x worst-head {rank} of "
-                 f"this and every later layer (fractions of N = {self.num_tokens})"]
+                 f"this and every later layer (fractions of N = {self.num_tokens}), one grid "
+                 f"step per stage, stages >= {PYRAMID_GAP} layers apart"]
         if rec.get("plan") == plan.to_dict():
             m = rec["margin"]
             lines.append(f"recommended with {rec['leading_run']} leading layers passing the "
