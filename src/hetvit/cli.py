@@ -26,6 +26,8 @@ def main() -> None:
         Console(stderr=True).print(f"[yellow]warning:[/] {message}", highlight=False)
 
     warnings.showwarning = show  # one readable line per warning, no source dump
+    # Lightning's own deprecation notice about torch internals: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     app()
 
 

@@ -533,7 +533,8 @@ class FinetuneModule(BaseModule):
 
         self.hparams["plan"] = plan_of(student).to_dict()
         self.map_lr_scale = map_lr_scale
-        self.model = student.requires_grad_(True)  # a copy of a frozen model comes frozen
+        # A copy of a frozen model comes frozen, and compress() returns it in its source's mode.
+        self.model = student.requires_grad_(True).train()
         if freeze_aggregation:
             from .aggregation import TokenAggregation
 
