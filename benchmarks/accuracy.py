@@ -127,10 +127,11 @@ def run_variant(v: Variant, args: argparse.Namespace) -> dict:
         if not (model / "source.json").exists():
             if v.finetune:
                 resume = (run_dir / "checkpoints" / "last.ckpt").exists()
+                # no --val-data: the test set is evaluated once, below
                 hetvit("finetune", "--teacher", args.teacher, "--plan", plan, "--data", train,
-                       "--val-data", test, "--epochs", args.epochs, "--out", run_dir,
-                       *v.flags, *(["--resume"] if resume else []),
-                       *smoke("--limit-train-batches", 2, "--limit-val-batches", 1))
+                       "--epochs", args.epochs, "--out", run_dir, *v.flags,
+                       *(["--resume"] if resume else []),
+                       *smoke("--limit-train-batches", 2))
             else:
                 hetvit("compress", "--checkpoint", args.teacher, "--plan", plan,
                        "--calibration", train, "--out", model)
