@@ -202,8 +202,8 @@ def _markdown(result: DemoResult, teacher_arch: dict, images: Path, n_eval: int,
 def run(out: str | os.PathLike = "demo-report", *, assets: str | os.PathLike | None = None,
         images: str | os.PathLike | None = None, eval_images: int = 1000,
         analysis_images: int = 256, bench_rounds: int = 5, bench_time: float = 0.5,
-        threads: int | None = None,
-        progress: bool = True, log: Callable[[str], None] = print) -> DemoResult:
+        threads: int | None = None, progress: bool = True,
+        log: Callable[[str], None] = print) -> DemoResult:
     """Run the demo and write its report to ``out`` (atomically: a failed run leaves no
     half-written report, and an earlier report stays until the new one is complete).
 
