@@ -32,7 +32,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = Path(__file__).parent / "results"
-SMOKE = False  # --smoke: a few batches everywhere, to check the script end to end
 
 
 @dataclass(frozen=True)
@@ -77,11 +76,7 @@ def hetvit(*args: str | Path, capture: bool = False) -> str:
     return done.stdout if capture else ""
 
 
-def smoke(*flags: str | int) -> list[str | int]:
-    return list(flags) if SMOKE else []
-
-
-def plan_file(spec: str, teacher: Path, runs: Path, test: Path) -> str:
+def plan_file(spec: str, teacher: Path, runs: Path, test: Path, analysis_images: int) -> str:
     """A preset name as is; the partial and recommended plans written to ``runs`` as JSON.
 
     ``recommended@fast`` asks ``hetvit analyze`` for a plan with the GMACs of ``fast`` (its
@@ -105,7 +100,7 @@ def plan_file(spec: str, teacher: Path, runs: Path, test: Path) -> str:
             target = ["--recommend-speedup", f"{fast - 0.005:.2f}"]
         if not (analysis / "patterns.json").exists():
             hetvit("analyze", "--checkpoint", teacher, "--data", test, "--num-images",
-                   64 if SMOKE else 1000, *target, "--out", analysis)
+                   analysis_images, *target, "--out", analysis)
         plan = Plan.from_dict(json.loads((analysis / "patterns.json").read_text())["plan"])
     else:
         fast = Plan.preset("fast", load(teacher))
@@ -113,6 +108,7 @@ def plan_file(spec: str, teacher: Path, runs: Path, test: Path) -> str:
         plan = Plan(static=fast.static if keep == "static" else (),
                     pyramid=fast.pyramid if keep == "pyramid" else (),
                     img_size=fast.img_size, label=spec)
+    runs.mkdir(parents=True, exist_ok=True)
     plan.save(path)
     return str(path)
 
@@ -124,7 +120,7 @@ def run_variant(v: Variant, args: argparse.Namespace) -> dict:
     if v.plan is None:
         model = args.teacher
     else:
-        plan = plan_file(v.plan, args.teacher, args.runs, test)
+        plan = plan_file(v.plan, args.teacher, args.runs, test, 64 if args.smoke else 1000)
         model = run_dir / "model"
         if not (model / "source.json").exists():
             if v.finetune:
@@ -133,7 +129,7 @@ def run_variant(v: Variant, args: argparse.Namespace) -> dict:
                 hetvit("finetune", "--teacher", args.teacher, "--plan", plan, "--data", train,
                        "--epochs", args.epochs * v.epoch_scale, "--out", run_dir, *v.flags,
                        *(["--resume"] if resume else []),
-                       *smoke("--limit-train-batches", 2))
+                       *(["--limit-train-batches", 2] if args.smoke else []))
             else:
                 hetvit("compress", "--checkpoint", args.teacher, "--plan", plan,
                        "--calibration", train, "--out", model)
@@ -142,7 +138,8 @@ def run_variant(v: Variant, args: argparse.Namespace) -> dict:
         epochs = json.loads((run_dir / "finetune_config.json").read_text())["epochs"]
     record = {"name": v.name, "label": v.label, "epochs": epochs}
     record.update(json.loads(hetvit("evaluate", "--checkpoint", model, "--data", test,
-                                    "--json", *smoke("--limit", 200), capture=True)))
+                                    "--json", *(["--limit", 200] if args.smoke else []),
+                                    capture=True)))
     if v.plan is None:
         record.update(speedup=1.0, latency_speedup=1.0, gmac_reduction=1.0, plan="baseline")
         return record
@@ -226,9 +223,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true",
                         help="a few batches per step: checks the script, measures nothing")
     args = parser.parse_args()
-    global SMOKE
-    SMOKE = args.smoke
-    if SMOKE:
+    if args.smoke:
         args.rounds = 2
 
     args.out_dir.mkdir(parents=True, exist_ok=True)

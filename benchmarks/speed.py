@@ -44,7 +44,7 @@ def markdown(rows: list[dict]) -> str:
     lines = [
         f"| model | preset | GMACs | img/s base -> hetvit (batch {batch}) | speedup "
         f"[min-max] | batch-1 ms base -> hetvit | speedup [min-max] | GMAC reduction | "
-        "efficiency b{batch} / b1 |".replace("{batch}", str(batch)),
+        f"efficiency b{batch} / b1 |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:

@@ -78,14 +78,12 @@ def _restore_hint(path: Path) -> str:
 
 def load_model(directory: Path) -> nn.Module:
     """A committed model, with an error that names the broken file and how to restore it."""
-    from .io import SOURCE_FILE, CheckpointError, load
+    from .io import CheckpointError, load
 
     try:
         return load(directory)
     except CheckpointError as err:
-        broken = next((directory / n for n in ("model.safetensors", "plan.json", SOURCE_FILE)
-                       if n in str(err)), directory)
-        raise DemoError(f"{err}\n{_restore_hint(broken)}") from err
+        raise DemoError(f"{err}\n{_restore_hint(err.path)}") from err
 
 
 def sample_indices(targets: list[int], per_class: int) -> list[int]:

@@ -30,7 +30,14 @@ FORMAT = 1
 
 
 class CheckpointError(RuntimeError):
-    """A hetvit checkpoint directory that is missing, incomplete or damaged."""
+    """A hetvit checkpoint directory that is missing, incomplete or damaged.
+
+    ``path`` is the file (or directory) at fault, for callers that say how to restore it.
+    """
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
 
 
 def sha256(path: Path) -> str:
@@ -123,26 +130,28 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu",
 
     d = Path(directory)
     if not d.is_dir():
-        raise CheckpointError(f"checkpoint directory not found: {d}")
+        raise CheckpointError(f"checkpoint directory not found: {d}", d)
     for name in (PLAN_FILE, WEIGHTS_FILE, SOURCE_FILE):
         if not (d / name).is_file():
-            raise CheckpointError(f"{d} is not a complete hetvit checkpoint: {name} is missing")
+            raise CheckpointError(f"{d} is not a complete hetvit checkpoint: {name} is missing",
+                                  d / name)
     try:
         source = json.loads((d / SOURCE_FILE).read_text())
         arch = source["arch"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{d / SOURCE_FILE} is damaged: {e}") from e
+        raise CheckpointError(f"{d / SOURCE_FILE} is damaged: {e}", d / SOURCE_FILE) from e
     try:
         plan = Plan.load(d / PLAN_FILE)
     except PlanError as e:
-        raise CheckpointError(f"{d / PLAN_FILE} is damaged: {e}") from e
+        raise CheckpointError(f"{d / PLAN_FILE} is damaged: {e}", d / PLAN_FILE) from e
     if verify and source.get("sha256") and sha256(d / WEIGHTS_FILE) != source["sha256"]:
         raise CheckpointError(f"{d / WEIGHTS_FILE} is damaged or truncated (its checksum does not "
-                              f"match {SOURCE_FILE}); save the model again")
+                              f"match {SOURCE_FILE}); save the model again", d / WEIGHTS_FILE)
     try:
         state = load_file(str(d / WEIGHTS_FILE), device=str(map_location))
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{d / WEIGHTS_FILE} is damaged or truncated: {e}") from e
+        raise CheckpointError(f"{d / WEIGHTS_FILE} is damaged or truncated: {e}",
+                              d / WEIGHTS_FILE) from e
 
     model = build_model(arch)
     if source.get("pretrained_cfg"):
@@ -153,5 +162,6 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu",
     result = model.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{d / WEIGHTS_FILE} does not match its plan and source: missing "
-                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}",
+                              d / WEIGHTS_FILE)
     return model.eval()

@@ -529,9 +529,10 @@ class FinetuneModule(BaseModule):
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                          min_lr=min_lr, label_smoothing=label_smoothing, seed=seed)
         self.save_hyperparameters(ignore=["student", "teacher"])
-        from .surgery import plan_of
+        from .surgery import num_prefix_tokens, plan_of
 
-        self.hparams["plan"] = plan_of(student).to_dict()
+        plan = plan_of(student)
+        self.hparams["plan"] = plan.to_dict()
         self.map_lr_scale = map_lr_scale
         # A copy of a frozen model comes frozen, and compress() returns it in its source's mode.
         self.model = student.requires_grad_(True).train()
@@ -544,9 +545,7 @@ class FinetuneModule(BaseModule):
         self._teacher = [teacher.eval()]  # run under no_grad; the caller's flags stay as they are
         self.ce, self.kd, self.guidance = ce, kd, guidance
         self.temperature, self.mix_epochs = temperature, mix_epochs
-        from .surgery import num_prefix_tokens, plan_of
-
-        self.static_layers = list(plan_of(student).static)
+        self.static_layers = list(plan.static)
         self.prefix = num_prefix_tokens(student.hetvit_source)
         self._layer_blocks = [b for b in student.blocks if hasattr(b, "attn")]
 
@@ -581,9 +580,9 @@ class FinetuneModule(BaseModule):
         self._teacher[0] = self.teacher.to(self.device)
 
     def on_train_epoch_start(self) -> None:
-        # compress() hands the student over in its teacher's mode (eval), and Lightning keeps
-        # each module's mode. In eval mode the static maps and pooling matrices take their
-        # cached, detached inference paths and would learn from the guidance loss alone.
+        # Lightning keeps each module's mode and puts back what it found after validation; if
+        # the student ever came back in eval mode, its static maps and pooling matrices would
+        # take their cached, detached inference paths and learn from the guidance loss alone.
         self.model.train()
 
     def mix(self) -> float:
@@ -681,8 +680,8 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
     module = FinetuneModule(student, teacher, ce=ce, kd=kd, guidance=guidance,
                             temperature=temperature, mix_epochs=mix_epochs,
                             map_lr_scale=map_lr_scale, freeze_aggregation=freeze_aggregation,
-                            lr=config.lr,
-                            weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
+                            lr=config.lr, weight_decay=config.weight_decay,
+                            warmup_epochs=config.warmup_epochs,
                             min_lr=config.min_lr, label_smoothing=config.label_smoothing,
                             seed=config.seed)
     out.mkdir(parents=True, exist_ok=True)
