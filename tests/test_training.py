@@ -193,3 +193,56 @@ def test_resuming_with_other_settings_keeps_the_earlier_ones(tmp_path):
     history = [json.loads(line) for line in
                (tmp_path / "config_history.jsonl").read_text().splitlines()]
     assert [h["settings"] for h in history] == [{"epochs": 16, "resume": False}]
+
+
+def test_cli_train_then_finetune_pass_every_shared_option_through(tmp_path):
+    """train and finetune share their run options (one definition spliced into both)."""
+    from typer.testing import CliRunner
+
+    import hetvit
+    from hetvit.cli import app
+
+    write_colours(tmp_path / "data", per_class=4)
+    shared = ["--batch-size", "6", "--weight-decay", "0.01", "--label-smoothing", "0.2",
+              "--scale-min", "0.9", "--hflip", "0.0", "--workers", "0", "--threads", "1",
+              "--seed", "5", "--accelerator", "cpu", "--limit-train-batches", "2",
+              "--limit-val-batches", "1"]
+    expected = {"batch_size": 6, "weight_decay": 0.01, "label_smoothing": 0.2, "scale": [0.9, 1.0],
+                "hflip": 0.0, "threads": 1, "seed": 5, "accelerator": "cpu",
+                "limit_train_batches": 2, "limit_val_batches": 1, "resume": False}
+    runner = CliRunner()
+    sizes = ["--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--depth", "2",
+             "--num-heads", "2", "--num-classes", "3"]
+    result = runner.invoke(app, ["train", "--model", NAME, *sizes, "--data", str(tmp_path / "data"),
+                                 "--val-data", str(tmp_path / "data"), "--epochs", "1",
+                                 "--out", str(tmp_path / "teacher"), *shared])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "teacher" / "train_config.json").read_text())
+    assert {k: written[k] for k in expected} == expected
+    assert written["epochs"] == 1 and written["model_kwargs"]["embed_dim"] == 32
+
+    result = runner.invoke(app, ["finetune", "--teacher", str(tmp_path / "teacher" / "model"),
+                                 "--plan", "fast", "--data", str(tmp_path / "data"), "--epochs",
+                                 "1", "--calibration-images", "4", "--out", str(tmp_path / "ft"),
+                                 *shared])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "ft" / "finetune_config.json").read_text())
+    assert {k: written[k] for k in expected} == expected
+    assert written["calibration_images"] == 4
+    assert hetvit.load(tmp_path / "ft" / "model").hetvit_plan.static
+
+
+def test_cli_train_reports_a_batch_limit_that_leaves_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from hetvit.cli import app
+
+    write_colours(tmp_path / "data", per_class=2)
+    result = CliRunner().invoke(app, [
+        "train", "--model", NAME, "--img-size", "32", "--patch-size", "8", "--embed-dim", "32",
+        "--depth", "2", "--num-heads", "2", "--num-classes", "3", "--data", str(tmp_path / "data"),
+        "--val-data", str(tmp_path / "data"), "--limit-val-batches", "0.1", "--batch-size", "2",
+        "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    assert "limit_val_batches" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "run" / "model").exists()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -192,61 +195,79 @@ ValDataOpt = Annotated[Path | None, typer.Option(
     "--val-data",
     help="Validation images, evaluated (top-1/top-5) after every epoch."),
 ]
-BatchSizeOpt = Annotated[int, typer.Option(help="Images per step and device.")]
-WeightDecayOpt = Annotated[float, typer.Option(
-    help="AdamW weight decay (not applied to norms, biases and position/class tokens)."),
-]
 MinLrOpt = Annotated[float, typer.Option(
     help="Learning rate at the end of the cosine decay."),
-]
-LabelSmoothingOpt = Annotated[float, typer.Option(
-    help="Label smoothing of the cross-entropy."),
-]
-ScaleMinOpt = Annotated[float, typer.Option(
-    help=(
-        "Smallest area fraction of the random resized crop (augmentation; 1.0 disables "
-        "cropping)."
-    )),
-]
-HflipOpt = Annotated[float, typer.Option(
-    help="Probability of a horizontal flip (augmentation)."),
-]
-ClassMapOpt = Annotated[str | None, typer.Option(
-    help=(
-        "Class map file (one class name a line, line i is class i), or 'auto' to use a "
-        "synsets.txt / class_map.txt at the dataset root."
-    )),
-]
-SkipUnknownOpt = Annotated[bool, typer.Option(
-    help="Skip (with a warning) class folders the class map lacks instead of stopping."),
-]
-WorkersOpt = Annotated[int, typer.Option(
-    help=(
-        "Data-loading worker processes (0: load in the main process, best on machines "
-        "with few cores)."
-    )),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(
     help="torch CPU threads (default: all cores this process may use)."),
 ]
-SeedOpt = Annotated[int, typer.Option(help="Seed for weights, shuffling and augmentation.")]
-DevicesOpt = Annotated[int, typer.Option(help="Devices to train on; more than 1 uses DDP.")]
-AcceleratorOpt = Annotated[str, typer.Option(help="cpu, gpu or auto.")]
-PrecisionOpt = Annotated[str, typer.Option(
-    help="32-true, bf16-mixed or 16-mixed (GPU only)."),
-]
-ResumeOpt = Annotated[bool, typer.Option(
-    help=(
-        "Continue the run in --out from its last.ckpt (weights, optimizer, schedule, "
-        "epoch and step)."
-    )),
-]
-LimitTrainBatchesOpt = Annotated[str | None, typer.Option(
-    help="Train on only this many batches (or this fraction) per epoch: for smoke tests."),
-]
-LimitValBatchesOpt = Annotated[str | None, typer.Option(
-    help="Validate on only this many batches (or this fraction)."),
-]
+
+
+def _run_options(
+    batch_size: Annotated[int, typer.Option(help="Images per step and device.")] = 128,
+    weight_decay: Annotated[float, typer.Option(
+        help="AdamW weight decay (not applied to norms, biases and position/class tokens)."),
+    ] = 0.05,
+    label_smoothing: Annotated[float, typer.Option(
+        help="Label smoothing of the cross-entropy."),
+    ] = 0.1,
+    scale_min: Annotated[float, typer.Option(
+        help="Smallest area fraction of the random resized crop (augmentation; 1.0 disables "
+        "cropping)."),
+    ] = 0.6,
+    hflip: Annotated[float, typer.Option(
+        help="Probability of a horizontal flip (augmentation)."),
+    ] = 0.5,
+    class_map: Annotated[str | None, typer.Option(
+        help="Class map file (one class name a line, line i is class i), or 'auto' to use a "
+        "synsets.txt / class_map.txt at the dataset root."),
+    ] = None,
+    skip_unknown: Annotated[bool, typer.Option(
+        help="Skip (with a warning) class folders the class map lacks instead of stopping."),
+    ] = False,
+    workers: Annotated[int, typer.Option(
+        help="Data-loading worker processes (0: load in the main process, best on machines "
+        "with few cores)."),
+    ] = 0,
+    threads: ThreadsOpt = None,
+    seed: Annotated[int, typer.Option(
+        help="Seed for weights, shuffling and augmentation.")] = 0,
+    devices: Annotated[int, typer.Option(
+        help="Devices to train on; more than 1 uses DDP.")] = 1,
+    accelerator: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="32-true, bf16-mixed or 16-mixed (GPU only)."),
+    ] = "32-true",
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run in --out from its last.ckpt (weights, optimizer, schedule, "
+        "epoch and step)."),
+    ] = False,
+    limit_train_batches: Annotated[str | None, typer.Option(
+        help="Train on only this many batches (or this fraction) per epoch: for smoke tests."),
+    ] = None,
+    limit_val_batches: Annotated[str | None, typer.Option(
+        help="Validate on only this many batches (or this fraction)."),
+    ] = None,
+) -> None:
+    """The options of every training run (`train`, `finetune`): a signature, never called."""
+
+
+def with_run_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` the options of `_run_options`, after its own; it takes them as ``**run``.
+
+    typer reads a command's options from its signature, so the shared ones are spliced into
+    the signature the command shows, once, instead of being listed again in every command.
+    """
+    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+           if p.kind is not p.VAR_KEYWORD]
+    shared = inspect.signature(_run_options, eval_str=True).parameters.values()
+
+    @functools.wraps(command)
+    def wrapper(**options: Any) -> None:
+        return command(**options)
+
+    wrapper.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
+    return wrapper
 
 
 def _train_config(options: dict[str, Any]) -> Any:
@@ -267,6 +288,7 @@ def _train_config(options: dict[str, Any]) -> Any:
 
 
 @app.command()
+@with_run_options
 def finetune(
     plan: Annotated[str, typer.Option(
         help="A preset (balanced, fast, fastest), scaled to the teacher, or a plan.json file.")],
@@ -300,24 +322,9 @@ def finetune(
     calibration_images: Annotated[int, typer.Option(
         help="Training images whose mean attention initialises the static maps (0: uniform "
         "start).")] = 256,
-    batch_size: BatchSizeOpt = 128,
-    weight_decay: WeightDecayOpt = 0.05,
     warmup_epochs: Annotated[float, typer.Option(help="Warm-up length in epochs.")] = 0.2,
     min_lr: MinLrOpt = 1e-6,
-    label_smoothing: LabelSmoothingOpt = 0.1,
-    scale_min: ScaleMinOpt = 0.6,
-    hflip: HflipOpt = 0.5,
-    class_map: ClassMapOpt = None,
-    skip_unknown: SkipUnknownOpt = False,
-    workers: WorkersOpt = 0,
-    threads: ThreadsOpt = None,
-    seed: SeedOpt = 0,
-    devices: DevicesOpt = 1,
-    accelerator: AcceleratorOpt = "auto",
-    precision: PrecisionOpt = "32-true",
-    resume: ResumeOpt = False,
-    limit_train_batches: LimitTrainBatchesOpt = None,
-    limit_val_batches: LimitValBatchesOpt = None,
+    **run: Any,
 ) -> None:
     """Compress a trained ViT and fine-tune the student with dynamic guidance and distillation.
 
@@ -329,7 +336,7 @@ def finetune(
     from .training import finetune as run_finetune
 
     console = Console(stderr=True)
-    config = _train_config(locals())
+    config = _train_config({**locals(), **run})
     with user_errors():
         if teacher is None and model is None:
             raise ValueError("give --teacher DIR (a hetvit checkpoint) or --model NAME "
@@ -344,6 +351,7 @@ def finetune(
 
 
 @app.command()
+@with_run_options
 def train(
     model: Annotated[str, typer.Option(
         "--model",
@@ -366,29 +374,14 @@ def train(
     epochs: Annotated[int, typer.Option(
         help="Epochs to train in total (also sets the schedule)."),
     ] = 16,
-    batch_size: BatchSizeOpt = 128,
     lr: Annotated[float, typer.Option(
         help="Peak AdamW learning rate, reached after warm-up."),
     ] = 1e-3,
-    weight_decay: WeightDecayOpt = 0.05,
     warmup_epochs: Annotated[float, typer.Option(
         help="Linear warm-up length in epochs (per step)."),
     ] = 1.0,
     min_lr: MinLrOpt = 1e-5,
-    label_smoothing: LabelSmoothingOpt = 0.1,
-    scale_min: ScaleMinOpt = 0.6,
-    hflip: HflipOpt = 0.5,
-    class_map: ClassMapOpt = None,
-    skip_unknown: SkipUnknownOpt = False,
-    workers: WorkersOpt = 0,
-    threads: ThreadsOpt = None,
-    seed: SeedOpt = 0,
-    devices: DevicesOpt = 1,
-    accelerator: AcceleratorOpt = "auto",
-    precision: PrecisionOpt = "32-true",
-    resume: ResumeOpt = False,
-    limit_train_batches: LimitTrainBatchesOpt = None,
-    limit_val_batches: LimitValBatchesOpt = None,
+    **run: Any,
 ) -> None:
     """Train a timm ViT from scratch (the teacher).
 
@@ -397,19 +390,14 @@ def train(
     """
     from rich.console import Console
 
-    from .data import DataError
-    from .training import TrainingError
     from .training import train as run_training
 
     console = Console(stderr=True)
     kwargs = _model_kwargs(img_size, patch_size, embed_dim, depth, num_heads, num_classes,
                            drop_path)
-    config = _train_config(locals())
-    try:
+    config = _train_config({**locals(), **run})
+    with user_errors():
         target = run_training(model, kwargs, config)
-    except (DataError, TrainingError) as err:
-        console.print(f"[red]error:[/red] {err}")
-        raise typer.Exit(2) from None
     console.print(f"model written to {target}")
 
 

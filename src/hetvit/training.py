@@ -28,6 +28,7 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from .attention import attention_map
@@ -356,8 +357,11 @@ def fit(module: BaseModule, config: TrainConfig) -> L.Trainer:
     with warnings.catch_warnings():
         # Lightning suggests workers on 2-core machines where they only steal compute.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.fit(module, train_loader, val_loader,
-                    ckpt_path=str(last) if config.resume else None)
+        try:
+            trainer.fit(module, train_loader, val_loader,
+                        ckpt_path=str(last) if config.resume else None)
+        except MisconfigurationException as err:  # e.g. a --limit-*-batches fraction of 0 batches
+            raise TrainingError(str(err)) from None
     for name, dataset in (("training", train_set), ("validation", val_set)):
         if dataset is not None and dataset.skipped:
             print(f"warning: {dataset.skipped} unreadable {name} image(s) were skipped",
