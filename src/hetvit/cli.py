@@ -252,22 +252,72 @@ def _run_options(
     """The options of every training run (`train`, `finetune`): a signature, never called."""
 
 
-def with_run_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Give ``command`` the options of `_run_options`, after its own; it takes them as ``**run``.
+def with_options(options: Callable[..., None], first: bool = False
+                 ) -> Callable[[Callable], Callable]:
+    """Give a command the options of the signature ``options``, after its own (before them
+    with ``first``); the command takes them as ``**kwargs``.
 
-    typer reads a command's options from its signature, so the shared ones are spliced into
-    the signature the command shows, once, instead of being listed again in every command.
+    typer reads a command's options from its signature, so options several commands share
+    are spliced into each signature from one definition instead of being listed again.
     """
-    own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
-           if p.kind is not p.VAR_KEYWORD]
-    shared = inspect.signature(_run_options, eval_str=True).parameters.values()
+    shared = list(inspect.signature(options, eval_str=True).parameters.values())
 
-    @functools.wraps(command)
-    def wrapper(**options: Any) -> None:
-        return command(**options)
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+               if p.kind is not p.VAR_KEYWORD]
+        ordered = [*shared, *own] if first else [*own, *shared]
 
-    wrapper.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
-    return wrapper
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> None:
+            return command(**kwargs)
+
+        wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [p.replace(kind=p.KEYWORD_ONLY) for p in ordered])
+        return wrapper
+
+    return decorate
+
+
+def _model_options(
+    checkpoint: Annotated[Path | None, typer.Option(
+        "--checkpoint",
+        help="A hetvit model directory (hetvit.save, hetvit train's OUT/model) or a hetvit "
+        "train .ckpt file."),
+    ] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="A timm model name (with --weights), instead of --checkpoint."),
+    ] = None,
+    weights: Annotated[Path | None, typer.Option(
+        "--weights", help="Weights for --model: .safetensors, .pth or Lightning .ckpt."),
+    ] = None,
+    img_size: Annotated[int | None, typer.Option(help="--model override: input size.")] = None,
+    patch_size: Annotated[int | None, typer.Option(help="--model override: patch size.")] = None,
+    embed_dim: Annotated[int | None, typer.Option(help="--model override: width.")] = None,
+    depth: Annotated[int | None, typer.Option(help="--model override: blocks.")] = None,
+    num_heads: Annotated[int | None, typer.Option(help="--model override: heads.")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="--model override: outputs.")] = None,
+) -> None:
+    """The options naming the trained model a command reads: a signature, never called."""
+
+
+def open_given_model(checkpoint: Path | None, model: str | None, weights: Path | None,
+                     **overrides: int | None) -> tuple[Any, bool]:
+    """The model named by `_model_options`, in eval mode, and whether it is untrained (a timm
+    name without weights: fine for shapes and speed, meaningless for accuracy and patterns)."""
+    from rich.console import Console
+
+    if (checkpoint is None) == (model is None):
+        fail("give exactly one of --checkpoint DIR|FILE and --model NAME")
+    if weights is not None and model is None:
+        fail("--weights goes with --model")
+    untrained = model is not None and weights is None
+    with user_errors():
+        net = open_model(model, checkpoint if model is None else weights,
+                         {k: v for k, v in overrides.items() if v is not None}, quiet=untrained)
+    if untrained:
+        Console(stderr=True).print("[yellow]warning:[/yellow] no --weights: the model is random; "
+                                   "its accuracy and attention patterns mean nothing")
+    return net.eval(), untrained
 
 
 def _train_config(options: dict[str, Any]) -> Any:
@@ -288,7 +338,7 @@ def _train_config(options: dict[str, Any]) -> Any:
 
 
 @app.command()
-@with_run_options
+@with_options(_run_options)
 def finetune(
     plan: Annotated[str, typer.Option(
         help="A preset (balanced, fast, fastest), scaled to the teacher, or a plan.json file.")],
@@ -351,7 +401,7 @@ def finetune(
 
 
 @app.command()
-@with_run_options
+@with_options(_run_options)
 def train(
     model: Annotated[str, typer.Option(
         "--model",
@@ -402,29 +452,11 @@ def train(
 
 
 @app.command("evaluate")
+@with_options(_model_options, first=True)
 def evaluate_command(
     data: Annotated[Path, typer.Option(
         "--data", help="Images to evaluate: an ImageFolder directory or a .tar.gz of one."),
     ],
-    checkpoint: Annotated[Path | None, typer.Option(
-        "--checkpoint",
-        help=(
-            "A hetvit model directory (from hetvit.save / hetvit train's <out>/model) or a "
-            "hetvit train .ckpt file."
-        )),
-    ] = None,
-    model: Annotated[str | None, typer.Option(
-        "--model", help="A timm model name (instead of --checkpoint)."),
-    ] = None,
-    weights: Annotated[Path | None, typer.Option(
-        "--weights", help="Weights for --model: .safetensors, .pth or Lightning .ckpt."),
-    ] = None,
-    img_size: Annotated[int | None, typer.Option(help="--model override: input size.")] = None,
-    patch_size: Annotated[int | None, typer.Option(help="--model override: patch size.")] = None,
-    embed_dim: Annotated[int | None, typer.Option(help="--model override: width.")] = None,
-    depth: Annotated[int | None, typer.Option(help="--model override: blocks.")] = None,
-    num_heads: Annotated[int | None, typer.Option(help="--model override: heads.")] = None,
-    num_classes: Annotated[int | None, typer.Option(help="--model override: outputs.")] = None,
     class_map: Annotated[str | None, typer.Option(
         help=(
             "Class map file (one class name a line, line i is class i), or 'auto' for a "
@@ -437,63 +469,30 @@ def evaluate_command(
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
-    threads: Annotated[int | None, typer.Option(
-        help="torch CPU threads (default: torch's choice)."),
-    ] = None,
+    threads: ThreadsOpt = None,
     limit: Annotated[int | None, typer.Option(
         help="Evaluate only the first N images (after a fixed shuffle): a quick estimate."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
     ] = False,
+    **source: Any,
 ) -> None:
     """Top-1 / top-5 accuracy and cross-entropy of a model on an image folder or archive."""
     import json as json_lib
-    import warnings
 
     import torch
     from rich.console import Console
     from rich.table import Table
 
-    from .data import DataError, make_loader, make_transform, open_dataset, random_subset
+    from .data import make_loader, make_transform, open_dataset, random_subset
     from .evaluate import evaluate
 
     console = Console(stderr=True)
-
-    def fail(message: str) -> None:
-        console.print(f"[red]error:[/red] {message}")
-        raise typer.Exit(2)
-
-    if (checkpoint is None) == (model is None):
-        fail("give exactly one of --checkpoint DIR|FILE and --model NAME")
-    if weights is not None and model is None:
-        fail("--weights goes with --model")
     if threads is not None:
         torch.set_num_threads(threads)
-    try:
-        if checkpoint is not None:
-            if not checkpoint.exists():
-                fail(f"checkpoint not found: {checkpoint}")
-            if checkpoint.is_file():
-                from .training import load_checkpoint_model
-
-                net = load_checkpoint_model(checkpoint)
-            else:
-                from .io import load
-
-                net = load(checkpoint)
-            source = str(checkpoint)
-        else:
-            from .surgery import load_model
-
-            overrides = _model_kwargs(img_size, patch_size, embed_dim, depth, num_heads,
-                                      num_classes, None)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore" if weights is None else "default")
-                net = load_model(model, weights, **overrides)
-            if weights is None:
-                console.print("[yellow]warning:[/yellow] no --weights: the model is random")
-            source = model
-        net.eval()
+    net, _ = open_given_model(**source)
+    name = str(source["checkpoint"] or source["model"])
+    with user_errors():
         dataset = open_dataset(data, make_transform(net, training=False), class_map=class_map,
                                skip_unknown=skip_unknown)
         outputs = getattr(net, "num_classes", None)
@@ -504,16 +503,14 @@ def evaluate_command(
             dataset = random_subset(dataset, limit)
         loader = make_loader(dataset, batch_size, workers=workers)
         result = evaluate(net, loader, progress=not as_json)
-    except (DataError, ValueError, FileNotFoundError, RuntimeError) as err:
-        fail(str(err))
     base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
     if base.skipped:
         console.print(f"[yellow]warning:[/yellow] {base.skipped} unreadable image(s) skipped")
-    result = {**result, "skipped": base.skipped, "model": source, "data": str(data)}
+    result = {**result, "skipped": base.skipped, "model": name, "data": str(data)}
     if as_json:
         print(json_lib.dumps(result, indent=2))
         return
-    table = Table(title=f"{source} on {data}")
+    table = Table(title=f"{name} on {data}")
     for name in ("top-1", "top-5", "loss", "images", "skipped"):
         table.add_column(name, justify="right")
     table.add_row(f"{100 * result['top1']:.2f}%", f"{100 * result['top5']:.2f}%",
@@ -528,7 +525,7 @@ def evaluate_command(
 def export_command(
     checkpoint: Annotated[Path, typer.Option(
         "--checkpoint",
-        help="A hetvit model directory (hetvit.save / hetvit train's <out>/model) or a hetvit "
+        help="A hetvit model directory (hetvit.save / hetvit train's OUT/model) or a hetvit "
         "train .ckpt file."),
     ],
     out: Annotated[Path, typer.Option(
@@ -626,27 +623,11 @@ def _print_export(result: Any, console: Any, table_cls: Any) -> None:
 
 
 @app.command("analyze")
+@with_options(_model_options, first=True)
 def analyze_command(
     data: Annotated[Path, typer.Option(
         "--data", help="Images: an ImageFolder directory or a .tar.gz of one (labels unused)."),
     ],
-    model: Annotated[str | None, typer.Option(
-        "--model", help="A timm model name (with --weights), instead of --checkpoint."),
-    ] = None,
-    weights: Annotated[Path | None, typer.Option(
-        "--weights", help="Weights for --model: .safetensors, .pth or Lightning .ckpt."),
-    ] = None,
-    checkpoint: Annotated[Path | None, typer.Option(
-        "--checkpoint",
-        help="A hetvit model directory (hetvit.save, hetvit train's <out>/model) or a hetvit "
-        "train .ckpt file."),
-    ] = None,
-    img_size: Annotated[int | None, typer.Option(help="--model override: input size.")] = None,
-    patch_size: Annotated[int | None, typer.Option(help="--model override: patch size.")] = None,
-    embed_dim: Annotated[int | None, typer.Option(help="--model override: width.")] = None,
-    depth: Annotated[int | None, typer.Option(help="--model override: blocks.")] = None,
-    num_heads: Annotated[int | None, typer.Option(help="--model override: heads.")] = None,
-    num_classes: Annotated[int | None, typer.Option(help="--model override: outputs.")] = None,
     num_images: Annotated[int, typer.Option(
         help="Images to analyse, drawn at random (seeded) from --data."),
     ] = 1000,
@@ -669,6 +650,7 @@ def analyze_command(
     ] = 0.9,
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the random choice of images.")] = 0,
+    **source: Any,
 ) -> None:
     """Measure the attention patterns of a trained ViT and recommend a plan.
 
@@ -681,36 +663,15 @@ def analyze_command(
     from rich.console import Console
     from rich.table import Table
 
-    from .data import DataError, make_loader, make_transform, open_dataset, random_subset
+    from .data import make_loader, make_transform, open_dataset, random_subset
     from .patterns import analyze
 
     console = Console(stderr=True)
-    if (checkpoint is None) == (model is None):
-        fail("give exactly one of --checkpoint DIR|FILE and --model NAME")
-    if weights is not None and model is None:
-        fail("--weights goes with --model")
     if num_images < 2:
         fail("--num-images must be at least 2 (the analysis compares images)")
-    overrides = {k: v for k, v in {"img_size": img_size, "patch_size": patch_size,
-                                   "embed_dim": embed_dim, "depth": depth,
-                                   "num_heads": num_heads, "num_classes": num_classes}.items()
-                 if v is not None}
-    untrained = model is not None and weights is None
+    net, untrained = open_given_model(**source)
     with user_errors():
-        try:
-            net = open_model(model, checkpoint if model is None else weights, overrides,
-                             quiet=untrained)
-        except DataError as err:
-            fail(str(err))
-    if untrained:
-        console.print("[yellow]warning:[/yellow] no --weights or --checkpoint: the model is "
-                      "random, and the attention patterns of random weights mean nothing")
-    net.eval()
-    with user_errors():
-        try:
-            dataset = open_dataset(data, make_transform(net, training=False))
-        except DataError as err:
-            fail(str(err))
+        dataset = open_dataset(data, make_transform(net, training=False))
         # A random subset in random order: classes mixed, as the pairwise JS estimate needs.
         loader = make_loader(random_subset(dataset, num_images, seed), batch_size, workers=workers)
         with warnings.catch_warnings():
@@ -719,7 +680,7 @@ def analyze_command(
             report = analyze(net, loader, num_images=num_images, rank_images=rank_images)
         plan = report.recommend(recommend_speedup, max_static, similarity=similarity)
 
-    name = report.arch.get("name") or (str(checkpoint) if checkpoint else model)
+    name = report.arch.get("name") or str(source["checkpoint"] or source["model"])
     table = Table(title=f"attention patterns: {name}, {report.num_images} images, "
                   f"N = {report.num_tokens}",
                   caption="sim: cross-image cosine similarity (mean, worst head); JS: bits; "
