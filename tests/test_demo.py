@@ -126,3 +126,18 @@ def test_cli_reports_a_missing_asset_without_a_traceback(tmp_path, assets, cifar
     assert result.exit_code == 2
     assert "model.safetensors is missing" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "r").exists()
+
+
+def test_a_foreign_out_folder_is_refused_before_any_work(tmp_path, assets, cifar, monkeypatch):
+    import hetvit.patterns
+
+    def no_analysis(*a, **k):
+        raise AssertionError("the demo worked before checking --out")
+
+    monkeypatch.setattr(hetvit.patterns, "analyze", no_analysis)
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine\n")
+    with pytest.raises(FileExistsError, match="refusing to replace"):
+        _run(out, assets, cifar)
+    assert [p.name for p in out.iterdir()] == ["thesis.tex"]

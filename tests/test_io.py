@@ -84,3 +84,36 @@ def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch, image
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary left behind
     with torch.no_grad():
         assert torch.equal(hetvit.load(tmp_path / "c")(images), model(images))
+
+
+def test_save_replaces_a_checkpoint_but_never_a_folder_of_other_files(tmp_path):
+    model = tiny_vit()
+    hetvit.save(model, tmp_path / "c")
+    hetvit.save(hetvit.compress(model, PLAN), tmp_path / "c")  # an earlier checkpoint: replaced
+    assert hetvit.load(tmp_path / "c").hetvit_plan.static == PLAN.static
+    (tmp_path / "empty").mkdir()
+    hetvit.save(model, tmp_path / "empty")  # an empty folder: used
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="did not write"):
+        hetvit.save(model, tmp_path / "home")
+    assert [p.name for p in (tmp_path / "home").iterdir()] == ["notes.txt"]
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        hetvit.save(model, tmp_path / "file")
+    assert (tmp_path / "file").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "empty", "file", "home"]
+
+
+def test_cli_compress_refuses_a_foreign_out_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from hetvit.cli import app
+
+    hetvit.save(tiny_vit(), tmp_path / "teacher")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(app, ["compress", "--checkpoint", str(tmp_path / "teacher"),
+                                      "--plan", "fast", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "refusing to replace" in result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]

@@ -309,6 +309,10 @@ def test_save_writes_json_markdown_and_plots_atomically(tmp_path):
     plan = report.recommend(speedup=1.3)
     (tmp_path / "patterns").mkdir()
     (tmp_path / "patterns" / "stale.txt").write_text("from an older run")
+    with pytest.raises(FileExistsError):  # not a report: refused, left alone
+        report.save(tmp_path / "patterns")
+    assert [p.name for p in (tmp_path / "patterns").iterdir()] == ["stale.txt"]
+    (tmp_path / "patterns" / "patterns.json").write_text("{}")  # an older report
     out = report.save(tmp_path / "patterns")  # replaces the old directory as a whole
     names = sorted(p.name for p in out.iterdir())
     assert names == ["heatmaps.png", "maps.png", "patterns.json", "patterns.md", "rank.png",

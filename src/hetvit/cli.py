@@ -107,7 +107,9 @@ def resolve_plan(plan: str, model: Any) -> Any:
 def compress(
     plan: Annotated[str, typer.Option(
         help="A preset (balanced, fast, fastest), scaled to the model, or a plan.json file.")],
-    out: Annotated[Path, typer.Option(help="Directory to write the compressed checkpoint to.")],
+    out: Annotated[Path, typer.Option(
+        help="Directory to write the compressed checkpoint to (an earlier checkpoint there is "
+        "replaced; a folder of other files is refused).")],
     model: Annotated[str | None, typer.Option(
         help="timm model name, e.g. deit_small_patch16_224.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(
@@ -136,6 +138,7 @@ def compress(
 
     console = Console()
     with user_errors():
+        io.check_replaceable(out, io.SOURCE_FILE)
         source = open_model(model, checkpoint)
         the_plan = resolve_plan(plan, source)
         loader = None
@@ -664,11 +667,15 @@ def analyze_command(
     from rich.table import Table
 
     from .data import make_loader, make_transform, open_dataset, random_subset
+    from .io import check_replaceable
     from .patterns import analyze
 
     console = Console(stderr=True)
     if num_images < 2:
         fail("--num-images must be at least 2 (the analysis compares images)")
+    if out is not None:
+        with user_errors():
+            check_replaceable(out, "patterns.json")
     net, untrained = open_given_model(**source)
     with user_errors():
         dataset = open_dataset(data, make_transform(net, training=False))

@@ -215,12 +215,13 @@ def run(out: str | os.PathLike = "demo-report", *, assets: str | os.PathLike | N
     from .data import make_loader, make_transform, open_dataset, random_subset
     from .evaluate import evaluate
     from .flops import formula_macs, plan_layers
-    from .io import atomic_directory
+    from .io import atomic_directory, check_replaceable
     from .patterns import analyze
     from .surgery import describe, plan_of
 
     start = time.perf_counter()
     steps: dict[str, float] = {}
+    check_replaceable(out, "report.md")  # before minutes of work, not after
     root = find_assets(assets)
     image_path = find_images(images)
     teacher = load_model(root / TEACHER)
@@ -244,7 +245,7 @@ def run(out: str | os.PathLike = "demo-report", *, assets: str | os.PathLike | N
     if threads:
         torch.set_num_threads(threads)
     try:
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out, "report.md") as tmp:
             t = time.perf_counter()
             log(f"[1/4] analysing the teacher's attention on {n_analysed} images")
             report = analyze(teacher, analysis_loader, progress=progress)

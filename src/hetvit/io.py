@@ -23,7 +23,8 @@ from torch import nn
 
 from .plan import Plan, PlanError
 
-__all__ = ["save", "load", "CheckpointError", "is_checkpoint", "atomic_directory", "sha256"]
+__all__ = ["save", "load", "CheckpointError", "is_checkpoint", "atomic_directory",
+           "check_replaceable", "sha256"]
 
 PLAN_FILE, WEIGHTS_FILE, SOURCE_FILE = "plan.json", "model.safetensors", "source.json"
 FORMAT = 1
@@ -49,14 +50,35 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def check_replaceable(directory: str | Path, marker: str) -> None:
+    """Raise ``FileExistsError`` unless ``directory`` is absent, empty, or an earlier output
+    of the same kind (it holds ``marker``, e.g. ``source.json`` for a checkpoint).
+
+    Outputs replace what was there, so a mistyped ``--out`` must not wipe a folder of
+    something else; callers check before their work, :func:`atomic_directory` again at the end.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise FileExistsError(f"{directory} exists and is not a directory; choose another "
+                              "output path")
+    if any(directory.iterdir()) and not (directory / marker).exists():
+        raise FileExistsError(f"{directory} already holds files that hetvit did not write "
+                              f"(no {marker}); refusing to replace it: choose another output "
+                              "path or empty it")
+
+
 @contextmanager
-def atomic_directory(directory: str | Path) -> Iterator[Path]:
+def atomic_directory(directory: str | Path, marker: str) -> Iterator[Path]:
     """Yield a temporary directory beside ``directory``; on success it replaces ``directory``.
 
     A reader never sees half a directory: on any error (or an interrupt) the temporary is
-    removed and an existing ``directory`` stays as it was.
+    removed and an existing ``directory`` stays as it was. Only an empty ``directory`` or an
+    earlier output holding ``marker`` is replaced (see :func:`check_replaceable`).
     """
     directory = Path(directory)
+    check_replaceable(directory, marker)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     try:
@@ -102,7 +124,7 @@ def save(model: nn.Module, directory: str | Path, plan: Plan | None = None) -> P
         "arch": describe(model),
         "pretrained_cfg": _jsonable(dict(getattr(model, "pretrained_cfg", None) or {})),
     }
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, SOURCE_FILE) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         source["sha256"] = sha256(tmp / WEIGHTS_FILE)

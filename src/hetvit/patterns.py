@@ -638,15 +638,16 @@ class PatternReport:
         """Write ``patterns.json``, ``patterns.md`` and the plots to ``directory``, atomically.
 
         Everything goes to a temporary directory beside it that is renamed into place, so a
-        reader never sees half a report; an existing ``directory`` is replaced. The plan shown
-        is ``plan``, else the last recommendation, else :meth:`recommend`'s default.
+        reader never sees half a report; an earlier report at ``directory`` is replaced, a
+        folder of other files is refused. The plan shown is ``plan``, else the last
+        recommendation, else :meth:`recommend`'s default.
         """
         directory = Path(directory)
         if plan is None:
             plan = (Plan.from_dict(self.recommendation["plan"]) if self.recommendation
                     else self.recommend())
         explanation = self.explain(plan)
-        with atomic_directory(directory) as tmp:
+        with atomic_directory(directory, "patterns.json") as tmp:
             data = self.to_dict()
             data["plan"] = plan.to_dict()
             data["explanation"] = explanation
