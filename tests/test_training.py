@@ -134,6 +134,35 @@ def test_existing_checkpoint_needs_resume_and_resume_needs_a_checkpoint(tmp_path
         fit(module(), config(tmp_path, "run", epochs=1))
 
 
+def test_a_mistaken_train_leaves_the_run_record_alone(tmp_path):
+    """Forgetting --resume (or mistyping --data) must not rewrite an existing run's record."""
+    from hetvit.training import train
+
+    write_colours(tmp_path / "data", per_class=3)
+    train(NAME, TINY, config(tmp_path, "run", epochs=1))
+    record = (tmp_path / "run" / "train_config.json").read_text()
+    with pytest.raises(TrainingError, match="--resume"):
+        train(NAME, TINY, config(tmp_path, "run", epochs=5))
+    with pytest.raises(DataError, match="not found"):
+        train(NAME, TINY, config(tmp_path, "run", epochs=5, resume=True,
+                                 data=tmp_path / "typo"))
+    assert (tmp_path / "run" / "train_config.json").read_text() == record
+    assert not (tmp_path / "run" / "config_history.jsonl").exists()
+
+
+def test_a_damaged_run_checkpoint_is_a_clear_error(tmp_path):
+    from hetvit.training import read_run_checkpoint
+
+    bad = tmp_path / "last.ckpt"
+    bad.write_bytes(b"not a checkpoint at all")
+    for read in (read_run_checkpoint, load_checkpoint_model):
+        with pytest.raises(TrainingError, match="cannot read the checkpoint"):
+            read(bad)
+    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 1.0}}, bad)
+    with pytest.raises(TrainingError, match="not a hetvit train checkpoint"):
+        load_checkpoint_model(bad)
+
+
 def test_warmup_then_cosine_schedule():
     values = [warmup_cosine(s, warmup_steps=4, total_steps=20, min_ratio=0.01) for s in range(21)]
     assert values[:4] == [0.25, 0.5, 0.75, 1.0]

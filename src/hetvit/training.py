@@ -49,6 +49,8 @@ __all__ = [
     "TrainingError",
     "train",
     "load_checkpoint_model",
+    "read_run_checkpoint",
+    "check_run",
 ]
 
 CHECKPOINT_NAME = "last.ckpt"
@@ -275,6 +277,24 @@ def save_model(model: nn.Module, directory: Path, model_name: str,
     return path
 
 
+def check_run(config: TrainConfig) -> None:
+    """Raise a clear error for a run that cannot start as asked.
+
+    Called before anything is written: a mistaken command must not touch the run directory
+    (its ``train_config.json`` is the record of how a model was trained).
+    """
+    check_precision(config.precision, config.accelerator)
+    last = Path(config.out) / "checkpoints" / CHECKPOINT_NAME
+    if config.resume and not last.is_file():
+        raise TrainingError(f"--resume: no checkpoint at {last}")
+    if not config.resume and last.is_file():
+        raise TrainingError(f"{last} exists: pass --resume to continue that run, or choose "
+                              "another --out")
+    for path in (config.data, config.val_data):
+        if path is not None and not Path(path).exists():
+            raise DataError(f"data path not found: {path}")
+
+
 def fit(module: BaseModule, config: TrainConfig) -> L.Trainer:
     """Train ``module`` on ``config.data``; checkpoints go to ``<out>/checkpoints/last.ckpt``.
 
@@ -284,19 +304,11 @@ def fit(module: BaseModule, config: TrainConfig) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
-    check_precision(config.precision, config.accelerator)
+    check_run(config)
     torch.set_num_threads(config.threads or available_cores())
     out = Path(config.out)
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / CHECKPOINT_NAME
-    if config.resume and not last.is_file():
-        raise TrainingError(f"--resume: no checkpoint at {last}")
-    if not config.resume and last.is_file():
-        raise TrainingError(f"{last} exists: pass --resume to continue that run, or choose "
-                              "another --out")
-    for path in (config.data, config.val_data):
-        if path is not None and not Path(path).exists():
-            raise DataError(f"data path not found: {path}")
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     model = module.model
@@ -400,9 +412,10 @@ def write_run_config(path: Path, values: dict[str, Any]) -> None:
 def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig) -> Path:
     """Train a timm model from scratch and write it to ``<out>/model``; returns that path.
 
-    On ``resume`` the hyper-parameters stored in the checkpoint win over the given ones for
-    the model (a resumed run must rebuild the same network).
+    A resumed run must name the same model and model flags as the checkpoint; other settings
+    (more epochs, say) may change and are recorded by :func:`write_run_config`.
     """
+    check_run(config)
     out = Path(config.out)
     module = TrainModule(model_name, model_kwargs, lr=config.lr,
                          weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
@@ -412,7 +425,7 @@ def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig) ->
     if config.resume:
         last = out / "checkpoints" / CHECKPOINT_NAME
         if last.is_file():
-            stored = torch.load(last, map_location="cpu", weights_only=False)["hyper_parameters"]
+            stored = read_run_checkpoint(last)["hyper_parameters"]
             if (stored["model_name"], stored["model_kwargs"]) != (model_name, model_kwargs):
                 raise TrainingError(
                     f"--resume: the checkpoint was trained as {stored['model_name']} "
@@ -438,16 +451,34 @@ def load_checkpoint_model(path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_run_checkpoint(path)
     params = ckpt.get("hyper_parameters", {})
-    if "model_name" not in params:
+    if "model_name" not in params or "state_dict" not in ckpt:
         raise TrainingError(f"{path} is not a hetvit train checkpoint (no model_name in its "
-                            "hyper-parameters)")
+                            "hyper-parameters, or no state_dict)")
     model = create_model(params["model_name"], params.get("model_kwargs"))
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise TrainingError(f"{path}: its weights do not fit {params['model_name']} "
+                            f"{params.get('model_kwargs')}: {str(err).splitlines()[0]}") from None
     return model.eval()
+
+
+def read_run_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A ``hetvit train`` / ``finetune`` Lightning checkpoint as a dict.
+
+    Read with ``weights_only`` (tensors and plain values; nothing in a file from elsewhere gets
+    to run code), and a damaged file is a one-line :class:`TrainingError`, not a traceback.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle, zip and torch errors all mean the same to a user
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise TrainingError(f"cannot read the checkpoint {path} ({first}): is it damaged, or "
+                            "not from hetvit train / finetune?") from None
 
 # --------------------------------------------------------------------------------------------
 # dynamic-guided fine-tuning with distillation
@@ -662,11 +693,12 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
     from . import io
     from .surgery import compress
 
+    check_run(config)
     out = Path(config.out)
     teacher = teacher.eval()
     last = out / "checkpoints" / CHECKPOINT_NAME
     if config.resume and last.is_file():
-        stored = torch.load(last, map_location="cpu", weights_only=False)["hyper_parameters"]
+        stored = read_run_checkpoint(last)["hyper_parameters"]
         if stored.get("plan", {}).get("static") != list(plan.static) or [
                 list(s) for s in stored.get("plan", {}).get("pyramid", [])] != [
                 list(s) for s in plan.pyramid]:
