@@ -117,3 +117,12 @@ def test_cli_errors_are_clear(tmp_path):
     result = runner.invoke(app, ["evaluate", "--data", str(tmp_path)])
     assert result.exit_code == 2
     assert "exactly one of --checkpoint" in result.output
+    write_images(tmp_path / "imgs", ["a", "b"], per_class=1)
+    for command in (["train", "--out", str(tmp_path / "run")], ["evaluate"], ["analyze"]):
+        # timm's assert (128 is not divisible by 5 heads) must not surface as a traceback
+        result = runner.invoke(app, [*command, "--model", "vit_tiny_patch16_224", "--data",
+                                     str(tmp_path / "imgs"), "--embed-dim", "128",
+                                     "--num-heads", "5"])
+        assert result.exit_code == 2, (command, result.output)
+        assert "cannot build vit_tiny_patch16_224" in result.output
+    assert not (tmp_path / "run").exists()

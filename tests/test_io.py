@@ -71,6 +71,28 @@ def test_missing_and_corrupt_files(tmp_path):
         hetvit.load(tmp_path / "c")
 
 
+@pytest.mark.parametrize("edit", ["arch", "plan", "width"])
+def test_files_that_parse_but_do_not_fit_name_the_file_at_fault(tmp_path, edit):
+    """Hand-edited or mixed-up files: a CheckpointError naming the file, never a traceback."""
+    hetvit.save(hetvit.compress(tiny_vit(), PLAN), tmp_path / "c")
+    source = json.loads((tmp_path / "c" / "source.json").read_text())
+    if edit == "arch":  # timm cannot build it (its assert: width not divisible by heads)
+        source["arch"]["num_heads"] = 5
+        (tmp_path / "c" / "source.json").write_text(json.dumps(source))
+        expected = "source.json"
+    elif edit == "plan":  # a layer the model does not have
+        (tmp_path / "c" / "plan.json").write_text(json.dumps({"static": [9], "pyramid": []}))
+        expected = "plan.json"
+    else:  # another width: every weight has the wrong shape
+        source["arch"]["embed_dim"] = 64
+        (tmp_path / "c" / "source.json").write_text(json.dumps(source))
+        expected = "model.safetensors"
+    with pytest.raises(CheckpointError) as err:
+        hetvit.load(tmp_path / "c", verify=False)
+    assert err.value.path.name == expected
+    assert len(str(err.value)) < 400
+
+
 def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch, images):
     model = tiny_vit()
     hetvit.save(model, tmp_path / "c")

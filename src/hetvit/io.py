@@ -103,6 +103,11 @@ def atomic_directory(directory: str | Path, marker: str) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return " ".join(lines[:2]) if lines else type(err).__name__
+
+
 def _jsonable(obj: Any) -> Any:
     """``pretrained_cfg`` may hold tuples and other non-JSON values; keep what JSON can say."""
     return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else None))
@@ -175,13 +180,25 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu",
         raise CheckpointError(f"{d / WEIGHTS_FILE} is damaged or truncated: {e}",
                               d / WEIGHTS_FILE) from e
 
-    model = build_model(arch)
+    try:
+        model = build_model(arch)
+    except Exception as e:  # timm's asserts and errors for an architecture it cannot build
+        raise CheckpointError(f"{d / SOURCE_FILE} describes a model that cannot be built: "
+                              f"{_first_line(e)}", d / SOURCE_FILE) from e
     if source.get("pretrained_cfg"):
         model.pretrained_cfg = source["pretrained_cfg"]
     if plan.static or plan.pyramid:
-        model = compress(model, plan, init="none")
+        try:
+            model = compress(model, plan, init="none")
+        except PlanError as e:
+            raise CheckpointError(f"{d / PLAN_FILE} does not fit the model of {SOURCE_FILE}: "
+                                  f"{e}", d / PLAN_FILE) from e
     model.to(map_location)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise CheckpointError(f"{d / WEIGHTS_FILE} does not fit its plan and source: "
+                              f"{_first_line(e)}", d / WEIGHTS_FILE) from e
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{d / WEIGHTS_FILE} does not match its plan and source: missing "
                               f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}",

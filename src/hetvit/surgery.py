@@ -23,8 +23,8 @@ from .aggregation import TokenAggregation
 from .attention import StaticAttention, attention_map, is_dynamic_attention, warn_uniform
 from .plan import Plan, PlanError, token_grid
 
-__all__ = ["compress", "describe", "build_model", "load_model", "UnsupportedModelError",
-           "is_compressed", "plan_of"]
+__all__ = ["compress", "describe", "build_model", "load_model", "create_timm_model",
+           "UnsupportedModelError", "is_compressed", "plan_of"]
 
 SUPPORTED = ("timm VisionTransformer models with a fixed input size: DeiT (tiny/small/base and "
              "the distilled variants), ViT (augreg) and DeiT-3 (LayerScale)")
@@ -110,12 +110,28 @@ def build_model(arch: dict[str, Any]) -> VisionTransformer:
     kwargs["patch_size"] = tuple(kwargs["patch_size"])[0]
     name = arch.get("name")
     if name:
-        import timm
-
-        return timm.create_model(name, pretrained=False, **kwargs)
+        return create_timm_model(name, **kwargs)
     kwargs["weight_init"] = "skip"
     cls = VisionTransformerDistilled if arch.get("distilled") else VisionTransformer
     return cls(**kwargs)
+
+
+def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)`` with one-line errors.
+
+    timm answers an unknown name with a RuntimeError and impossible settings (a width that
+    the heads do not divide, say) with an assert; both become :class:`UnsupportedModelError`.
+    """
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except RuntimeError as e:  # timm's "Unknown model (...)"
+        raise UnsupportedModelError(f"unknown timm model {name!r}: {e}") from e
+    except (AssertionError, TypeError, ValueError) as e:
+        settings = ", ".join(f"{k}={v}" for k, v in kwargs.items())
+        raise UnsupportedModelError(f"timm cannot build {name} with {settings or 'defaults'}: "
+                                    f"{e or type(e).__name__}") from e
 
 
 def load_model(name: str, checkpoint: str | Path | None = None, **overrides: Any
@@ -126,12 +142,8 @@ def load_model(name: str, checkpoint: str | Path | None = None, **overrides: Any
     (under ``state_dict``) and timm ``.pth`` / ``.safetensors`` files. Without a checkpoint the
     weights are random, and a warning says so.
     """
-    import timm
 
-    try:
-        model = timm.create_model(name, pretrained=False, **overrides)
-    except RuntimeError as e:  # timm's "Unknown model (...)"
-        raise UnsupportedModelError(f"unknown timm model {name!r}: {e}") from e
+    model = create_timm_model(name, **overrides)
     if checkpoint is None:
         warnings.warn(f"{name}: no checkpoint given, the weights are random (speed does not "
                       "depend on them, accuracy does)", stacklevel=2)

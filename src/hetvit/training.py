@@ -67,11 +67,10 @@ def create_model(model_name: str, model_kwargs: dict[str, Any] | None = None) ->
     family's default input; it is corrected here so that transforms, ``hetvit.io.save`` and
     ``hetvit evaluate`` all see the size the model was trained at (and no centre crop).
     """
-    import timm
-
     from .data import data_config
+    from .surgery import create_timm_model
 
-    model = timm.create_model(model_name, pretrained=False, **(model_kwargs or {}))
+    model = create_timm_model(model_name, **(model_kwargs or {}))
     cfg = data_config(model)
     model.pretrained_cfg = {**getattr(model, "pretrained_cfg", {}),
                             "input_size": cfg["input_size"], "crop_pct": cfg["crop_pct"]}
