@@ -37,6 +37,7 @@ __all__ = [
     "extract_archive",
     "cache_root",
     "random_subset",
+    "image_batches",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".gif", ".tif",
@@ -405,6 +406,24 @@ def collate_skipping(batch: list[Any]) -> Any:
     if not batch:
         return None
     return torch.utils.data.default_collate(batch)
+
+
+def image_batches(images: Any, batch_size: int | None = None) -> Iterator[torch.Tensor]:
+    """The image tensors of ``images``: a B x C x H x W tensor (split into ``batch_size``
+    chunks if given) or any iterable of batches, e.g. a DataLoader of ``(images, labels)``.
+
+    A loader's batch whose images were all unreadable (``None``, see :func:`collate_skipping`)
+    is passed over: its images were already warned about and counted.
+    """
+    if isinstance(images, torch.Tensor):
+        if images.ndim != 4:
+            raise ValueError(f"images must be a B x C x H x W tensor, got shape "
+                             f"{tuple(images.shape)}")
+        yield from (images.split(batch_size) if batch_size else (images,))
+        return
+    for item in images:
+        if item is not None:
+            yield item[0] if isinstance(item, (tuple, list)) else item
 
 
 def random_subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:

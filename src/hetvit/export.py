@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .data import image_batches
+
 __all__ = ["export_onnx", "check_parity", "layer_matmuls", "ort_session", "ort_runner",
            "load_images",
            "ExportError", "ParityError", "Parity", "ExportResult", "MIN_OPSET"]
@@ -374,7 +376,7 @@ def check_parity(model: nn.Module, onnx: str | os.PathLike | Any,
     param = next(model.parameters())
     worst, agree, ties, n = 0.0, 0, 0, 0
     with _inference_mode(model):
-        for batch in _chunks(images, batch_size):
+        for batch in image_batches(images, batch_size):
             ref = model(batch.to(param)).float().cpu().numpy()
             out = session.run(None, {INPUT_NAME: _numpy(batch)})[0]
             if out.shape != ref.shape:
@@ -390,16 +392,6 @@ def check_parity(model: nn.Module, onnx: str | os.PathLike | Any,
             n += len(ref)
     return Parity(name=name, images=n, max_abs_diff=worst, top1_agree=agree, ties=ties,
                   atol=atol)
-
-
-def _chunks(images: torch.Tensor | Iterable[Any], size: int) -> Iterator[torch.Tensor]:
-    if isinstance(images, torch.Tensor):
-        yield from images.split(size)
-        return
-    for item in images:
-        if item is None:  # a loader batch whose images were all unreadable
-            continue
-        yield item[0] if isinstance(item, (tuple, list)) else item
 
 
 def load_images(path: str | os.PathLike, model: nn.Module, limit: int = 64) -> torch.Tensor:

@@ -47,7 +47,6 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,6 +56,7 @@ import torch
 from torch import nn
 
 from .attention import attention_map
+from .data import image_batches
 from .flops import formula_macs
 from .io import atomic_directory
 from .plan import Plan, pool_grid, token_grid
@@ -174,19 +174,6 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- capture
-def _batches(images: Any, batch_size: int) -> Iterator[torch.Tensor]:
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4:
-            raise ValueError(f"images must be a B x C x H x W tensor, got shape "
-                             f"{tuple(images.shape)}")
-        yield from images.split(batch_size)
-        return
-    for item in images:
-        if item is None:  # a batch whose images were all unreadable (data.collate_skipping)
-            continue
-        yield item[0] if isinstance(item, (tuple, list)) else item
-
-
 def _expected_images(images: Any, num_images: int | None) -> int | None:
     total = None
     if isinstance(images, torch.Tensor):
@@ -271,7 +258,7 @@ def analyze(model: nn.Module, images: Any, *, num_images: int | None = None,
     bar = _Progress(progress, _expected_images(images, num_images))
     try:
         with torch.no_grad(), bar as advance:
-            for x in _batches(images, batch_size):
+            for x in image_batches(images, batch_size):
                 if seen >= limit:
                     break
                 if seen + x.shape[0] > limit:

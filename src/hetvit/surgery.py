@@ -21,6 +21,7 @@ from torch import nn
 
 from .aggregation import TokenAggregation
 from .attention import StaticAttention, attention_map, is_dynamic_attention, warn_uniform
+from .data import image_batches
 from .plan import Plan, PlanError, token_grid
 
 __all__ = ["compress", "describe", "build_model", "load_model", "create_timm_model",
@@ -253,14 +254,6 @@ def compress(model: nn.Module, plan: Plan, calibration: Any = None, *,
     return new
 
 
-def _batches(calibration: Any) -> Iterable[torch.Tensor]:
-    if isinstance(calibration, torch.Tensor):
-        yield calibration
-        return
-    for item in calibration:
-        yield item[0] if isinstance(item, (tuple, list)) else item
-
-
 @torch.no_grad()
 def _calibrate(model: VisionTransformer, layers: Iterable[int], calibration: Any,
                max_batches: int | None) -> dict[int, torch.Tensor | None]:
@@ -282,7 +275,7 @@ def _calibrate(model: VisionTransformer, layers: Iterable[int], calibration: Any
     count = 0
     param = next(model.parameters())
     try:
-        for b, x in enumerate(_batches(calibration)):
+        for b, x in enumerate(image_batches(calibration)):
             if max_batches is not None and b >= max_batches:
                 break
             model.forward_features(x.to(param))
