@@ -51,6 +51,7 @@ def test_presets_scale_to_other_grids_and_depths():
     (Plan(static=(4,)), "static layer 4 is out of range: the model has 4 blocks"),
     (Plan(pyramid=((9, 8),)), "layer 9 is out of range"),
     (Plan(pyramid=((1, 8), (2, 8))), "strictly decrease"),
+    (Plan(pyramid=((1, 16),)), "keeps all 16 tokens"),
     (Plan(pyramid=((2, 8), (1, 4))), "strictly increase"),
     (Plan(pyramid=((1, 17),)), "M=17 is larger than the 16 patch tokens"),
     (Plan(pyramid=((1, 4), (2, 8))), "M=8 is larger than the 4 patch tokens present"),

@@ -138,9 +138,9 @@ class Plan:
             if m > prev_m:
                 raise PlanError(f"pyramid stage ({layer}, {m}): M={m} is larger than the "
                                 f"{prev_m} patch tokens present before block {layer}")
-            if m == prev_m and prev_layer >= 0:
-                raise PlanError(f"pyramid must strictly decrease the token count: "
-                                f"{list(self.pyramid)}")
+            if m == prev_m:  # a stage that keeps every token costs M x N x D and buys nothing
+                raise PlanError(f"pyramid must strictly decrease the token count: stage "
+                                f"({layer}, {m}) keeps all {prev_m} tokens: {list(self.pyramid)}")
             prev_layer, prev_m = layer, m
         if img_size is not None and self.img_size is not None:
             if tuple(img_size) != tuple(self.img_size):
