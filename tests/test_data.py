@@ -118,6 +118,9 @@ def test_empty_folder_and_empty_dataset_are_errors(tmp_path):
         open_dataset(tmp_path / "empty")
     with pytest.raises(DataError, match="not found"):
         open_dataset(tmp_path / "missing")
+    flat = tmp_path / "ds" / "red"  # images with no class folders
+    with pytest.raises(DataError, match="holds images directly"):
+        open_dataset(flat)
 
 
 def test_archive_is_extracted_once_into_the_cache(tmp_path, monkeypatch):

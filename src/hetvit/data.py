@@ -127,6 +127,10 @@ def _find_class_root(top: Path) -> Path:
         if len(subdirs) == 1:
             path = subdirs[0]
             continue
+        if not subdirs and _has_images(path):
+            raise DataError(f"{path} holds images directly: put them in one sub-folder per "
+                            "class (ImageFolder layout), or in a single sub-folder if the "
+                            "labels do not matter")
         if not subdirs:
             raise DataError(f"no class folders with images under {top} (the dataset is empty)")
         raise DataError(
