@@ -4,7 +4,7 @@ Each row is one :func:`hetvit.bench.compare` call: the baseline and its compress
 alternating rounds in this one process, and the speedup is the median of the per-round ratios
 (with the smallest and largest). Weights are random: time does not depend on them.
 
-    .venv/bin/python benchmarks/speed.py                      # ~40 min on 2 cores
+    .venv/bin/python benchmarks/speed.py                      # ~20 min on 2 idle cores
     .venv/bin/python benchmarks/speed.py --models deit_tiny_patch16_224 --rounds 3   # quick
 
 Writes ``benchmarks/results/speed.json`` and ``speed.md`` (``--out-dir`` to change).
