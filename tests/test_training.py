@@ -134,7 +134,7 @@ def test_existing_checkpoint_needs_resume_and_resume_needs_a_checkpoint(tmp_path
         fit(module(), config(tmp_path, "run", epochs=1))
 
 
-def test_a_mistaken_train_leaves_the_run_record_alone(tmp_path):
+def test_a_mistaken_train_leaves_the_run_record_alone_and_its_ckpt_loads(tmp_path):
     """Forgetting --resume (or mistyping --data) must not rewrite an existing run's record."""
     from hetvit.training import train
 
@@ -148,6 +148,16 @@ def test_a_mistaken_train_leaves_the_run_record_alone(tmp_path):
                                  data=tmp_path / "typo"))
     assert (tmp_path / "run" / "train_config.json").read_text() == record
     assert not (tmp_path / "run" / "config_history.jsonl").exists()
+
+    # the run's real last.ckpt (optimizer, loops, callbacks inside) loads as a weights file too
+    import hetvit
+    from hetvit.surgery import load_model
+
+    x = torch.randn(2, 3, 32, 32)
+    saved = hetvit.load(tmp_path / "run" / "model")
+    from_ckpt = load_model(NAME, tmp_path / "run" / "checkpoints" / "last.ckpt", **TINY).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(from_ckpt(x), saved(x))
 
 
 def test_a_damaged_run_checkpoint_is_a_clear_error(tmp_path):

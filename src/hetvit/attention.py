@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -146,17 +145,6 @@ class StaticAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, tokens={self.num_tokens}"
-
-
-@torch.no_grad()
-def mean_attention(attn: nn.Module, inputs: Iterable[torch.Tensor]) -> torch.Tensor | None:
-    """Mean dynamic attention map (``H x N x N``) of ``attn`` over a stream of input batches."""
-    total, count = None, 0
-    for x in inputs:
-        m = attention_map(attn, x).sum(0)
-        total = m if total is None else total + m
-        count += x.shape[0]
-    return None if total is None else total / count
 
 
 def warn_uniform(layer: int) -> None:

@@ -8,7 +8,8 @@ speedup is the median of the per-round ratios, with its spread. Cost is reported
 the closed-form count, cross-checked against a count of the modules a forward pass runs.
 
 How a model is turned into something to time is a *runtime*: ``"torch"`` (eager or
-``torch.compile``) is built in; others (e.g. onnxruntime) plug in with :func:`register_runtime`.
+``torch.compile``) and ``"onnxruntime"`` are built in; others plug in with
+:func:`register_runtime`.
 """
 
 from __future__ import annotations
@@ -95,13 +96,14 @@ RUNTIMES: dict[str, RunnerFactory] = {"torch": _torch_runner,
 def register_runtime(name: str, factory: RunnerFactory) -> None:
     """Make ``compare(..., runtime=name)`` (and ``hetvit bench --runtime name``) use ``factory``.
 
-    For example, onnxruntime through :func:`hetvit.export.ort_runner`::
+    A factory takes ``(model, inputs, settings)`` and returns a function that runs one
+    forward pass on ``inputs``; the built-in ``"onnxruntime"`` entry is one, for example::
 
-        def ort(model, inputs, settings):
-            run = ort_runner(model, inputs.shape[0], threads=torch.get_num_threads())
-            return lambda: run(inputs)
+        def traced(model, inputs, settings):
+            fn = torch.jit.trace(model, inputs)
+            return lambda: fn(inputs)
 
-        register_runtime("onnxruntime", ort)
+        register_runtime("torchscript", traced)
     """
     RUNTIMES[name] = factory
 
@@ -235,7 +237,7 @@ def compress_for_speed(model: nn.Module, plan: Any) -> nn.Module:
     c, (h, w) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
     images = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "the maps are near uniform": true, and irrelevant here
+        warnings.simplefilter("ignore")  # calibration notes on random data: irrelevant to time
         return compress(model.eval(), plan, calibration=images).eval()
 
 

@@ -298,13 +298,22 @@ def fit(module: BaseModule, config: TrainConfig) -> L.Trainer:
     """Train ``module`` on ``config.data``; checkpoints go to ``<out>/checkpoints/last.ckpt``.
 
     With ``config.resume`` the run continues from that checkpoint (optimizer, schedule, epoch,
-    step). Without it an existing checkpoint is an error rather than being overwritten.
+    step). Without it an existing checkpoint is an error rather than being overwritten. torch
+    uses ``config.threads`` (default: every core this process may use) while it trains.
     """
+    check_run(config)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.threads or available_cores())
+    try:
+        return _fit(module, config)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fit(module: BaseModule, config: TrainConfig) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
-    check_run(config)
-    torch.set_num_threads(config.threads or available_cores())
     out = Path(config.out)
     ckpt_dir = out / "checkpoints"
     last = ckpt_dir / CHECKPOINT_NAME
