@@ -78,6 +78,9 @@ def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | N
     archive = Path(archive)
     if not archive.is_file():
         raise DataError(f"archive not found: {archive}")
+    if not hasattr(tarfile, "data_filter"):  # added in 3.10.12 / 3.11.4: no safe unpacking
+        raise DataError(f"unpacking {archive} safely needs Python >= 3.10.12 or 3.11.4 (tarfile "
+                        "filters); unpack it yourself and pass the folder instead")
     root = Path(cache_dir) if cache_dir is not None else cache_root()
     target = root / sha256(archive)[:16]
     if target.is_dir():
