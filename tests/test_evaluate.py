@@ -98,6 +98,11 @@ def test_cli_evaluate_json_agrees_with_the_api(tmp_path):
     assert got["n"] == 6 and got["skipped"] == 0
     assert got["top1"] == pytest.approx(expected["top1"])
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+    # the spelling, as in compress and finetune: --model NAME --checkpoint FILE
+    args[args.index("--weights")] = "--checkpoint"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["loss"] == pytest.approx(expected["loss"], rel=1e-5)
 
     from hetvit import io
 
@@ -116,7 +121,7 @@ def test_cli_errors_are_clear(tmp_path):
     assert "data path not found" in result.output and "nope" in result.output
     result = runner.invoke(app, ["evaluate", "--data", str(tmp_path)])
     assert result.exit_code == 2
-    assert "exactly one of --checkpoint" in result.output
+    assert "give --checkpoint DIR|FILE, or --model NAME" in result.output
     write_images(tmp_path / "imgs", ["a", "b"], per_class=1)
     for command in (["train", "--out", str(tmp_path / "run")], ["evaluate"], ["analyze"]):
         # timm's assert (128 is not divisible by 5 heads) must not surface as a traceback

@@ -285,10 +285,10 @@ def _model_options(
     checkpoint: Annotated[Path | None, typer.Option(
         "--checkpoint",
         help="A hetvit model directory (hetvit.save, hetvit train's OUT/model) or a hetvit "
-        "train .ckpt file."),
+        "train .ckpt file; with --model, the weights file for it (as everywhere else)."),
     ] = None,
     model: Annotated[str | None, typer.Option(
-        "--model", help="A timm model name (with --weights), instead of --checkpoint."),
+        "--model", help="A timm model name, with its weights in --checkpoint FILE or --weights."),
     ] = None,
     weights: Annotated[Path | None, typer.Option(
         "--weights", help="Weights for --model: .safetensors, .pth or Lightning .ckpt."),
@@ -309,8 +309,10 @@ def open_given_model(checkpoint: Path | None, model: str | None, weights: Path |
     name without weights: fine for shapes and speed, meaningless for accuracy and patterns)."""
     from rich.console import Console
 
+    if model is not None and checkpoint is not None and weights is None and not checkpoint.is_dir():
+        checkpoint, weights = None, checkpoint  # `--model NAME --checkpoint FILE`, as in compress
     if (checkpoint is None) == (model is None):
-        fail("give exactly one of --checkpoint DIR|FILE and --model NAME")
+        fail("give --checkpoint DIR|FILE, or --model NAME with --checkpoint FILE / --weights FILE")
     if weights is not None and model is None:
         fail("--weights goes with --model")
     untrained = model is not None and weights is None
