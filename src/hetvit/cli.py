@@ -190,8 +190,9 @@ DataOpt = Annotated[Path, typer.Option(
 OutOpt = Annotated[Path, typer.Option(
     "--out",
     help=(
-        "Run directory: checkpoints/last.ckpt, logs/ (CSV), the run's settings "
-        "(train_config.json or finetune_config.json) and, at the end, the model in model/."
+        "Run directory: checkpoints/last.ckpt, logs/ (CSV), epochs.log and curves.png (one "
+        "line and a redrawn plot per epoch), the run's settings (train_config.json or "
+        "finetune_config.json) and, at the end, the model in model/."
     )),
 ]
 ValDataOpt = Annotated[Path | None, typer.Option(

@@ -234,22 +234,34 @@ def check_precision(precision: str, accelerator: str) -> None:
 
 
 class EpochSummary(L.Callback):
-    """One plain line per epoch (time, train loss, val top-1): readable in a ``nohup`` log."""
+    """One plain line per epoch (time, train loss, val top-1), printed for a ``nohup`` log and
+    appended to ``<out>/epochs.log``, whose plot ``<out>/curves.png`` is redrawn each epoch."""
+
+    def __init__(self, out: Path | None = None) -> None:
+        self.out = out
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from .curves import CURVES_PNG, EPOCHS_LOG, format_epoch, plot_epochs
+
         if trainer.global_rank != 0:
             return
-        metrics = trainer.callback_metrics
-        parts = [f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}",
-                 f"time {time.perf_counter() - self._start:.0f}s",
-                 f"step {trainer.global_step}"]
-        for key in ("train/loss_epoch", "val/loss", "val/top1", "val/top5"):
-            if key in metrics:
-                parts.append(f"{key} {float(metrics[key]):.4f}")
-        print(" | ".join(parts), file=sys.stderr, flush=True)
+        metrics = {key: float(trainer.callback_metrics[key])
+                   for key in ("train/loss_epoch", "val/loss", "val/top1", "val/top5")
+                   if key in trainer.callback_metrics}
+        line = format_epoch(trainer.current_epoch + 1, int(trainer.max_epochs or 0),
+                            time.perf_counter() - self._start, trainer.global_step, metrics)
+        print(line, file=sys.stderr, flush=True)
+        if self.out is None:
+            return
+        with open(self.out / EPOCHS_LOG, "a") as f:
+            f.write(line + "\n")
+        try:
+            plot_epochs(self.out / EPOCHS_LOG, self.out / CURVES_PNG, title=self.out.name)
+        except Exception as err:  # noqa: BLE001 - a plot must never stop hours of training
+            warnings.warn(f"could not draw {self.out / CURVES_PNG}: {err!r}", stacklevel=2)
 
 
 def save_model(model: nn.Module, directory: Path, model_name: str,
@@ -350,7 +362,7 @@ def _fit(module: BaseModule, config: TrainConfig) -> L.Trainer:
         ModelCheckpoint(dirpath=ckpt_dir, filename=Path(CHECKPOINT_NAME).stem, save_top_k=1,
                         every_n_epochs=1, save_on_train_epoch_end=True,
                         enable_version_counter=False),
-        EpochSummary(),
+        EpochSummary(out),
         *config.extra_callbacks,
     ]
     if config.progress:
