@@ -76,13 +76,17 @@ def open_model(model: str | None, checkpoint: Path | None, overrides: dict | Non
     if checkpoint is not None and is_checkpoint(checkpoint):
         return load(checkpoint)
     if checkpoint is not None and checkpoint.is_dir():
-        raise FileNotFoundError(f"{checkpoint} is a directory but not a hetvit checkpoint "
-                                "(no source.json)")
+        raise FileNotFoundError(f"{checkpoint} is not a hetvit checkpoint directory (it has no "
+                                "source.json): save one with hetvit.save(model, DIR) or use "
+                                "hetvit train's OUT/model")
     if model is None:
         if checkpoint is not None and checkpoint.suffix == ".ckpt":
             from .training import load_checkpoint_model
 
             return load_checkpoint_model(checkpoint)
+        if checkpoint is not None:
+            raise ValueError(f"{checkpoint} holds weights but not the architecture: give its "
+                             "timm name with --model NAME, or use a hetvit checkpoint directory")
         raise ValueError("give --model NAME (a timm ViT, with --checkpoint FILE for its weights) "
                          "or --checkpoint DIR (a hetvit checkpoint)")
     with warnings.catch_warnings():
@@ -559,8 +563,6 @@ def export_command(
     from rich.table import Table
 
     from .export import ExportError, ParityError, _onnxruntime, _temp_beside, export_onnx
-    from .io import CheckpointError, is_checkpoint
-
     err = Console(stderr=True, soft_wrap=True)
 
     def fail(message: str, code: int = 2) -> None:
@@ -575,20 +577,8 @@ def export_command(
         _temp_beside(out).unlink()  # is --out writable? (before the model is loaded)
     except ExportError as e:
         fail(str(e))
-    if not checkpoint.exists():
-        fail(f"checkpoint not found: {checkpoint}")
     try:
-        if checkpoint.is_dir():
-            if not is_checkpoint(checkpoint):
-                fail(f"{checkpoint} is not a hetvit checkpoint directory (it has no source.json):"
-                     " save one with hetvit.save(model, DIR) or use hetvit train's <out>/model")
-            from .io import load
-
-            model = load(checkpoint)
-        else:
-            from .training import load_checkpoint_model
-
-            model = load_checkpoint_model(checkpoint)
+        model = open_model(None, checkpoint)
         real = None
         if images is not None and check:
             from .export import load_images
@@ -601,7 +591,7 @@ def export_command(
         result = e.result
         _print_export(result, Console(soft_wrap=True), Table)
         fail(str(e).splitlines()[0] + " (figures above)", code=1)
-    except (ExportError, CheckpointError, ValueError, RuntimeError, OSError) as e:
+    except (ExportError, ValueError, TypeError, RuntimeError, OSError) as e:
         fail(str(e))
     _print_export(result, Console(soft_wrap=True), Table)
 
