@@ -208,9 +208,12 @@ def test_cli_bench_compressed_checkpoint_dir(tmp_path):
 
 
 def test_cli_unknown_model_lists_what_is_supported():
-    _fails(["plan", "--model", "deit_smal_patch16_224"], "unknown model",
+    _fails(["plan", "--model", "deit_smal_patch16_224"], "unknown timm model",
            "Did you mean deit_small_patch16_224", "deit_base_patch16_224")
-    _fails(["bench", "--model", "not_a_model", *FAST_BENCH], "unknown model", "DeiT")
+    _fails(["bench", "--model", "not_a_model", *FAST_BENCH], "unknown timm model", "DeiT")
+    # the same help wherever a model is named by the user
+    _fails(["compress", "--model", "deit_smal_patch16_224", "--plan", "fast", "--out", "x"],
+           "Did you mean deit_small_patch16_224")
 
 
 def test_cli_model_that_is_not_a_vit():

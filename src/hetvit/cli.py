@@ -43,9 +43,15 @@ USER_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, FileNotFoundE
 
 
 def fail(message: str) -> None:
-    """Print a one-line error (no traceback) and exit with status 2."""
+    """Print a short error (no traceback) and exit with status 2.
+
+    Long messages (a state-dict mismatch lists every tensor) keep their first lines.
+    """
     from rich.console import Console
 
+    lines = message.splitlines()
+    if len(lines) > 4:
+        message = "\n".join(lines[:4]) + f"\n... ({len(lines) - 4} more lines)"
     Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(2)
 
@@ -710,45 +716,23 @@ def analyze_command(
 
 # --- plan / bench -----------------------------------------------------------------------------
 
-EXAMPLE_MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
-                  "deit_small_distilled_patch16_224", "vit_base_patch16_224",
-                  "deit3_small_patch16_224")
-
-
 def _timm_model(name: str, overrides: dict, weights: Path | None = None, meta: bool = False
                 ) -> Any:
-    """A timm model by name with clear errors: unknown names get suggestions and the list of
-    what hetvit supports; ``meta`` builds it without memory or init (enough for shapes)."""
-    import difflib
+    """A timm ViT that hetvit can compress, by name, with clear errors; ``meta`` builds it
+    without memory or init (enough for shapes)."""
     import warnings
 
-    import timm
     import torch
 
-    from .surgery import SUPPORTED, describe, load_model
+    from .surgery import create_timm_model, describe, load_model
 
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        fail(f"unknown model {name!r}.{hint} hetvit supports {SUPPORTED}, e.g. "
-             f"{', '.join(EXAMPLE_MODELS)}.")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "random weights": said once, by the caller
-            if meta:
-                with torch.device("meta"):
-                    net = timm.create_model(name, pretrained=False, **overrides)
-            else:
-                net = load_model(name, weights, **overrides)
-    except (ValueError, FileNotFoundError) as e:
-        lines = str(e).splitlines()  # a state-dict mismatch lists every tensor: keep the start
-        more = f"\n... ({len(lines) - 4} more lines)" if len(lines) > 4 else ""
-        fail("\n".join(lines[:4]) + more)
-    except Exception as e:  # timm's own checks on overrides (asserts, TypeErrors)
-        given = ", ".join(f"{k}={v}" for k, v in overrides.items())
-        fail(f"cannot build {name}{' with ' + given if given else ''}: "
-             f"{e or type(e).__name__}")
-    with user_errors():
+    with user_errors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "random weights": said once, by the caller
+        if meta:
+            with torch.device("meta"):
+                net = create_timm_model(name, **overrides)
+        else:
+            net = load_model(name, weights, **overrides)
         describe(net)  # raises UnsupportedModelError for what hetvit cannot compress
     return net
 

@@ -27,6 +27,9 @@ from .plan import Plan, PlanError, token_grid
 __all__ = ["compress", "describe", "build_model", "load_model", "create_timm_model",
            "UnsupportedModelError", "is_compressed", "plan_of"]
 
+EXAMPLE_MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
+                  "deit_small_distilled_patch16_224", "vit_base_patch16_224",
+                  "deit3_small_patch16_224")
 SUPPORTED = ("timm VisionTransformer models with a fixed input size: DeiT (tiny/small/base and "
              "the distilled variants), ViT (augreg) and DeiT-3 (LayerScale)")
 
@@ -120,16 +123,22 @@ def build_model(arch: dict[str, Any]) -> VisionTransformer:
 def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, pretrained=False, **kwargs)`` with one-line errors.
 
-    timm answers an unknown name with a RuntimeError and impossible settings (a width that
-    the heads do not divide, say) with an assert; both become :class:`UnsupportedModelError`.
+    An unknown name gets the closest timm names and what hetvit supports; impossible settings
+    (a width the heads do not divide, say: timm asserts) say which settings. Both are
+    :class:`UnsupportedModelError`.
     """
+    import difflib
+
     import timm
 
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnsupportedModelError(f"unknown timm model {name!r}.{hint} hetvit supports "
+                                    f"{SUPPORTED}, e.g. {', '.join(EXAMPLE_MODELS)}.")
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
-    except RuntimeError as e:  # timm's "Unknown model (...)"
-        raise UnsupportedModelError(f"unknown timm model {name!r}: {e}") from e
-    except (AssertionError, TypeError, ValueError) as e:
+    except (AssertionError, TypeError, ValueError, RuntimeError) as e:
         settings = ", ".join(f"{k}={v}" for k, v in kwargs.items())
         raise UnsupportedModelError(f"timm cannot build {name} with {settings or 'defaults'}: "
                                     f"{e or type(e).__name__}") from e
