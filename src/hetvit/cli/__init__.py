@@ -1,0 +1,309 @@
+"""The ``hetvit`` command: one subcommand per verb.
+
+This module holds the app and what the commands share (clear errors, opening models and
+plans, option sets); the commands live beside it by theme: ``models`` (plan, compress,
+bench, export), ``training`` (train, finetune, evaluate) and ``analysis`` (analyze, demo).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(
+    help="hetvit: make pretrained Vision Transformers faster with static early attention "
+    "(DGSSA) and a token aggregation pyramid (GLAD).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+    add_completion=False,
+)
+
+
+def main() -> None:
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        from rich.console import Console
+
+        Console(stderr=True).print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    warnings.showwarning = show  # one readable line per warning, no source dump
+    # Lightning's own deprecation notice about torch internals: nothing a user can act on.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    app()
+
+
+# Commands are registered below, one function per verb.
+
+
+# --- shared: clear errors, opening models, plans ------------------------------------------------
+USER_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, FileNotFoundError,
+                                             RuntimeError, OSError)
+
+
+def fail(message: str) -> None:
+    """Print a short error (no traceback) and exit with status 2.
+
+    Long messages (a state-dict mismatch lists every tensor) keep their first lines.
+    """
+    from rich.console import Console
+
+    lines = message.splitlines()
+    if len(lines) > 4:
+        message = "\n".join(lines[:4]) + f"\n... ({len(lines) - 4} more lines)"
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+class user_errors:  # noqa: N801 - used as a context manager, reads like a statement
+    """Turn the library's clear exceptions into a clean CLI error instead of a traceback."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> bool:
+        if exc is not None and isinstance(exc, USER_ERRORS) and not isinstance(exc, typer.Exit):
+            fail(str(exc))
+        return False
+
+
+def open_model(model: str | None, checkpoint: Path | None, overrides: dict | None = None,
+               quiet: bool = False) -> Any:
+    """The model a command works on: a hetvit checkpoint directory, a ``hetvit train``
+    Lightning checkpoint, or a timm name with an optional local weights file."""
+    import warnings
+
+    from ..io import is_checkpoint, load
+    from ..surgery import load_model
+
+    if checkpoint is not None and not checkpoint.exists():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
+    if checkpoint is not None and is_checkpoint(checkpoint):
+        return load(checkpoint)
+    if checkpoint is not None and checkpoint.is_dir():
+        raise FileNotFoundError(f"{checkpoint} is not a hetvit checkpoint directory (it has no "
+                                "source.json): save one with hetvit.save(model, DIR) or use "
+                                "hetvit train's OUT/model")
+    if model is None:
+        if checkpoint is not None and checkpoint.suffix == ".ckpt":
+            from ..training import load_checkpoint_model
+
+            return load_checkpoint_model(checkpoint)
+        if checkpoint is not None:
+            raise ValueError(f"{checkpoint} holds weights but not the architecture: give its "
+                             "timm name with --model NAME, or use a hetvit checkpoint directory")
+        raise ValueError("give --model NAME (a timm ViT, with --checkpoint FILE for its weights) "
+                         "or --checkpoint DIR (a hetvit checkpoint)")
+    with warnings.catch_warnings():
+        if quiet:
+            warnings.simplefilter("ignore")
+        return load_model(model, checkpoint, **(overrides or {}))
+
+
+def resolve_plan(plan: str, model: Any) -> Any:
+    """``plan`` is a preset name (scaled to ``model``) or a plan JSON file."""
+    from ..plan import PRESETS, Plan
+
+    if plan in PRESETS:
+        return Plan.preset(plan, model)
+    if plan.endswith(".json") or Path(plan).exists():
+        return Plan.load(plan)
+    raise ValueError(f"--plan {plan!r} is neither a preset ({', '.join(PRESETS)}) nor a plan "
+                     "JSON file")
+
+
+# --- option sets and helpers of the training and measuring commands --------------------------
+
+
+def _model_kwargs(img_size: int | None, patch_size: int | None, embed_dim: int | None,
+                  depth: int | None, num_heads: int | None, num_classes: int | None,
+                  drop_path: float | None) -> dict:
+    """The ``timm.create_model`` overrides that were given (the rest keep the model's default)."""
+    given = {"img_size": img_size, "patch_size": patch_size, "embed_dim": embed_dim,
+             "depth": depth, "num_heads": num_heads, "num_classes": num_classes,
+             "drop_path_rate": drop_path}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _batch_limit(value: str | None) -> int | float | None:
+    """``"5"`` means 5 batches, ``"0.1"`` a tenth of the loader (Lightning's convention)."""
+    if value is None:
+        return None
+    try:
+        return float(value) if "." in value else int(value)
+    except ValueError:
+        raise typer.BadParameter(f"expected a batch count or a fraction, got {value!r}") from None
+
+
+# Options shared by `train` and `finetune`.
+DataOpt = Annotated[Path, typer.Option(
+    "--data",
+    help=(
+        "Training images: an ImageFolder directory or a .tar.gz of one (unpacked once "
+        "into the cache)."
+    )),
+]
+OutOpt = Annotated[Path, typer.Option(
+    "--out",
+    help=(
+        "Run directory: checkpoints/last.ckpt, logs/ (CSV), epochs.log and curves.png (one "
+        "line and a redrawn plot per epoch), the run's settings (train_config.json or "
+        "finetune_config.json) and, at the end, the model in model/."
+    )),
+]
+ValDataOpt = Annotated[Path | None, typer.Option(
+    "--val-data",
+    help="Validation images, evaluated (top-1/top-5) after every epoch."),
+]
+MinLrOpt = Annotated[float, typer.Option(
+    help="Learning rate at the end of the cosine decay."),
+]
+ThreadsOpt = Annotated[int | None, typer.Option(
+    help="torch CPU threads (default: all cores this process may use)."),
+]
+
+
+def _run_options(
+    batch_size: Annotated[int, typer.Option(help="Images per step and device.")] = 128,
+    weight_decay: Annotated[float, typer.Option(
+        help="AdamW weight decay (not applied to norms, biases and position/class tokens)."),
+    ] = 0.05,
+    label_smoothing: Annotated[float, typer.Option(
+        help="Label smoothing of the cross-entropy."),
+    ] = 0.1,
+    scale_min: Annotated[float, typer.Option(
+        help="Smallest area fraction of the random resized crop (augmentation; 1.0 disables "
+        "cropping)."),
+    ] = 0.6,
+    hflip: Annotated[float, typer.Option(
+        help="Probability of a horizontal flip (augmentation)."),
+    ] = 0.5,
+    class_map: Annotated[str | None, typer.Option(
+        help="Class map file (one class name a line, line i is class i), or 'auto' to use a "
+        "synsets.txt / class_map.txt at the dataset root."),
+    ] = None,
+    skip_unknown: Annotated[bool, typer.Option(
+        help="Skip (with a warning) class folders the class map lacks instead of stopping."),
+    ] = False,
+    workers: Annotated[int, typer.Option(
+        help="Data-loading worker processes (0: load in the main process, best on machines "
+        "with few cores)."),
+    ] = 0,
+    threads: ThreadsOpt = None,
+    seed: Annotated[int, typer.Option(
+        help="Seed for weights, shuffling and augmentation.")] = 0,
+    devices: Annotated[int, typer.Option(
+        help="Devices to train on; more than 1 uses DDP.")] = 1,
+    accelerator: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
+    precision: Annotated[str, typer.Option(
+        help="32-true, bf16-mixed or 16-mixed (GPU only)."),
+    ] = "32-true",
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run in --out from its last.ckpt (weights, optimizer, schedule, "
+        "epoch and step)."),
+    ] = False,
+    limit_train_batches: Annotated[str | None, typer.Option(
+        help="Train on only this many batches (or this fraction) per epoch: for smoke tests."),
+    ] = None,
+    limit_val_batches: Annotated[str | None, typer.Option(
+        help="Validate on only this many batches (or this fraction)."),
+    ] = None,
+) -> None:
+    """The options of every training run (`train`, `finetune`): a signature, never called."""
+
+
+def with_options(options: Callable[..., None], first: bool = False
+                 ) -> Callable[[Callable], Callable]:
+    """Give a command the options of the signature ``options``, after its own (before them
+    with ``first``); the command takes them as ``**kwargs``.
+
+    typer reads a command's options from its signature, so options several commands share
+    are spliced into each signature from one definition instead of being listed again.
+    """
+    shared = list(inspect.signature(options, eval_str=True).parameters.values())
+
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        own = [p for p in inspect.signature(command, eval_str=True).parameters.values()
+               if p.kind is not p.VAR_KEYWORD]
+        ordered = [*shared, *own] if first else [*own, *shared]
+
+        @functools.wraps(command)
+        def wrapper(**kwargs: Any) -> None:
+            return command(**kwargs)
+
+        wrapper.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+            [p.replace(kind=p.KEYWORD_ONLY) for p in ordered])
+        return wrapper
+
+    return decorate
+
+
+def _model_options(
+    checkpoint: Annotated[Path | None, typer.Option(
+        "--checkpoint",
+        help="A hetvit model directory (hetvit.save, hetvit train's OUT/model) or a hetvit "
+        "train .ckpt file; with --model, the weights file for it (as everywhere else)."),
+    ] = None,
+    model: Annotated[str | None, typer.Option(
+        "--model", help="A timm model name, with its weights in --checkpoint FILE or --weights."),
+    ] = None,
+    weights: Annotated[Path | None, typer.Option(
+        "--weights", help="Weights for --model: .safetensors, .pth or Lightning .ckpt."),
+    ] = None,
+    img_size: Annotated[int | None, typer.Option(help="--model override: input size.")] = None,
+    patch_size: Annotated[int | None, typer.Option(help="--model override: patch size.")] = None,
+    embed_dim: Annotated[int | None, typer.Option(help="--model override: width.")] = None,
+    depth: Annotated[int | None, typer.Option(help="--model override: blocks.")] = None,
+    num_heads: Annotated[int | None, typer.Option(help="--model override: heads.")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="--model override: outputs.")] = None,
+) -> None:
+    """The options naming the trained model a command reads: a signature, never called."""
+
+
+def open_given_model(checkpoint: Path | None, model: str | None, weights: Path | None,
+                     **overrides: int | None) -> tuple[Any, bool]:
+    """The model named by `_model_options`, in eval mode, and whether it is untrained (a timm
+    name without weights: fine for shapes and speed, meaningless for accuracy and patterns)."""
+    from rich.console import Console
+
+    if model is not None and checkpoint is not None and weights is None and not checkpoint.is_dir():
+        checkpoint, weights = None, checkpoint  # `--model NAME --checkpoint FILE`, as in compress
+    if (checkpoint is None) == (model is None):
+        fail("give --checkpoint DIR|FILE, or --model NAME with --checkpoint FILE / --weights FILE")
+    if weights is not None and model is None:
+        fail("--weights goes with --model")
+    untrained = model is not None and weights is None
+    with user_errors():
+        net = open_model(model, checkpoint if model is None else weights,
+                         {k: v for k, v in overrides.items() if v is not None}, quiet=untrained)
+    if untrained:
+        Console(stderr=True).print("[yellow]warning:[/yellow] no --weights: the model is random; "
+                                   "its accuracy and attention patterns mean nothing")
+    return net.eval(), untrained
+
+
+def _train_config(options: dict[str, Any]) -> Any:
+    """The TrainConfig of a `train` or `finetune` call, from its options."""
+    from ..training import TrainConfig
+
+    o = dict(options)
+    return TrainConfig(
+        data=o["data"], out=o["out"], val_data=o["val_data"], epochs=o["epochs"],
+        batch_size=o["batch_size"], lr=o["lr"], weight_decay=o["weight_decay"],
+        warmup_epochs=o["warmup_epochs"], min_lr=o["min_lr"],
+        label_smoothing=o["label_smoothing"], scale=(o["scale_min"], 1.0), hflip=o["hflip"],
+        workers=o["workers"], seed=o["seed"], devices=o["devices"],
+        accelerator=o["accelerator"], precision=o["precision"], resume=o["resume"],
+        class_map=o["class_map"], skip_unknown=o["skip_unknown"],
+        limit_train_batches=_batch_limit(o["limit_train_batches"]),
+        limit_val_batches=_batch_limit(o["limit_val_batches"]), threads=o["threads"])
+
+
+# Importing the command modules registers their commands with ``app``, in this order.
+from . import models, training, analysis  # noqa: E402, F401, I001

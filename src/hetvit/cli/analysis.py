@@ -1,0 +1,165 @@
+"""Commands that look at a trained model: analyze, demo."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import (
+    ThreadsOpt,
+    _model_options,
+    app,
+    fail,
+    open_given_model,
+    user_errors,
+    with_options,
+)
+
+
+@app.command("analyze")
+@with_options(_model_options, first=True)
+def analyze_command(
+    data: Annotated[Path, typer.Option(
+        "--data", help="Images: an ImageFolder directory or a .tar.gz of one (labels unused)."),
+    ],
+    num_images: Annotated[int, typer.Option(
+        help="Images to analyse, drawn at random (seeded) from --data."),
+    ] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    rank_images: Annotated[int | None, typer.Option(
+        help="Take singular values of only this many images' maps (default: all). SVDs are "
+        "most of the cost on a CPU at 197 tokens."),
+    ] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Write patterns.json, patterns.md and plots to this directory."),
+    ] = None,
+    recommend_speedup: Annotated[float | None, typer.Option(
+        "--recommend-speedup", help="Tune the recommended plan to this GMAC speedup."),
+    ] = None,
+    max_static: Annotated[int | None, typer.Option(
+        "--max-static", help="At most this many static (DGSSA) layers."),
+    ] = None,
+    similarity: Annotated[float, typer.Option(
+        help="Static layers need worst-head cross-image cosine similarity at least this."),
+    ] = 0.9,
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the random choice of images.")] = 0,
+    **source: Any,
+) -> None:
+    """Measure the attention patterns of a trained ViT and recommend a plan.
+
+    Per layer and head: similarity across images, rank and token redundancy; with --out, a
+    report with plots.
+    """
+    import json
+    import warnings
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..data import make_loader, make_transform, open_dataset, random_subset
+    from ..io import check_replaceable
+    from ..patterns import analyze
+
+    console = Console(stderr=True)
+    if num_images < 2:
+        fail("--num-images must be at least 2 (the analysis compares images)")
+    if out is not None:
+        with user_errors():
+            check_replaceable(out, "patterns.json")
+    net, untrained = open_given_model(**source)
+    with user_errors():
+        dataset = open_dataset(data, make_transform(net, training=False))
+        # A random subset in random order: classes mixed, as the pairwise JS estimate needs.
+        loader = make_loader(random_subset(dataset, num_images, seed), batch_size, workers=workers)
+        with warnings.catch_warnings():
+            if untrained:
+                warnings.filterwarnings("ignore", message="the model looks untrained")
+            report = analyze(net, loader, num_images=num_images, rank_images=rank_images)
+        plan = report.recommend(recommend_speedup, max_static, similarity=similarity)
+
+    name = report.arch.get("name") or str(source["checkpoint"] or source["model"])
+    table = Table(title=f"attention patterns: {name}, {report.num_images} images, "
+                  f"N = {report.num_tokens}",
+                  caption="sim: cross-image cosine similarity (mean, worst head); JS: bits; "
+                  "KL: to the mean map, nats; ranks: fractions of N (r90: mean, worst head); "
+                  "red.: token redundancy")
+    for col in ("layer", "sim", "min", "JS", "KL", "erank", "r90", "max", "r99", "red.",
+                "plan"):
+        table.add_column(col, justify="right")
+    stages = dict(plan.pyramid)
+    for row in report.summary():
+        i = row["layer"]
+        role = "static" if i in plan.static else "dynamic"
+        if i in stages:
+            role = f"->{stages[i]} {role}"
+        table.add_row(str(i), *(f"{row[k]:.3f}" for k in (
+            "similarity", "similarity_min", "js", "static_kl", "effective_rank", "rank90",
+            "rank90_max", "rank99", "redundancy")), role)
+    stdout = Console()
+    stdout.print(table)
+    stdout.print(report.explain(plan), highlight=False)
+    stdout.print(json.dumps(plan.to_dict()), highlight=False)
+    if out is not None:
+        with user_errors():
+            target = report.save(out, plan)
+        console.print(f"report written to {target}")
+
+
+
+# --- demo -------------------------------------------------------------------------------------
+
+
+@app.command("demo")
+def demo_command(
+    out: Annotated[Path, typer.Option(
+        "--out", help="Report directory (replaced once the new report is complete).")
+    ] = Path("demo-report"),
+    images: Annotated[Path | None, typer.Option(
+        "--images", help="CIFAR-10 test images: cifar10-test.tar.gz or an ImageFolder "
+        "(default: ../shared/data/cifar10-test.tar.gz beside the repository).")] = None,
+    assets: Annotated[Path | None, typer.Option(
+        "--assets", help="Directory with the committed cifar10-teacher and cifar10-fast "
+        "models (default: the repository's assets/).")] = None,
+    eval_images: Annotated[int, typer.Option(
+        help="Test images to evaluate on, equally many per class.")] = 1000,
+    analysis_images: Annotated[int, typer.Option(
+        help="Images whose attention maps are analysed.")] = 256,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Show what hetvit does, in about a minute, on the committed CIFAR-10 models.
+
+    Analyses the teacher's attention patterns, shows its fast student's plan, evaluates and
+    benchmarks both side by side, and writes a markdown report with plots to --out.
+    """
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..demo import run
+
+    if eval_images < 10 or analysis_images < 2:
+        fail("--eval-images needs at least 10 images (one per class), --analysis-images 2")
+    console = Console(stderr=True)
+    with user_errors():
+        result = run(out, assets=assets, images=images, eval_images=eval_images,
+                     analysis_images=analysis_images, threads=threads,
+                     log=lambda line: console.print(line, highlight=False))
+    b = result.bench
+    table = Table(title="CIFAR-10 teacher and its fast student, on this machine",
+                  title_justify="left")
+    for col in ("model", "plan", "GMACs", "top-1", f"img/s (batch {b.settings.batch_size})",
+                "speedup"):
+        table.add_column(col, justify="left" if col in ("model", "plan") else "right")
+    for name, info, which, speed in (("teacher", b.baseline, "baseline", ""),
+                                     ("student", b.compressed, "compressed",
+                                      f"{b.speedup:.2f}x")):
+        table.add_row(name, info.plan, f"{info.gmacs:.4f}",
+                      f"{100 * result.accuracy[name]['top1']:.1f}%",
+                      f"{b.throughput.median(which):.0f}", speed)
+    Console().print(table)
+    console.print(f"recommended by the analysis: {result.recommended.describe()}",
+                  highlight=False)
+    console.print(f"report: {result.report / 'report.md'} ({result.seconds:.0f} s)",
+                  highlight=False)

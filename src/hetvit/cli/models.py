@@ -1,0 +1,414 @@
+"""Commands on a model's shape and speed: plan, compress, bench, export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import (
+    _model_kwargs,
+    app,
+    fail,
+    open_model,
+    resolve_plan,
+    user_errors,
+)
+
+
+def _timm_model(name: str, overrides: dict, weights: Path | None = None, meta: bool = False
+                ) -> Any:
+    """A timm ViT that hetvit can compress, by name, with clear errors; ``meta`` builds it
+    without memory or init (enough for shapes)."""
+    import warnings
+
+    import torch
+
+    from ..surgery import create_timm_model, describe, load_model
+
+    with user_errors(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "random weights": said once, by the caller
+        if meta:
+            with torch.device("meta"):
+                net = create_timm_model(name, **overrides)
+        else:
+            net = load_model(name, weights, **overrides)
+        describe(net)  # raises UnsupportedModelError for what hetvit cannot compress
+    return net
+
+
+@app.command("plan")
+def plan_command(
+    model: Annotated[str, typer.Option(
+        "--model", help="timm model name, e.g. deit_small_patch16_224 (any timm ViT).")],
+    preset: Annotated[str, typer.Option(
+        "--preset", help="fast, balanced or fastest (scaled to the model's depth and token "
+        "grid), or a plan.json file to check against the model and show.")] = "fast",
+    img_size: Annotated[int | None, typer.Option(
+        help="Input resolution override: the plan fits only this size.")] = None,
+    patch_size: Annotated[int | None, typer.Option(help="Patch size override.")] = None,
+    embed_dim: Annotated[int | None, typer.Option(help="Embedding width override.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Number of blocks override.")] = None,
+    num_heads: Annotated[int | None, typer.Option(help="Attention heads override.")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Classifier outputs override.")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the plan, its layers and GMACs as JSON instead of a table.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Also write the plan to this file (for --plan of compress and bench).")
+    ] = None,
+) -> None:
+    """Show a compression plan for a model, layer by layer, with its GMACs.
+
+    The static layers, the pyramid stages with their token counts and grids, and the GMACs
+    against the uncompressed model.
+    """
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..flops import formula_macs, plan_layers
+    from ..plan import token_grid
+    from ..surgery import describe
+
+    overrides = _model_kwargs(img_size, patch_size, embed_dim, depth, num_heads, num_classes,
+                              None)
+    net = _timm_model(model, overrides, meta=True)
+    arch = describe(net)
+    with user_errors():
+        the_plan = resolve_plan(preset, net)
+        the_plan.validate(arch["depth"], token_grid(arch), tuple(arch["img_size"]))
+        if the_plan.img_size is None:
+            the_plan = type(the_plan).from_dict({**the_plan.to_dict(),
+                                                 "img_size": arch["img_size"]})
+        if out is not None:
+            the_plan.save(out)
+    base, new = formula_macs(arch), formula_macs(arch, the_plan)
+    rows = plan_layers(arch, the_plan)
+    if as_json:
+        print(json.dumps({"model": model, "plan": the_plan.to_dict(), "layers": rows,
+                          "gmacs": {"baseline": base / 1e9, "plan": new / 1e9,
+                                    "reduction": base / new}}, indent=2))
+    else:
+        h, w = arch["img_size"]
+        table = Table(title=f"{model} at {h}x{w}: {the_plan.label or preset} plan",
+                      title_justify="left")
+        for col, just in (("layer", "right"), ("runs", "left"), ("tokens", "right"),
+                          ("grid", "right"), ("GMACs", "right")):
+            table.add_column(col, justify=just)
+        for r in rows:
+            grid = "x".join(map(str, r["grid"]))
+            if r["kind"] == "aggregate":
+                table.add_row("", f"[cyan]aggregate {r['tokens_in']} -> {r['tokens']}[/]",
+                              str(r["tokens"]), grid, f"{r['macs'] / 1e9:.4g}", style="cyan")
+            else:
+                kind = "[bold]static[/] attention" if r["kind"] == "static" else "attention"
+                table.add_row(str(r["layer"]), kind, f"{r['prefix']}+{r['tokens']}", grid,
+                              f"{r['macs'] / 1e9:.4g}")
+        console = Console()
+        console.print(table)
+        console.print(f"{the_plan.describe()}", highlight=False)
+        console.print(f"GMACs: baseline {base / 1e9:.4g} -> plan {new / 1e9:.4g} "
+                      f"([bold]{base / new:.2f}x fewer[/], {100 * (1 - new / base):.0f}% saved)",
+                      highlight=False)
+    if out is not None:
+        Console(stderr=True).print(f"plan written to {out}", highlight=False)
+
+
+@app.command()
+def compress(
+    plan: Annotated[str, typer.Option(
+        help="A preset (balanced, fast, fastest), scaled to the model, or a plan.json file.")],
+    out: Annotated[Path, typer.Option(
+        help="Directory to write the compressed checkpoint to (an earlier checkpoint there is "
+        "replaced; a folder of other files is refused).")],
+    model: Annotated[str | None, typer.Option(
+        help="timm model name, e.g. deit_small_patch16_224.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Weights for --model (.pth/.safetensors/.ckpt), or a hetvit checkpoint directory "
+        "(then --model is not needed).")] = None,
+    calibration: Annotated[Path | None, typer.Option(
+        help="Images (ImageFolder dir or .tar.gz) whose mean attention initialises the static "
+        "maps. Without it the maps start uniform.")] = None,
+    class_map: Annotated[str | None, typer.Option(
+        help="Class map for the calibration set (not needed: labels are not used).")] = None,
+    num_images: Annotated[int, typer.Option(
+        help="Calibration images to use, drawn at random (seeded) from the set.")] = 256,
+    batch_size: Annotated[int, typer.Option(help="Calibration batch size.")] = 64,
+) -> None:
+    """Compress a ViT with a plan and save it as a hetvit checkpoint directory.
+
+    The static maps start from the mean attention of the calibration images; fine-tune the
+    result with `hetvit finetune` to recover accuracy.
+    """
+    from rich.console import Console
+
+    from .. import io
+    from ..flops import formula_macs
+    from ..surgery import compress as do_compress
+    from ..surgery import describe
+
+    console = Console()
+    with user_errors():
+        io.check_replaceable(out, io.SOURCE_FILE)
+        source = open_model(model, checkpoint)
+        the_plan = resolve_plan(plan, source)
+        loader = None
+        if calibration is not None:
+            from ..data import make_loader, make_transform, open_dataset, random_subset
+
+            ds = open_dataset(calibration, make_transform(source), class_map=class_map)
+            loader = make_loader(random_subset(ds, num_images), batch_size=batch_size)
+        student = do_compress(source.eval(), the_plan, calibration=loader)
+        io.save(student, out)
+    arch = describe(source)
+    base, new = formula_macs(arch), formula_macs(arch, student.hetvit_plan)
+    console.print(f"compressed [bold]{arch.get('name') or 'model'}[/] with "
+                  f"{student.hetvit_plan.describe()}: {base / 1e9:.2f} -> {new / 1e9:.2f} GMACs "
+                  f"({base / new:.2f}x fewer); saved to [bold]{out}[/]")
+
+
+
+def _bench_models(model: str | None, checkpoint: Path | None, plan: str | None,
+                  overrides: dict) -> tuple[Any, Any, str, list[str]]:
+    """Baseline, compressed model, a name, and notes on where their weights came from.
+
+    ``--checkpoint DIR`` holding a compressed model: the baseline is its source architecture
+    with random weights. Holding an uncompressed model: it is the baseline, compressed with
+    ``--plan``. Otherwise ``--model NAME`` with optional ``--checkpoint FILE`` weights.
+    """
+    from ..bench import compress_for_speed
+    from ..io import is_checkpoint, load
+    from ..surgery import build_model, describe, is_compressed
+
+    notes: list[str] = []
+    if checkpoint is not None and not checkpoint.exists():
+        fail(f"checkpoint not found: {checkpoint}")
+    if checkpoint is not None and checkpoint.is_dir():
+        if not is_checkpoint(checkpoint):
+            fail(f"{checkpoint} is a directory but not a hetvit checkpoint (no source.json); "
+                 "a weights file goes with --model NAME")
+        if model is not None or overrides:
+            fail("--checkpoint DIR names its own architecture: drop --model and the size "
+                 "overrides")
+        with user_errors():
+            net = load(checkpoint)
+        name = describe(net).get("name") or str(checkpoint)
+        if is_compressed(net):
+            if plan is not None:
+                fail(f"{checkpoint} is already compressed ({net.hetvit_plan.describe()}): "
+                     "drop --plan")
+            arch = describe(net)
+            baseline = build_model(arch)
+            if not arch.get("name"):
+                baseline.init_weights()  # build_model leaves a nameless ViT uninitialised
+            notes.append(f"baseline: {name} rebuilt with random weights; compressed: weights "
+                         f"from {checkpoint}")
+            return baseline.eval(), net.eval(), name, notes
+        baseline = net
+        notes.append(f"baseline: weights from {checkpoint}")
+    else:
+        if model is None:
+            fail("give --model NAME (a timm ViT; --checkpoint FILE for its weights) or "
+                 "--checkpoint DIR (a hetvit checkpoint)")
+        baseline = _timm_model(model, overrides, weights=checkpoint)
+        name = model
+        notes.append(f"weights from {checkpoint}" if checkpoint else
+                     "weights are random: speed does not depend on them")
+    with user_errors():
+        compressed = compress_for_speed(baseline.eval(), resolve_plan(plan or "fast", baseline))
+    if checkpoint is not None:
+        notes.append("compressed: static maps calibrated on 2 random images (enough for speed, "
+                     "not for accuracy)")
+    return baseline.eval(), compressed.eval(), name, notes
+
+
+@app.command("bench")
+def bench_command(
+    model: Annotated[str | None, typer.Option(
+        "--model", help="timm model name (any timm ViT), e.g. deit_small_patch16_224. Random "
+        "weights unless --checkpoint FILE gives them.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        "--checkpoint", help="Weights for --model (.pth/.safetensors/.ckpt), or a hetvit "
+        "checkpoint directory: if compressed, it is timed against its source architecture "
+        "(random weights); if not, it is the baseline and --plan compresses it.")] = None,
+    plan: Annotated[str | None, typer.Option(
+        "--plan", help="fast, balanced or fastest (scaled to the model) or a plan.json file. "
+        "Default: fast (not allowed with an already compressed --checkpoint DIR).")] = None,
+    batch_size: Annotated[int, typer.Option(
+        "--batch-size", help="Images per call for the throughput measurement.")] = 32,
+    latency: Annotated[bool, typer.Option(
+        "--latency", help="Also measure batch-1 latency (median ms per image).")] = False,
+    rounds: Annotated[int, typer.Option(
+        help="Timed runs per model at --batch-size, alternating baseline and compressed; the "
+        "speedup is the median over rounds.")] = 7,
+    latency_rounds: Annotated[int, typer.Option(
+        help="Alternating rounds for --latency (each run lasts --min-time).")] = 9,
+    warmup: Annotated[int, typer.Option(
+        help="Untimed calls per model first (they also cover --compile's compilation).")] = 2,
+    min_time: Annotated[float, typer.Option(
+        help="Seconds each timed run lasts at least (several calls when one is quicker).")
+    ] = 1.0,
+    compile: Annotated[bool, typer.Option(
+        "--compile", help="Run both models under torch.compile.")] = False,
+    dtype: Annotated[str, typer.Option(
+        help="fp32, or bf16 (models and inputs cast to bfloat16).")] = "fp32",
+    device: Annotated[str, typer.Option(help="cpu, or cuda when a GPU is present.")] = "cpu",
+    threads: Annotated[int | None, typer.Option(
+        help="torch CPU threads (default: torch's, one per core).")] = None,
+    runtime: Annotated[str, typer.Option(
+        help="What runs the models: torch (eager, or compiled with --compile) or "
+        "onnxruntime (both models exported to ONNX, fp32 on the CPU).")] = "torch",
+    img_size: Annotated[int | None, typer.Option(help="--model override: input size.")] = None,
+    patch_size: Annotated[int | None, typer.Option(help="--model override: patch size.")] = None,
+    embed_dim: Annotated[int | None, typer.Option(help="--model override: width.")] = None,
+    depth: Annotated[int | None, typer.Option(help="--model override: blocks.")] = None,
+    num_heads: Annotated[int | None, typer.Option(help="--model override: heads.")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="--model override: outputs.")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="Print the result as JSON (for machines) instead of the table.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option(
+        "--out", help="Also write the result as JSON to this file.")] = None,
+) -> None:
+    """Time a model and its compressed version side by side in one process.
+
+    Throughput, speedup (median and spread over alternating rounds), GMACs, and speedup per
+    GMAC saved (efficiency).
+    """
+    import json
+
+    from rich.console import Console
+
+    from ..bench import DTYPES, RUNTIMES, compare, render
+
+    err = Console(stderr=True)
+    if dtype not in DTYPES:
+        fail(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if runtime not in RUNTIMES:
+        fail(f"--runtime {runtime!r}: available: {', '.join(RUNTIMES)}")
+    if batch_size < 1 or rounds < 1 or latency_rounds < 1 or warmup < 0 or min_time < 0:
+        fail("--batch-size, --rounds and --latency-rounds must be at least 1, --warmup and "
+             "--min-time at least 0")
+    if threads is not None and threads < 1:
+        fail("--threads must be at least 1")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            fail("--device cuda: torch sees no CUDA device here")
+    elif device != "cpu":
+        fail(f"--device {device!r}: use cpu or cuda")
+    overrides = _model_kwargs(img_size, patch_size, embed_dim, depth, num_heads, num_classes,
+                              None)
+    baseline, compressed, name, notes = _bench_models(model, checkpoint, plan, overrides)
+    with user_errors():
+        with err.status("timing the baseline and the compressed model side by side..."):
+            result = compare(baseline, compressed, batch_size, rounds=rounds, warmup=warmup,
+                             min_time=min_time, latency=latency, latency_rounds=latency_rounds,
+                             compile=compile, dtype=dtype, device=device, runtime=runtime,
+                             threads=threads)
+    data = {"model": name, "plan": compressed.hetvit_plan.to_dict(), "notes": notes,
+            **result.to_dict()}
+    if out is not None:
+        with user_errors():
+            out.write_text(json.dumps(data, indent=2) + "\n")
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        h, w = compressed.patch_embed.img_size
+        Console().print(render(result, title=f"{name} at {h}x{w}"))
+    for note in notes:
+        err.print(f"note: {note}", highlight=False)
+
+
+
+# --- export -----------------------------------------------------------------------------------
+
+
+@app.command("export")
+def export_command(
+    checkpoint: Annotated[Path, typer.Option(
+        "--checkpoint",
+        help="A hetvit model directory (hetvit.save / hetvit train's OUT/model) or a hetvit "
+        "train .ckpt file."),
+    ],
+    out: Annotated[Path, typer.Option(
+        "--out", help="The file to write, e.g. model.onnx (written only if the checks pass)."),
+    ],
+    fmt: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
+    opset: Annotated[int, typer.Option(help="ONNX opset, 17 or newer.")] = 17,
+    check: Annotated[bool, typer.Option(
+        help="Check the graph and compare onnxruntime with PyTorch (max |diff| and top-1) before "
+        "writing --out."),
+    ] = True,
+    images: Annotated[Path | None, typer.Option(
+        "--images",
+        help="Real images for the parity check as well as random ones: an ImageFolder, a "
+        ".tar.gz of one, or a directory of image files."),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Use at most this many of --images.")] = 64,
+    atol: Annotated[float, typer.Option(help="Largest accepted |logit difference|.")] = 1e-4,
+) -> None:
+    """Export a model to ONNX (dynamic batch, static token shapes) and check it in onnxruntime.
+
+    Exit code 0: written and checked; 1: the checks failed and nothing was written; 2: bad
+    input (not a checkpoint, unwritable output, missing onnxruntime)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..export import ExportError, ParityError, _onnxruntime, _temp_beside, export_onnx
+    err = Console(stderr=True, soft_wrap=True)
+
+    def fail(message: str, code: int = 2) -> None:
+        err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
+        raise typer.Exit(code)
+
+    if fmt.lower() != "onnx":
+        fail(f"unsupported export format {fmt!r}: hetvit exports onnx")
+    try:
+        if check:
+            _onnxruntime()
+        _temp_beside(out).unlink()  # is --out writable? (before the model is loaded)
+    except ExportError as e:
+        fail(str(e))
+    try:
+        model = open_model(None, checkpoint)
+        real = None
+        if images is not None and check:
+            from ..export import load_images
+
+            real = load_images(images, model, limit=limit)
+        result = export_onnx(model, out, opset=opset, check=check, images=real, atol=atol)
+    except typer.Exit:
+        raise
+    except ParityError as e:
+        result = e.result
+        _print_export(result, Console(soft_wrap=True), Table)
+        fail(str(e).splitlines()[0] + " (figures above)", code=1)
+    except (ExportError, ValueError, TypeError, RuntimeError, OSError) as e:
+        fail(str(e))
+    _print_export(result, Console(soft_wrap=True), Table)
+
+
+def _print_export(result: Any, console: Any, table_cls: Any) -> None:
+    """The graph check per layer and the parity figures of an export."""
+    static = set(result.static_layers)
+    table = table_cls(title=f"{result.path} (opset {result.opset})")
+    for name in ("layer", "attention", "image x image MatMuls"):
+        table.add_column(name, justify="right")
+    for layer, count in result.matmuls.items():
+        kind = "static" if layer in static else "dynamic"
+        flag = " [red](q k^T left!)[/red]" if layer in static and count else ""
+        table.add_row(str(layer), kind, f"{count}{flag}")
+    console.print(table)
+    for parity in result.parity:
+        console.print(str(parity), highlight=False)
+    if not result.parity:
+        console.print(f"wrote {result.path} (parity not checked: --no-check)")
+    elif result.passed:
+        console.print(f"[green]ok:[/green] wrote {result.path}")
+
+

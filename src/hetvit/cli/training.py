@@ -1,0 +1,210 @@
+"""Commands that train and measure accuracy: train, finetune, evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import (
+    DataOpt,
+    MinLrOpt,
+    OutOpt,
+    ThreadsOpt,
+    ValDataOpt,
+    _model_kwargs,
+    _model_options,
+    _run_options,
+    _train_config,
+    app,
+    fail,
+    open_given_model,
+    open_model,
+    resolve_plan,
+    user_errors,
+    with_options,
+)
+
+
+@app.command()
+@with_options(_run_options)
+def train(
+    model: Annotated[str, typer.Option(
+        "--model",
+        help="timm model name to build (randomly initialised), e.g. deit_tiny_patch16_224."),
+    ],
+    data: DataOpt,
+    out: OutOpt,
+    val_data: ValDataOpt = None,
+    img_size: Annotated[int | None, typer.Option(
+        help="Input resolution override (e.g. 32)."),
+    ] = None,
+    patch_size: Annotated[int | None, typer.Option(help="Patch size override (e.g. 4).")] = None,
+    embed_dim: Annotated[int | None, typer.Option(help="Embedding width override.")] = None,
+    depth: Annotated[int | None, typer.Option(help="Number of blocks override.")] = None,
+    num_heads: Annotated[int | None, typer.Option(help="Attention heads override.")] = None,
+    num_classes: Annotated[int | None, typer.Option(
+        help="Classifier outputs (defaults to the model's; must cover the dataset's classes)."),
+    ] = None,
+    drop_path: Annotated[float | None, typer.Option(help="Stochastic depth rate override.")] = None,
+    epochs: Annotated[int, typer.Option(
+        help="Epochs to train in total (also sets the schedule)."),
+    ] = 16,
+    lr: Annotated[float, typer.Option(
+        help="Peak AdamW learning rate, reached after warm-up."),
+    ] = 1e-3,
+    warmup_epochs: Annotated[float, typer.Option(
+        help="Linear warm-up length in epochs (per step)."),
+    ] = 1.0,
+    min_lr: MinLrOpt = 1e-5,
+    **run: Any,
+) -> None:
+    """Train a timm ViT from scratch (the teacher).
+
+    AdamW, warm-up + cosine, label smoothing and timm augmentation, on Lightning; resumable
+    (--resume), with CSV logs and a progress bar. The model ends up in OUT/model.
+    """
+    from rich.console import Console
+
+    from ..training import train as run_training
+
+    console = Console(stderr=True)
+    kwargs = _model_kwargs(img_size, patch_size, embed_dim, depth, num_heads, num_classes,
+                           drop_path)
+    config = _train_config({**locals(), **run})
+    with user_errors():
+        target = run_training(model, kwargs, config)
+    console.print(f"model written to {target}")
+
+
+@app.command()
+@with_options(_run_options)
+def finetune(
+    plan: Annotated[str, typer.Option(
+        help="A preset (balanced, fast, fastest), scaled to the teacher, or a plan.json file.")],
+    data: DataOpt,
+    out: OutOpt,
+    teacher: Annotated[Path | None, typer.Option(
+        help="The teacher: a hetvit checkpoint directory (e.g. from `hetvit train`: "
+        "RUN/model) or a `hetvit train` last.ckpt.")] = None,
+    model: Annotated[str | None, typer.Option(
+        help="Or the teacher as a timm model name, with --checkpoint for its weights.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Weights file for --model (.pth, .safetensors).")] = None,
+    val_data: ValDataOpt = None,
+    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs (also sets the schedule).")] = 3,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 5e-4,
+    map_lr_scale: Annotated[float, typer.Option(
+        help="Learning-rate multiplier for the static attention logits and aggregation "
+        "weights (log-space parameters, never weight-decayed).")] = 10.0,
+    ce: Annotated[float, typer.Option(help="Weight of cross-entropy on the labels.")] = 1.0,
+    kd: Annotated[float, typer.Option(
+        help="Weight of distillation from the teacher's logits (KL at --temperature).")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
+    guidance: Annotated[float, typer.Option(
+        help="Weight of the dynamic guidance: KL(teacher's dynamic attention || student's "
+        "static attention) at every static layer. 0 turns it off (ablation).")] = 1.0,
+    mix_epochs: Annotated[float, typer.Option(
+        help="Curriculum: static layers run on lambda*dynamic + (1-lambda)*static, lambda "
+        "going 1 -> 0 over this many epochs (0: off).")] = 0.0,
+    freeze_aggregation: Annotated[bool, typer.Option(
+        help="Keep the token aggregation at its average-pooling start (ablation).")] = False,
+    calibration_images: Annotated[int, typer.Option(
+        help="Training images whose mean attention initialises the static maps (0: uniform "
+        "start).")] = 256,
+    warmup_epochs: Annotated[float, typer.Option(help="Warm-up length in epochs.")] = 0.2,
+    min_lr: MinLrOpt = 1e-6,
+    **run: Any,
+) -> None:
+    """Compress a trained ViT and fine-tune the student with dynamic guidance and distillation.
+
+    Loss = ce * CE(labels) + kd * KD(teacher logits) + guidance * KL(teacher attention ||
+    static attention). The result, RUN/model, is a hetvit checkpoint (`hetvit.load`).
+    """
+    from rich.console import Console
+
+    from ..training import finetune as run_finetune
+
+    console = Console(stderr=True)
+    config = _train_config({**locals(), **run})
+    with user_errors():
+        if teacher is None and model is None:
+            raise ValueError("give --teacher DIR (a hetvit checkpoint) or --model NAME "
+                             "--checkpoint FILE")
+        source = open_model(model, teacher if teacher is not None else checkpoint)
+        the_plan = resolve_plan(plan, source)
+        target = run_finetune(source, the_plan, config, ce=ce, kd=kd, guidance=guidance,
+                              temperature=temperature, mix_epochs=mix_epochs,
+                              map_lr_scale=map_lr_scale, freeze_aggregation=freeze_aggregation,
+                              calibration_images=calibration_images)
+    console.print(f"student written to {target}")
+
+
+@app.command("evaluate")
+@with_options(_model_options, first=True)
+def evaluate_command(
+    data: Annotated[Path, typer.Option(
+        "--data", help="Images to evaluate: an ImageFolder directory or a .tar.gz of one."),
+    ],
+    class_map: Annotated[str | None, typer.Option(
+        help=(
+            "Class map file (one class name a line, line i is class i), or 'auto' for a "
+            "synsets.txt at the dataset root; needed when the folders are a subset of the "
+            "model's classes."
+        )),
+    ] = None,
+    skip_unknown: Annotated[bool, typer.Option(
+        help="Skip class folders the class map lacks instead of stopping."),
+    ] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
+    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
+    threads: ThreadsOpt = None,
+    limit: Annotated[int | None, typer.Option(
+        help="Evaluate only the first N images (after a fixed shuffle): a quick estimate."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
+    ] = False,
+    **source: Any,
+) -> None:
+    """Top-1 / top-5 accuracy and cross-entropy of a model on an image folder or archive."""
+    import json as json_lib
+
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..data import make_loader, make_transform, open_dataset, random_subset
+    from ..evaluate import evaluate
+
+    console = Console(stderr=True)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    net, _ = open_given_model(**source)
+    name = str(source["checkpoint"] or source["model"])
+    with user_errors():
+        dataset = open_dataset(data, make_transform(net, training=False), class_map=class_map,
+                               skip_unknown=skip_unknown)
+        outputs = getattr(net, "num_classes", None)
+        if outputs is not None and len(dataset.classes) > outputs:
+            fail(f"{data} has {len(dataset.classes)} classes but the model outputs {outputs}; "
+                 "pass --class-map if the folders are a subset of the model's classes")
+        if limit is not None and limit < len(dataset):
+            dataset = random_subset(dataset, limit)
+        loader = make_loader(dataset, batch_size, workers=workers)
+        result = evaluate(net, loader, progress=not as_json)
+    base = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    if base.skipped:
+        console.print(f"[yellow]warning:[/yellow] {base.skipped} unreadable image(s) skipped")
+    result = {**result, "skipped": base.skipped, "model": name, "data": str(data)}
+    if as_json:
+        print(json_lib.dumps(result, indent=2))
+        return
+    table = Table(title=f"{name} on {data}")
+    for name in ("top-1", "top-5", "loss", "images", "skipped"):
+        table.add_column(name, justify="right")
+    table.add_row(f"{100 * result['top1']:.2f}%", f"{100 * result['top5']:.2f}%",
+                  f"{result['loss']:.4f}", str(result["n"]), str(result["skipped"]))
+    Console().print(table)
+
+
