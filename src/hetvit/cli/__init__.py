@@ -121,14 +121,30 @@ def resolve_plan(plan: str, model: Any) -> Any:
 # --- option sets and helpers of the training and measuring commands --------------------------
 
 
-def _model_kwargs(img_size: int | None, patch_size: int | None, embed_dim: int | None,
-                  depth: int | None, num_heads: int | None, num_classes: int | None,
-                  drop_path: float | None) -> dict:
-    """The ``timm.create_model`` overrides that were given (the rest keep the model's default)."""
-    given = {"img_size": img_size, "patch_size": patch_size, "embed_dim": embed_dim,
-             "depth": depth, "num_heads": num_heads, "num_classes": num_classes,
-             "drop_path_rate": drop_path}
-    return {k: v for k, v in given.items() if v is not None}
+def _size_options(
+    img_size: Annotated[int | None, typer.Option(
+        help="Architecture override: input resolution (e.g. 32); a plan fits one size.")] = None,
+    patch_size: Annotated[int | None, typer.Option(
+        help="Architecture override: patch size (e.g. 4).")] = None,
+    embed_dim: Annotated[int | None, typer.Option(
+        help="Architecture override: embedding width.")] = None,
+    depth: Annotated[int | None, typer.Option(
+        help="Architecture override: number of blocks.")] = None,
+    num_heads: Annotated[int | None, typer.Option(
+        help="Architecture override: attention heads.")] = None,
+    num_classes: Annotated[int | None, typer.Option(
+        help="Architecture override: classifier outputs.")] = None,
+) -> None:
+    """Overrides of a timm model's architecture (``timm.create_model`` keywords) for commands
+    that build a model by name: a signature, never called."""
+
+
+SIZE_KEYS = tuple(inspect.signature(_size_options).parameters)
+
+
+def _overrides(options: dict[str, Any]) -> dict[str, Any]:
+    """The architecture overrides among a command's ``options`` that were given."""
+    return {k: options[k] for k in SIZE_KEYS if options.get(k) is not None}
 
 
 def _batch_limit(value: str | None) -> int | float | None:
@@ -256,12 +272,6 @@ def _model_options(
     weights: Annotated[Path | None, typer.Option(
         "--weights", help="Weights for --model: .safetensors, .pth or Lightning .ckpt."),
     ] = None,
-    img_size: Annotated[int | None, typer.Option(help="--model override: input size.")] = None,
-    patch_size: Annotated[int | None, typer.Option(help="--model override: patch size.")] = None,
-    embed_dim: Annotated[int | None, typer.Option(help="--model override: width.")] = None,
-    depth: Annotated[int | None, typer.Option(help="--model override: blocks.")] = None,
-    num_heads: Annotated[int | None, typer.Option(help="--model override: heads.")] = None,
-    num_classes: Annotated[int | None, typer.Option(help="--model override: outputs.")] = None,
 ) -> None:
     """The options naming the trained model a command reads: a signature, never called."""
 

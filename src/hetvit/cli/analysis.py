@@ -10,6 +10,7 @@ import typer
 from . import (
     ThreadsOpt,
     _model_options,
+    _size_options,
     app,
     fail,
     open_given_model,
@@ -20,6 +21,7 @@ from . import (
 
 @app.command("analyze")
 @with_options(_model_options, first=True)
+@with_options(_size_options)
 def analyze_command(
     data: Annotated[Path, typer.Option(
         "--data", help="Images: an ImageFolder directory or a .tar.gz of one (labels unused)."),

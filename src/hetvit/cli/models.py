@@ -8,12 +8,14 @@ from typing import Annotated, Any
 import typer
 
 from . import (
-    _model_kwargs,
+    _overrides,
+    _size_options,
     app,
     fail,
     open_model,
     resolve_plan,
     user_errors,
+    with_options,
 )
 
 
@@ -39,25 +41,20 @@ def _timm_model(name: str, overrides: dict, weights: Path | None = None, meta: b
 
 
 @app.command("plan")
+@with_options(_size_options)
 def plan_command(
     model: Annotated[str, typer.Option(
         "--model", help="timm model name, e.g. deit_small_patch16_224 (any timm ViT).")],
     preset: Annotated[str, typer.Option(
         "--preset", help="fast, balanced or fastest (scaled to the model's depth and token "
         "grid), or a plan.json file to check against the model and show.")] = "fast",
-    img_size: Annotated[int | None, typer.Option(
-        help="Input resolution override: the plan fits only this size.")] = None,
-    patch_size: Annotated[int | None, typer.Option(help="Patch size override.")] = None,
-    embed_dim: Annotated[int | None, typer.Option(help="Embedding width override.")] = None,
-    depth: Annotated[int | None, typer.Option(help="Number of blocks override.")] = None,
-    num_heads: Annotated[int | None, typer.Option(help="Attention heads override.")] = None,
-    num_classes: Annotated[int | None, typer.Option(help="Classifier outputs override.")] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the plan, its layers and GMACs as JSON instead of a table.")
     ] = False,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Also write the plan to this file (for --plan of compress and bench).")
     ] = None,
+    **sizes: Any,
 ) -> None:
     """Show a compression plan for a model, layer by layer, with its GMACs.
 
@@ -73,8 +70,7 @@ def plan_command(
     from ..plan import token_grid
     from ..surgery import describe
 
-    overrides = _model_kwargs(img_size, patch_size, embed_dim, depth, num_heads, num_classes,
-                              None)
+    overrides = _overrides(sizes)
     net = _timm_model(model, overrides, meta=True)
     arch = describe(net)
     with user_errors():
@@ -226,6 +222,7 @@ def _bench_models(model: str | None, checkpoint: Path | None, plan: str | None,
 
 
 @app.command("bench")
+@with_options(_size_options)
 def bench_command(
     model: Annotated[str | None, typer.Option(
         "--model", help="timm model name (any timm ViT), e.g. deit_small_patch16_224. Random "
@@ -261,17 +258,12 @@ def bench_command(
     runtime: Annotated[str, typer.Option(
         help="What runs the models: torch (eager, or compiled with --compile) or "
         "onnxruntime (both models exported to ONNX, fp32 on the CPU).")] = "torch",
-    img_size: Annotated[int | None, typer.Option(help="--model override: input size.")] = None,
-    patch_size: Annotated[int | None, typer.Option(help="--model override: patch size.")] = None,
-    embed_dim: Annotated[int | None, typer.Option(help="--model override: width.")] = None,
-    depth: Annotated[int | None, typer.Option(help="--model override: blocks.")] = None,
-    num_heads: Annotated[int | None, typer.Option(help="--model override: heads.")] = None,
-    num_classes: Annotated[int | None, typer.Option(help="--model override: outputs.")] = None,
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the result as JSON (for machines) instead of the table.")
     ] = False,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Also write the result as JSON to this file.")] = None,
+    **sizes: Any,
 ) -> None:
     """Time a model and its compressed version side by side in one process.
 
@@ -301,8 +293,7 @@ def bench_command(
             fail("--device cuda: torch sees no CUDA device here")
     elif device != "cpu":
         fail(f"--device {device!r}: use cpu or cuda")
-    overrides = _model_kwargs(img_size, patch_size, embed_dim, depth, num_heads, num_classes,
-                              None)
+    overrides = _overrides(sizes)
     baseline, compressed, name, notes = _bench_models(model, checkpoint, plan, overrides)
     with user_errors():
         with err.status("timing the baseline and the compressed model side by side..."):

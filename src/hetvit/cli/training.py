@@ -13,9 +13,10 @@ from . import (
     OutOpt,
     ThreadsOpt,
     ValDataOpt,
-    _model_kwargs,
     _model_options,
+    _overrides,
     _run_options,
+    _size_options,
     _train_config,
     app,
     fail,
@@ -29,6 +30,7 @@ from . import (
 
 @app.command()
 @with_options(_run_options)
+@with_options(_size_options)
 def train(
     model: Annotated[str, typer.Option(
         "--model",
@@ -37,16 +39,6 @@ def train(
     data: DataOpt,
     out: OutOpt,
     val_data: ValDataOpt = None,
-    img_size: Annotated[int | None, typer.Option(
-        help="Input resolution override (e.g. 32)."),
-    ] = None,
-    patch_size: Annotated[int | None, typer.Option(help="Patch size override (e.g. 4).")] = None,
-    embed_dim: Annotated[int | None, typer.Option(help="Embedding width override.")] = None,
-    depth: Annotated[int | None, typer.Option(help="Number of blocks override.")] = None,
-    num_heads: Annotated[int | None, typer.Option(help="Attention heads override.")] = None,
-    num_classes: Annotated[int | None, typer.Option(
-        help="Classifier outputs (defaults to the model's; must cover the dataset's classes)."),
-    ] = None,
     drop_path: Annotated[float | None, typer.Option(help="Stochastic depth rate override.")] = None,
     epochs: Annotated[int, typer.Option(
         help="Epochs to train in total (also sets the schedule)."),
@@ -70,8 +62,9 @@ def train(
     from ..training import train as run_training
 
     console = Console(stderr=True)
-    kwargs = _model_kwargs(img_size, patch_size, embed_dim, depth, num_heads, num_classes,
-                           drop_path)
+    kwargs = _overrides(run)
+    if drop_path is not None:
+        kwargs["drop_path_rate"] = drop_path
     config = _train_config({**locals(), **run})
     with user_errors():
         target = run_training(model, kwargs, config)
@@ -143,6 +136,7 @@ def finetune(
 
 @app.command("evaluate")
 @with_options(_model_options, first=True)
+@with_options(_size_options)
 def evaluate_command(
     data: Annotated[Path, typer.Option(
         "--data", help="Images to evaluate: an ImageFolder directory or a .tar.gz of one."),
