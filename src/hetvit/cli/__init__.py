@@ -26,6 +26,7 @@ app = typer.Typer(
 
 
 def main() -> None:
+    """The ``hetvit`` entry point: warnings as one readable line each, then the app."""
     import warnings
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
@@ -37,9 +38,6 @@ def main() -> None:
     # Lightning's own deprecation notice about torch internals: nothing a user can act on.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     app()
-
-
-# Commands are registered below, one function per verb.
 
 
 # --- shared: clear errors, opening models, plans ------------------------------------------------
