@@ -50,9 +50,10 @@ def find_assets(assets: str | os.PathLike | None = None) -> Path:
     repository's ``assets/``."""
     path = Path(assets or os.environ.get("HETVIT_ASSETS") or REPO / "assets")
     if not path.is_dir():
-        raise DemoError(f"the demo models were not found: {path} is not a directory. Run the "
-                        "demo from a clone of the hetvit repository (the models live in its "
-                        "assets/ folder), or give --assets DIR.")
+        raise DemoError(f"the demo models were not found: {path} is not a directory. They "
+                        "are committed in the repository's assets/ folder: run the demo from a "
+                        "clone of it (restore a deleted folder with: git checkout -- assets), "
+                        "or give --assets DIR.")
     return path
 
 
