@@ -1,10 +1,12 @@
 """The README's accuracy table, ablations and Pareto plot, on the CIFAR-10 teacher.
 
 Variants: the teacher; ``balanced`` and ``fast`` right after calibration and after fine-tuning
-(``fast`` also three times as long); and, all on ``fast`` with the same budget, fine-tuning
-without the guidance loss, DGSSA only (no pyramid), GLAD only (no static layers), static maps
-started uniform instead of from the teacher's attention, the pooling matrices frozen, and the
-plan ``hetvit analyze`` recommends (as is, and for the GMACs of ``fast``).
+(``fast`` also three times as long); ``fast``'s two halves after calibration, to see which one
+costs the accuracy that fine-tuning must win back; and, all on ``fast`` with the same budget,
+fine-tuning without the guidance loss, DGSSA only (no pyramid), GLAD only (no static
+layers), static maps started uniform instead of from the teacher's attention, the pooling
+matrices frozen, and the plan ``hetvit analyze`` recommends (as is, and for the GMACs of
+``fast``).
 
 Every figure comes from a ``hetvit`` command, printed before it runs, so any row can be
 redone by hand. Top-1 is on the full CIFAR-10 test set; speed is ``hetvit bench`` at the
@@ -48,6 +50,10 @@ VARIANTS = [
     Variant("teacher", "teacher", None, finetune=False),
     Variant("balanced-calibrated", "balanced, calibration only", "balanced", finetune=False),
     Variant("fast-calibrated", "fast, calibration only", "fast", finetune=False),
+    Variant("dgssa-only-calibrated", "DGSSA only, calibration only", "fast:static",
+            finetune=False),
+    Variant("glad-only-calibrated", "GLAD only, calibration only", "fast:pyramid",
+            finetune=False),
     Variant("balanced", "balanced, fine-tuned", "balanced"),
     Variant("fast", "fast, fine-tuned", "fast"),
     Variant("fast-3x", "fast, fine-tuned three times as long", "fast", epoch_scale=3),
