@@ -5,8 +5,8 @@ Variants: the teacher; ``balanced`` and ``fast`` right after calibration and aft
 costs the accuracy that fine-tuning must win back; and, all on ``fast`` with the same budget,
 fine-tuning without the guidance loss, DGSSA only (no pyramid), GLAD only (no static
 layers), static maps started uniform instead of from the teacher's attention, the pooling
-matrices frozen, and the plan ``hetvit analyze`` recommends (as is, and for the GMACs of
-``fast``).
+matrices frozen, feature distillation added (``--features``), and the plan ``hetvit
+analyze`` recommends (as is, and for the GMACs of ``fast``).
 
 Every figure comes from a ``hetvit`` command, printed before it runs, so any row can be
 redone by hand. Top-1 is on the full CIFAR-10 test set; speed is ``hetvit bench`` at the
@@ -65,6 +65,8 @@ VARIANTS = [
             flags=("--calibration-images", "0")),
     Variant("fast-glad-frozen", "fast, pooling matrices frozen", "fast",
             flags=("--freeze-aggregation",)),
+    Variant("fast-features", "fast, plus feature distillation at stage ends", "fast",
+            flags=("--features", "1")),
     Variant("recommended", "plan recommended by hetvit analyze, fine-tuned", "recommended"),
     Variant("recommended-at-fast", "plan recommended for fast's GMACs, fine-tuned",
             "recommended@fast"),

@@ -5,7 +5,17 @@ import hetvit
 from hetvit.aggregation import pooling_matrix
 from hetvit.attention import attention_map
 from hetvit.plan import Plan
-from hetvit.training import FinetuneModule, guidance_kl, kd_loss, project_map
+from hetvit.training import (
+    FinetuneModule,
+    TrainConfig,
+    TrainingError,
+    feature_loss,
+    finetune,
+    guidance_kl,
+    kd_loss,
+    project_map,
+    stage_ends,
+)
 
 from .conftest import tiny_vit
 
@@ -126,3 +136,66 @@ def test_frozen_aggregation_keeps_its_pooling_while_the_rest_learns(freeze, imag
     moved = {n for n in after if not torch.equal(after[n], before[n])}
     assert agg_names and (agg_names & moved) == (set() if freeze else agg_names)
     assert "blocks.0.attn.logits" in moved and "head.weight" in moved
+
+
+def test_feature_loss_is_zero_at_the_aggregated_teacher_and_relative():
+    torch.manual_seed(0)
+    t = torch.randn(2, 17, 8)
+    p, _ = pooling_matrix((4, 4), 4)
+    s = torch.cat([t[:, :1], p @ t[:, 1:]], 1)
+    assert feature_loss(s, t, p, 1).abs() < 1e-7
+    noisy = s + 0.1 * torch.randn_like(s)
+    by_hand = (noisy - s).pow(2).mean() / s.pow(2).mean()
+    torch.testing.assert_close(feature_loss(noisy, t, p, 1), by_hand)
+    torch.testing.assert_close(feature_loss(3 * noisy, 3 * t, p, 1), by_hand)  # scale-free
+    torch.testing.assert_close(feature_loss(t + 1, t, torch.eye(16), 1),
+                               feature_loss(t + 1, t, None, 1))
+
+
+def test_features_are_compared_at_the_end_of_every_stage():
+    assert stage_ends(Plan(pyramid=((3, 32), (6, 16), (9, 9))), 12) == [5, 8, 11]
+    assert stage_ends(Plan(static=(0, 1)), 12) == []
+
+
+def test_training_steps_reduce_the_feature_loss(images):
+    teacher = _sharp_teacher()
+    student = hetvit.compress(teacher, Plan(pyramid=((1, 8), (2, 4))))
+    module = FinetuneModule(student, teacher, ce=0.0, kd=0.0, guidance=0.0, features=1.0)
+    assert module.feature_layers == [1, 3]
+    layers = [b for b in student.blocks if hasattr(b, "attn")]
+
+    def loss() -> torch.Tensor:  # by hand: the teacher's tokens through the student's pooling
+        seen: dict[str, torch.Tensor] = {}
+        hooks = [m.register_forward_hook(lambda m_, a, out, k=k: seen.__setitem__(k, out))
+                 for k, m in (("t1", teacher.blocks[1]), ("t3", teacher.blocks[3]),
+                              ("s1", layers[1]), ("s3", layers[3]))]
+        with torch.no_grad():
+            teacher(images), student(images)
+        for h in hooks:
+            h.remove()
+        p1, p2 = (m.matrix() for m in student.blocks if not hasattr(m, "attn"))
+        return (feature_loss(seen["s1"], seen["t1"], p1, 1)
+                + feature_loss(seen["s3"], seen["t3"], p2 @ p1, 1)) / 2
+
+    student.train()
+    torch.testing.assert_close(module.training_step((images, None), 0), loss())
+    torch.manual_seed(0)
+    with torch.no_grad():  # move the student away from the teacher, then let it find its way back
+        for p in layers[1].mlp.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    start = loss().item()
+    opt = torch.optim.Adam(student.parameters(), lr=0.003)
+    for _ in range(30):
+        opt.zero_grad()
+        module.training_step((images, None), 0).backward()
+        opt.step()
+    end = loss().item()
+    assert end < 0.5 * start
+
+
+def test_feature_distillation_without_a_pyramid_is_refused_before_writing(tmp_path):
+    (tmp_path / "data").mkdir()
+    config = TrainConfig(data=tmp_path / "data", out=tmp_path / "run")
+    with pytest.raises(TrainingError, match="no pyramid"):
+        finetune(tiny_vit(), Plan(static=(0,)), config, features=1.0)
+    assert not (tmp_path / "run").exists()

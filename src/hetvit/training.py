@@ -21,6 +21,8 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -504,6 +506,21 @@ def read_run_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 # dynamic-guided fine-tuning with distillation
 
 
+@contextmanager
+def capture_outputs(modules: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """Collect the outputs of ``modules`` (in that order) during the forward passes inside."""
+    found: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, k=k: found.__setitem__(k, out))
+             for k, m in enumerate(modules)]
+    outputs: list[torch.Tensor] = []
+    try:
+        yield outputs
+    finally:
+        for h in hooks:
+            h.remove()
+    outputs.extend(found[k] for k in range(len(modules)) if k in found)
+
+
 def aggregation_path(student: nn.Module) -> dict[int, torch.Tensor | None]:
     """For each block of ``student``, the product of the aggregation matrices before it.
 
@@ -553,6 +570,25 @@ def guidance_kl(dynamic: torch.Tensor, static_logits: torch.Tensor) -> torch.Ten
     return kl.sum(-1).mean()
 
 
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, p: torch.Tensor | None,
+                 prefix: int) -> torch.Tensor:
+    """Relative squared error of the student's tokens against the teacher's, aggregated by ``p``.
+
+    ``student``: ``B x (prefix + M) x D``; ``teacher``: ``B x (prefix + N_p) x D``; ``p``:
+    ``M x N_p`` or ``None`` (no stage before this layer). Divided by the teacher tokens' mean
+    square, so the weight means the same at every depth and width.
+    """
+    if p is not None:
+        teacher = torch.cat([teacher[:, :prefix], p.to(teacher.dtype) @ teacher[:, prefix:]], 1)
+    return (student - teacher).pow(2).mean() / teacher.pow(2).mean().clamp_min(1e-12)
+
+
+def stage_ends(plan: Any, depth: int) -> list[int]:
+    """The last layer of every pyramid stage: where feature distillation compares tokens."""
+    starts = [layer for layer, _ in plan.pyramid]
+    return [nxt - 1 for nxt in starts[1:]] + [depth - 1] if starts else []
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
             ) -> torch.Tensor:
     """Hinton distillation: ``T^2 KL(softmax(t/T) || softmax(s/T))``, averaged over the batch."""
@@ -566,10 +602,13 @@ class FinetuneModule(BaseModule):
 
     Loss = ``ce * CE(labels) + kd * KD(teacher logits) + guidance * mean_l KL(A_dyn || A_static)``
     over the student's static layers, with the teacher's dynamic maps seen through the
-    student's aggregation where tokens were reduced before a static layer. ``freeze_aggregation``
-    keeps the pooling matrices at their initial average pooling (an ablation). With ``mix_epochs``
-    the static layers first run on ``lambda * A_dyn + (1 - lambda) * A_static``, lambda going
-    linearly from 1 to 0 over that many epochs (the curriculum).
+    student's aggregation where tokens were reduced before a static layer; ``features`` adds
+    :func:`feature_loss` at the end of every pyramid stage (DESIGN.md's optional feature
+    distillation: the teacher's tokens, aggregated like the student's, supervise them).
+    ``freeze_aggregation`` keeps the pooling matrices at their initial average pooling (an
+    ablation). With ``mix_epochs`` the static layers first run on ``lambda * A_dyn +
+    (1 - lambda) * A_static``, lambda going linearly from 1 to 0 over that many epochs (the
+    curriculum).
 
     The teacher is held outside the module's children: it is neither trained nor saved in
     checkpoints (it is rebuilt from its source on resume).
@@ -578,8 +617,8 @@ class FinetuneModule(BaseModule):
     def __init__(self, student: nn.Module, teacher: nn.Module, ce: float = 1.0, kd: float = 1.0,
                  guidance: float = 1.0, temperature: float = 1.0, mix_epochs: float = 0.0,
                  map_lr_scale: float = 10.0, freeze_aggregation: bool = False,
-                 lr: float = 5e-4, weight_decay: float = 0.05, warmup_epochs: float = 0.2,
-                 min_lr: float = 1e-6, label_smoothing: float = 0.1,
+                 features: float = 0.0, lr: float = 5e-4, weight_decay: float = 0.05,
+                 warmup_epochs: float = 0.2, min_lr: float = 1e-6, label_smoothing: float = 0.1,
                  seed: int | None = 0) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                          min_lr=min_lr, label_smoothing=label_smoothing, seed=seed)
@@ -603,6 +642,8 @@ class FinetuneModule(BaseModule):
         self.static_layers = list(plan.static)
         self.prefix = num_prefix_tokens(student.hetvit_source)
         self._layer_blocks = [b for b in student.blocks if hasattr(b, "attn")]
+        self.features = features
+        self.feature_layers = stage_ends(plan, len(self._layer_blocks)) if features > 0 else []
 
     @property
     def teacher(self) -> nn.Module:
@@ -649,8 +690,10 @@ class FinetuneModule(BaseModule):
         return max(0.0, 1.0 - self.global_step / (self.mix_epochs * steps))
 
     @torch.no_grad()
-    def teacher_forward(self, images: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Teacher logits and its dynamic maps at the student's static layers."""
+    def teacher_forward(self, images: torch.Tensor
+                        ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+        """Teacher logits, its dynamic maps at the student's static layers (seen through the
+        student's aggregation) and its block outputs at :attr:`feature_layers`."""
         maps: dict[int, torch.Tensor] = {}
         hooks = []
         if self.guidance > 0 or self.mix_epochs > 0:
@@ -658,25 +701,28 @@ class FinetuneModule(BaseModule):
                 attn = self.teacher.blocks[i].attn
                 hooks.append(attn.register_forward_pre_hook(
                     lambda m, a, i=i: maps.__setitem__(i, attention_map(m, a[0]))))
-        try:
-            logits = self.teacher(images)
-        finally:
-            for h in hooks:
-                h.remove()
+        with capture_outputs([self.teacher.blocks[i] for i in self.feature_layers]) as tokens:
+            try:
+                logits = self.teacher(images)
+            finally:
+                for h in hooks:
+                    h.remove()
         path = aggregation_path(self.model)
-        return logits, {i: project_map(a, path[i], self.prefix) for i, a in maps.items()}
+        maps = {i: project_map(a, path[i], self.prefix) for i, a in maps.items()}
+        return logits, maps, dict(zip(self.feature_layers, tokens, strict=True))
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         if batch is None:
             return None
         images, target = batch
-        t_logits, maps = self.teacher_forward(images)
+        t_logits, maps, t_tokens = self.teacher_forward(images)
         lam = self.mix()
         for i in self.static_layers:
             attn = self._layer_blocks[i].attn
             attn.guide, attn.mix = (maps.get(i), lam) if lam > 0 else (None, 0.0)
         try:
-            logits = self.model(images)
+            with capture_outputs([self._layer_blocks[i] for i in self.feature_layers]) as tokens:
+                logits = self.model(images)
         finally:
             for i in self.static_layers:
                 self._layer_blocks[i].attn.guide = None
@@ -695,6 +741,12 @@ class FinetuneModule(BaseModule):
                              for i in self.static_layers]).mean()
             loss = loss + self.guidance * g
             self.log("train/guidance", g, batch_size=size, prog_bar=True)
+        if self.feature_layers:
+            path = aggregation_path(self.model)
+            f = torch.stack([feature_loss(s, t_tokens[i], path[i], self.prefix) for i, s in
+                             zip(self.feature_layers, tokens, strict=True)]).mean()
+            loss = loss + self.features * f
+            self.log("train/features", f, batch_size=size)
         self.log("train/loss", loss, batch_size=size, prog_bar=True, on_step=True, on_epoch=True)
         self.log("mix", lam, batch_size=size)
         return loss
@@ -703,7 +755,8 @@ class FinetuneModule(BaseModule):
 def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 1.0,
              kd: float = 1.0, guidance: float = 1.0, temperature: float = 1.0,
              mix_epochs: float = 0.0, map_lr_scale: float = 10.0,
-             freeze_aggregation: bool = False, calibration_images: int = 256) -> Path:
+             freeze_aggregation: bool = False, features: float = 0.0,
+             calibration_images: int = 256) -> Path:
     """Compress ``teacher`` with ``plan`` and fine-tune the student; returns ``<out>/model``.
 
     The static maps start from the teacher's mean attention over ``calibration_images``
@@ -714,6 +767,9 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
     from .surgery import compress
 
     check_run(config)
+    if features > 0 and not plan.pyramid:
+        raise TrainingError("feature distillation compares tokens at the end of each pyramid "
+                            "stage, and this plan has no pyramid: drop --features")
     out = Path(config.out)
     teacher = teacher.eval()
     last = out / "checkpoints" / CHECKPOINT_NAME
@@ -736,7 +792,7 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
     module = FinetuneModule(student, teacher, ce=ce, kd=kd, guidance=guidance,
                             temperature=temperature, mix_epochs=mix_epochs,
                             map_lr_scale=map_lr_scale, freeze_aggregation=freeze_aggregation,
-                            lr=config.lr, weight_decay=config.weight_decay,
+                            features=features, lr=config.lr, weight_decay=config.weight_decay,
                             warmup_epochs=config.warmup_epochs,
                             min_lr=config.min_lr, label_smoothing=config.label_smoothing,
                             seed=config.seed)
@@ -744,7 +800,8 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
     write_run_config(out / "finetune_config.json", {
         "plan": plan.to_dict(), "ce": ce, "kd": kd, "guidance": guidance,
         "temperature": temperature, "mix_epochs": mix_epochs, "map_lr_scale": map_lr_scale,
-        "freeze_aggregation": freeze_aggregation, "calibration_images": calibration_images,
+        "freeze_aggregation": freeze_aggregation, "features": features,
+        "calibration_images": calibration_images,
         **config_dict(config)})
     trainer = fit(module, config)
     target = out / "model"

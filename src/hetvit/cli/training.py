@@ -103,6 +103,10 @@ def finetune(
         "going 1 -> 0 over this many epochs (0: off).")] = 0.0,
     freeze_aggregation: Annotated[bool, typer.Option(
         help="Keep the token aggregation at its average-pooling start (ablation).")] = False,
+    features: Annotated[float, typer.Option(
+        help="Weight of feature distillation: at the end of every pyramid stage, the squared "
+        "error of the student's tokens against the teacher's tokens aggregated the same way, "
+        "relative to their size (0: off).")] = 0.0,
     calibration_images: Annotated[int, typer.Option(
         help="Training images whose mean attention initialises the static maps (0: uniform "
         "start).")] = 256,
@@ -113,7 +117,8 @@ def finetune(
     """Compress a trained ViT and fine-tune the student with dynamic guidance and distillation.
 
     Loss = ce * CE(labels) + kd * KD(teacher logits) + guidance * KL(teacher attention ||
-    static attention). The result, RUN/model, is a hetvit checkpoint (`hetvit.load`).
+    static attention) [+ features * token error at each pyramid stage's end]. The result,
+    RUN/model, is a hetvit checkpoint (`hetvit.load`).
     """
     from rich.console import Console
 
@@ -130,7 +135,7 @@ def finetune(
         target = run_finetune(source, the_plan, config, ce=ce, kd=kd, guidance=guidance,
                               temperature=temperature, mix_epochs=mix_epochs,
                               map_lr_scale=map_lr_scale, freeze_aggregation=freeze_aggregation,
-                              calibration_images=calibration_images)
+                              features=features, calibration_images=calibration_images)
     console.print(f"student written to {target}")
 
 
