@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import Subset
@@ -72,6 +73,8 @@ def test_report_holds_what_direct_measurements_give(tmp_path, assets, cifar):
     report = (out / "report.md").read_text()
     assert f"| teacher | {100 * result.accuracy['teacher']['top1']:.1f}% |" in report
     assert f"**{result.bench.speedup:.2f}x**" in report
+    sim = np.asarray(saved["similarity"]).mean(axis=1)  # the measured premise, as numbers
+    assert f"similarity (mean over heads): {sim[0]:.2f} at layer 0" in report
     arch = describe(teacher)
     assert result.bench.gmac_reduction == pytest.approx(
         formula_macs(arch) / formula_macs(arch, result.plan))
