@@ -5,8 +5,10 @@ Variants: the teacher; ``balanced`` and ``fast`` right after calibration and aft
 costs the accuracy that fine-tuning must win back; and, all on ``fast`` with the same budget,
 fine-tuning without the guidance loss, DGSSA only (no pyramid), GLAD only (no static
 layers), static maps started uniform instead of from the teacher's attention, the pooling
-matrices frozen, feature distillation added (``--features``), and the plan ``hetvit
-analyze`` recommends (as is, and for the GMACs of ``fast``).
+matrices frozen, the pyramid started from k-means of the tokens instead of pooling
+(``--aggregation-init cluster``, also after calibration only), feature distillation added
+(``--features``), and the plan ``hetvit analyze`` recommends (as is, and for the GMACs of
+``fast``).
 
 Every figure comes from a ``hetvit`` command, printed before it runs, so any row can be
 redone by hand. Top-1 is on the full CIFAR-10 test set; speed is ``hetvit bench`` at the
@@ -54,6 +56,8 @@ VARIANTS = [
             finetune=False),
     Variant("glad-only-calibrated", "GLAD only, calibration only", "fast:pyramid",
             finetune=False),
+    Variant("fast-cluster-calibrated", "fast, pyramid from k-means, calibration only", "fast",
+            finetune=False, flags=("--aggregation-init", "cluster")),
     Variant("balanced", "balanced, fine-tuned", "balanced"),
     Variant("fast", "fast, fine-tuned", "fast"),
     Variant("fast-3x", "fast, fine-tuned three times as long", "fast", epoch_scale=3),
@@ -65,6 +69,8 @@ VARIANTS = [
             flags=("--calibration-images", "0")),
     Variant("fast-glad-frozen", "fast, pooling matrices frozen", "fast",
             flags=("--freeze-aggregation",)),
+    Variant("fast-cluster-init", "fast, pyramid started from k-means of the tokens", "fast",
+            flags=("--aggregation-init", "cluster")),
     Variant("fast-features", "fast, plus feature distillation at stage ends", "fast",
             flags=("--features", "1")),
     Variant("recommended", "plan recommended by hetvit analyze, fine-tuned", "recommended"),
@@ -140,7 +146,7 @@ def run_variant(v: Variant, args: argparse.Namespace) -> dict:
                        *(["--limit-train-batches", 2] if args.smoke else []))
             else:
                 hetvit("compress", "--checkpoint", args.teacher, "--plan", plan,
-                       "--calibration", train, "--out", model)
+                       "--calibration", train, "--out", model, *v.flags)
     epochs = 0
     if v.finetune and v.plan:  # what the run did, even if --epochs changed since
         epochs = json.loads((run_dir / "finetune_config.json").read_text())["epochs"]

@@ -22,6 +22,14 @@ def tiny_vit(distilled: bool = False, **kwargs) -> VisionTransformer:
     return cls(**args).eval()
 
 
+def within_cluster_error(feats: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Reference: the sum over tokens (rows of ``feats``) of the squared distance to the mean
+    of their cluster, for an aggregation matrix ``p`` that is a hard partition."""
+    members = p > 1e-3
+    centroids = (members.double() / members.sum(1, keepdim=True)) @ feats.double()
+    return ((feats.double() - centroids[members.double().argmax(0)]) ** 2).sum()
+
+
 def write_images(root: Path, folders: list[str], per_class: int = 3) -> None:
     """An ImageFolder of random-noise 32x32 PNGs, ``per_class`` in each of ``folders``."""
     rng = np.random.default_rng(1)

@@ -199,3 +199,12 @@ def test_feature_distillation_without_a_pyramid_is_refused_before_writing(tmp_pa
     with pytest.raises(TrainingError, match="no pyramid"):
         finetune(tiny_vit(), Plan(static=(0,)), config, features=1.0)
     assert not (tmp_path / "run").exists()
+
+
+def test_cluster_init_without_calibration_images_is_refused_before_writing(tmp_path):
+    (tmp_path / "data").mkdir()
+    config = TrainConfig(data=tmp_path / "data", out=tmp_path / "run")
+    with pytest.raises(TrainingError, match="calibration-images"):
+        finetune(tiny_vit(), Plan(pyramid=((1, 8),)), config, calibration_images=0,
+                 aggregation_init="cluster")
+    assert not (tmp_path / "run").exists()

@@ -1,16 +1,17 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
 import hetvit
-from hetvit.aggregation import TokenAggregation
+from hetvit.aggregation import TokenAggregation, pooling_matrix
 from hetvit.attention import StaticAttention
 from hetvit.plan import Plan, PlanError
 from hetvit.surgery import UnsupportedModelError, describe, load_model
 
-from .conftest import tiny_vit
+from .conftest import tiny_vit, within_cluster_error
 
 PLAN = Plan(static=(0, 1), pyramid=((1, 8), (3, 4)))
 
@@ -154,3 +155,40 @@ def test_load_model_errors(tmp_path):
         load_model("no_such_vit", None)
     with pytest.warns(UserWarning, match="weights are random"):
         load_model("deit_tiny_patch16_224", None, **KW)
+
+
+def _stage_inputs(model, x):
+    """The layer-normalised patch tokens entering each aggregation stage: one N x (B*D)
+    descriptor matrix a stage (a token's features in every image)."""
+    seen = []
+    hooks = [b.register_forward_pre_hook(
+        lambda m, a: seen.append(F.layer_norm(a[0][:, 1:], a[0].shape[-1:])))
+        for b in model.blocks if isinstance(b, TokenAggregation)]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return [t.transpose(0, 1).reshape(t.shape[1], -1) for t in seen]
+
+
+def test_cluster_init_groups_each_stages_tokens_at_least_as_well_as_pooling(images):
+    plan = Plan(static=(3,), pyramid=((1, 8), (2, 4)))  # the static layer sees both stages
+    student = hetvit.compress(tiny_vit(), plan, calibration=images, aggregation_init="cluster")
+    stages = [b for b in student.blocks if isinstance(b, TokenAggregation)]
+    for agg, feats in zip(stages, _stage_inputs(student.eval(), images), strict=True):
+        p = agg.matrix().detach()
+        assert ((p > 1e-3).sum(0) == 1).all()  # a hard partition: every token in one cluster
+        pool, _ = pooling_matrix(agg.grid_in, agg.num_out)  # 2x1 / 1x2 windows: hard too
+        assert within_cluster_error(feats, p) <= within_cluster_error(feats, pool)
+    # Several calibration passes (one a stage, then the static maps) work on a one-shot iterator.
+    again = hetvit.compress(tiny_vit(), plan, calibration=iter([images[:2], images[2:]]),
+                            aggregation_init="cluster")
+    torch.testing.assert_close(again.state_dict(), student.state_dict())
+
+
+def test_cluster_init_needs_calibration_and_a_known_name(images):
+    plan = Plan(pyramid=((1, 8),))
+    with pytest.raises(ValueError, match="give calibration images"):
+        hetvit.compress(tiny_vit(), plan, aggregation_init="cluster")
+    with pytest.raises(ValueError, match="one of"):
+        hetvit.compress(tiny_vit(), plan, calibration=images, aggregation_init="kmeans")

@@ -263,11 +263,13 @@ def test_cli_train_then_finetune_pass_every_shared_option_through(tmp_path):
     result = runner.invoke(app, ["finetune", "--teacher", str(tmp_path / "teacher" / "model"),
                                  "--plan", "fast", "--data", str(tmp_path / "data"), "--epochs",
                                  "1", "--calibration-images", "4", "--features", "0.5",
+                                 "--aggregation-init", "cluster",
                                  "--out", str(tmp_path / "ft"), *shared])
     assert result.exit_code == 0, result.output
     written = json.loads((tmp_path / "ft" / "finetune_config.json").read_text())
     assert {k: written[k] for k in expected} == expected
     assert written["calibration_images"] == 4 and written["features"] == 0.5
+    assert written["aggregation_init"] == "cluster"
     assert hetvit.load(tmp_path / "ft" / "model").hetvit_plan.static
 
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from .plan import pool_grid
 
-__all__ = ["TokenAggregation", "pooling_matrix"]
+__all__ = ["TokenAggregation", "pooling_matrix", "cluster_matrix", "clustering_cost"]
 
 
 def pooling_matrix(grid: tuple[int, int], m: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -34,6 +34,49 @@ def pooling_matrix(grid: tuple[int, int], m: int) -> tuple[torch.Tensor, tuple[i
     else:
         pooled = F.adaptive_avg_pool2d(eye.reshape(n, 1, h, w), target).reshape(n, m)
     return pooled.T.contiguous().float(), target
+
+
+def clustering_cost(gram: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Squared distances (``M x N``) of every token to every centroid ``c_m = sum_j P_mj f_j``.
+
+    Only inner products of the tokens' descriptors ``f`` are needed: with ``G = F F^T``,
+    ``|f_i - c_m|^2 = G_ii - 2 (P G)_mi + (P G P^T)_mm``. So ``G`` can be summed over any
+    number of images (a streaming statistic) and never the descriptors themselves held.
+    """
+    g, p = gram.double(), p.double()
+    pg = p @ g
+    return g.diagonal()[None, :] - 2 * pg + (pg * p).sum(1, keepdim=True)
+
+
+def cluster_matrix(gram: torch.Tensor, init: torch.Tensor, iters: int = 100) -> torch.Tensor:
+    """Group ``N`` tokens into ``M`` clusters by k-means on their Gram matrix, from ``init``.
+
+    The data-driven start for GLAD (DESIGN.md): tokens that carry the same content across
+    images are the redundant ones, so they should be averaged into one new token, wherever they
+    lie on the grid. k-means starts from the centroids of ``init`` (the spatial pooling, so it
+    can only lower the pooling's within-cluster error, and cluster ``m`` stays near pooling
+    window ``m``) and runs Lloyd's iterations in kernel form (:func:`clustering_cost`). A
+    cluster that empties takes the token farthest from its own centroid, so none is left
+    empty. Returns the ``M x N`` matrix whose row ``m`` averages the tokens of cluster ``m``.
+    """
+    m, n = init.shape
+    p = init.double()
+    assign: torch.Tensor | None = None
+    for _ in range(iters):
+        dist = clustering_cost(gram, p)
+        new = dist.argmin(0)
+        counts = torch.bincount(new, minlength=m)
+        for empty in (counts == 0).nonzero().flatten().tolist():
+            own = dist[new, torch.arange(n)].masked_fill(counts[new] <= 1, -float("inf"))
+            i = int(own.argmax())
+            counts[new[i]] -= 1
+            new[i], counts[empty] = empty, 1
+        if assign is not None and torch.equal(new, assign):
+            break
+        assign = new
+        p = F.one_hot(assign, m).T.double()
+        p = p / p.sum(1, keepdim=True)
+    return p.to(init.dtype)
 
 
 class TokenAggregation(nn.Module):

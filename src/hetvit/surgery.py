@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from timm.layers import LayerScale
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .aggregation import TokenAggregation
+from .aggregation import TokenAggregation, cluster_matrix
 from .attention import StaticAttention, attention_map, is_dynamic_attention, warn_uniform
 from .data import image_batches
 from .plan import Plan, PlanError, token_grid
@@ -204,8 +205,12 @@ def plan_of(model: nn.Module) -> Plan:
     return getattr(model, "hetvit_plan", None) or Plan()
 
 
+AGGREGATION_INITS = ("pool", "cluster")
+
+
 def compress(model: nn.Module, plan: Plan, calibration: Any = None, *,
-             max_batches: int | None = None, init: str = "calibrate") -> VisionTransformer:
+             max_batches: int | None = None, init: str = "calibrate",
+             aggregation_init: str = "pool") -> VisionTransformer:
     """A compressed copy of ``model``: static attention and token aggregation as ``plan`` says.
 
     Args:
@@ -217,7 +222,18 @@ def compress(model: nn.Module, plan: Plan, calibration: Any = None, *,
         max_batches: use at most this many calibration batches.
         init: ``"calibrate"`` (default), or ``"none"`` to leave the new parameters at their
             defaults (for loading saved weights into the structure).
+        aggregation_init: ``"pool"`` starts every pyramid stage as average pooling of the token
+            grid; ``"cluster"`` (needs ``calibration``) groups the tokens a stage receives by
+            k-means over the calibration images (:func:`hetvit.aggregation.cluster_matrix`),
+            stage by stage, before the static maps are calibrated through the result.
     """
+    if aggregation_init not in AGGREGATION_INITS:
+        raise ValueError(f"aggregation_init must be one of {AGGREGATION_INITS}, not "
+                         f"{aggregation_init!r}")
+    cluster = aggregation_init == "cluster" and init == "calibrate" and bool(plan.pyramid)
+    if cluster and calibration is None:
+        raise ValueError("aggregation_init='cluster' groups tokens by what calibration images "
+                         "show: give calibration images")
     if is_compressed(model):
         raise PlanError("this model is already compressed; compress its source model instead")
     arch = describe(model)
@@ -244,6 +260,10 @@ def compress(model: nn.Module, plan: Plan, calibration: Any = None, *,
         blocks.append(blk)
     new.blocks = nn.Sequential(*blocks)
 
+    if calibration is not None and iter(calibration) is calibration:
+        calibration = list(calibration)  # a one-shot iterator; calibration may take several passes
+    if cluster:
+        _cluster_stages(new, prefix, calibration, max_batches)
     maps: dict[int, torch.Tensor | None] = dict.fromkeys(plan.static)
     if init == "calibrate" and plan.static and calibration is not None:
         maps = _calibrate(new, plan.static, calibration, max_batches)
@@ -279,6 +299,48 @@ def _calibrate(model: VisionTransformer, layers: Iterable[int], calibration: Any
             m = attention_map(mod, args[0]).sum(0)
             sums[i] = m if i not in sums else sums[i] + m
         hooks.append(layer_blocks[i].attn.register_forward_pre_hook(hook))
+    count = _run_calibration(model, calibration, max_batches, hooks)
+    if count == 0:
+        return dict.fromkeys(layers)
+    return {i: sums[i] / count for i in layers}
+
+
+class _StopForward(Exception):
+    """Raised by a hook once it has what it needs, to skip the rest of the forward pass."""
+
+
+@torch.no_grad()
+def _cluster_stages(model: VisionTransformer, prefix: int, calibration: Any,
+                    max_batches: int | None) -> None:
+    """Start every aggregation stage from k-means of the patch tokens it receives.
+
+    Stage by stage, since a stage's input depends on the stages before it. A token's
+    descriptor is its layer-normalised feature in every calibration image (what the next
+    block's attention sees, up to its affine), so the clusters are tokens that are alike
+    across images; only their Gram matrix is accumulated.
+    """
+    for agg in [b for b in model.blocks if isinstance(b, TokenAggregation)]:
+        gram = torch.zeros(agg.num_in, agg.num_in, dtype=torch.float64)
+
+        def hook(mod: nn.Module, args: tuple, gram: torch.Tensor = gram) -> None:
+            x = args[0][:, prefix:].double()
+            x = F.layer_norm(x, x.shape[-1:])
+            gram.add_(torch.einsum("bnd,bmd->nm", x, x).cpu())
+            raise _StopForward
+
+        hooks = [agg.register_forward_pre_hook(hook)]
+        count = _run_calibration(model, calibration, max_batches, hooks)
+        if count == 0:
+            raise ValueError("aggregation_init='cluster': the calibration set holds no images")
+        agg.set_matrix(cluster_matrix(gram, agg.matrix().detach().cpu()))
+
+
+def _run_calibration(model: VisionTransformer, calibration: Any, max_batches: int | None,
+                     hooks: list[torch.utils.hooks.RemovableHandle]) -> int:
+    """Run the calibration images through ``model`` in eval mode, then remove ``hooks``.
+
+    Returns the number of images run.
+    """
     was_training = model.training
     model.eval()
     count = 0
@@ -287,12 +349,13 @@ def _calibrate(model: VisionTransformer, layers: Iterable[int], calibration: Any
         for b, x in enumerate(image_batches(calibration)):
             if max_batches is not None and b >= max_batches:
                 break
-            model.forward_features(x.to(param))
+            try:
+                model.forward_features(x.to(param))
+            except _StopForward:
+                pass
             count += x.shape[0]
     finally:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    if count == 0:
-        return dict.fromkeys(layers)
-    return {i: sums[i] / count for i in layers}
+    return count

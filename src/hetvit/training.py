@@ -756,11 +756,13 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
              kd: float = 1.0, guidance: float = 1.0, temperature: float = 1.0,
              mix_epochs: float = 0.0, map_lr_scale: float = 10.0,
              freeze_aggregation: bool = False, features: float = 0.0,
-             calibration_images: int = 256) -> Path:
+             calibration_images: int = 256, aggregation_init: str = "pool") -> Path:
     """Compress ``teacher`` with ``plan`` and fine-tune the student; returns ``<out>/model``.
 
     The static maps start from the teacher's mean attention over ``calibration_images``
-    training images drawn at random (eval transform). On ``resume`` the student's structure is
+    training images drawn at random (eval transform); with ``aggregation_init="cluster"`` the
+    pyramid stages start from k-means of the tokens over the same images (see
+    :func:`hetvit.compress`). On ``resume`` the student's structure is
     rebuilt from the plan and every weight comes from the checkpoint.
     """
     from . import io
@@ -770,6 +772,10 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
     if features > 0 and not plan.pyramid:
         raise TrainingError("feature distillation compares tokens at the end of each pyramid "
                             "stage, and this plan has no pyramid: drop --features")
+    cluster = aggregation_init == "cluster" and bool(plan.pyramid)
+    if cluster and calibration_images <= 0:
+        raise TrainingError("--aggregation-init cluster groups tokens over calibration images: "
+                            "give --calibration-images > 0")
     out = Path(config.out)
     teacher = teacher.eval()
     last = out / "checkpoints" / CHECKPOINT_NAME
@@ -783,12 +789,12 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
         student = compress(teacher, plan, init="none")
     else:
         calib = None
-        if plan.static and calibration_images > 0:
+        if (plan.static or cluster) and calibration_images > 0:
             ds = open_dataset(config.data, make_transform(teacher), class_map=config.class_map,
                               skip_unknown=config.skip_unknown)
             calib = make_loader(random_subset(ds, calibration_images, config.seed),
                                 batch_size=config.batch_size, workers=config.workers)
-        student = compress(teacher, plan, calibration=calib)
+        student = compress(teacher, plan, calibration=calib, aggregation_init=aggregation_init)
     module = FinetuneModule(student, teacher, ce=ce, kd=kd, guidance=guidance,
                             temperature=temperature, mix_epochs=mix_epochs,
                             map_lr_scale=map_lr_scale, freeze_aggregation=freeze_aggregation,
@@ -801,7 +807,7 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
         "plan": plan.to_dict(), "ce": ce, "kd": kd, "guidance": guidance,
         "temperature": temperature, "mix_epochs": mix_epochs, "map_lr_scale": map_lr_scale,
         "freeze_aggregation": freeze_aggregation, "features": features,
-        "calibration_images": calibration_images,
+        "calibration_images": calibration_images, "aggregation_init": aggregation_init,
         **config_dict(config)})
     trainer = fit(module, config)
     target = out / "model"

@@ -55,7 +55,8 @@ def fail(message: str) -> None:
     lines = message.splitlines()
     if len(lines) > 4:
         message = "\n".join(lines[:4]) + f"\n... ({len(lines) - 4} more lines)"
-    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    # soft_wrap: the terminal wraps; no newlines inside the message for logs and grep
+    Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -177,6 +178,11 @@ ValDataOpt = Annotated[Path | None, typer.Option(
 ]
 MinLrOpt = Annotated[float, typer.Option(
     help="Learning rate at the end of the cosine decay."),
+]
+AggregationInitOpt = Annotated[str, typer.Option(
+    help="How the pyramid stages start: pool (average pooling of the token grid) or cluster "
+    "(k-means of the tokens each stage receives over the calibration images: tokens alike "
+    "across images are merged, wherever they lie)."),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(
     help="torch CPU threads (default: all cores this process may use)."),

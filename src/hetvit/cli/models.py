@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from . import (
+    AggregationInitOpt,
     _overrides,
     _size_options,
     app,
@@ -133,6 +134,7 @@ def compress(
     num_images: Annotated[int, typer.Option(
         help="Calibration images to use, drawn at random (seeded) from the set.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration batch size.")] = 64,
+    aggregation_init: AggregationInitOpt = "pool",
 ) -> None:
     """Compress a ViT with a plan and save it as a hetvit checkpoint directory.
 
@@ -157,7 +159,8 @@ def compress(
 
             ds = open_dataset(calibration, make_transform(source), class_map=class_map)
             loader = make_loader(random_subset(ds, num_images), batch_size=batch_size)
-        student = do_compress(source.eval(), the_plan, calibration=loader)
+        student = do_compress(source.eval(), the_plan, calibration=loader,
+                              aggregation_init=aggregation_init)
         io.save(student, out)
     arch = describe(source)
     base, new = formula_macs(arch), formula_macs(arch, student.hetvit_plan)

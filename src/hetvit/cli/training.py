@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from . import (
+    AggregationInitOpt,
     DataOpt,
     MinLrOpt,
     OutOpt,
@@ -110,6 +111,7 @@ def finetune(
     calibration_images: Annotated[int, typer.Option(
         help="Training images whose mean attention initialises the static maps (0: uniform "
         "start).")] = 256,
+    aggregation_init: AggregationInitOpt = "pool",
     warmup_epochs: Annotated[float, typer.Option(help="Warm-up length in epochs.")] = 0.2,
     min_lr: MinLrOpt = 1e-6,
     **run: Any,
@@ -135,7 +137,8 @@ def finetune(
         target = run_finetune(source, the_plan, config, ce=ce, kd=kd, guidance=guidance,
                               temperature=temperature, mix_epochs=mix_epochs,
                               map_lr_scale=map_lr_scale, freeze_aggregation=freeze_aggregation,
-                              features=features, calibration_images=calibration_images)
+                              features=features, calibration_images=calibration_images,
+                              aggregation_init=aggregation_init)
     console.print(f"student written to {target}")
 
 
