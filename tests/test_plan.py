@@ -75,3 +75,19 @@ def test_malformed_plan_files(tmp_path):
         Plan.load(tmp_path / "missing.json")
     with pytest.raises(PlanError, match="unknown preset"):
         preset_for("turbo", 12, (14, 14))
+
+
+def test_the_package_api_loads_lazily_and_completely():
+    import subprocess
+    import sys
+
+    code = ("import sys, hetvit; assert 'torch' not in sys.modules; "
+            "[getattr(hetvit, n) for n in hetvit.__all__]; "
+            "assert hetvit.flops.formula_macs is sys.modules['hetvit.flops'].formula_macs; "
+            "print('ok')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "ok", result.stderr
+    import hetvit
+
+    with pytest.raises(AttributeError, match="no attribute 'compres'"):
+        hetvit.compres  # noqa: B018

@@ -287,3 +287,22 @@ def test_cli_train_reports_a_batch_limit_that_leaves_nothing(tmp_path):
     assert result.exit_code == 2, result.output
     assert "limit_val_batches" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_train_from_init_weights_starts_from_them(tmp_path):
+    import hetvit
+    from hetvit.training import train
+
+    write_colours(tmp_path / "data")
+    first = train(NAME, TINY, config(tmp_path, "first", epochs=1))
+    still = dict(epochs=1, lr=0.0, min_lr=0.0)  # no step moves a weight: what loads is kept
+    for init in (first, tmp_path / "first" / "checkpoints" / "last.ckpt"):
+        out = f"from-{init.name}"
+        second = train(NAME, TINY, config(tmp_path, out, **still), init=init)
+        expected = hetvit.load(first).state_dict()
+        for key, value in hetvit.load(second).state_dict().items():
+            torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+        written = json.loads((tmp_path / out / "train_config.json").read_text())
+        assert written["init"] == str(init)
+    with pytest.raises(ValueError, match="does not fit the model"):
+        train(NAME, {**TINY, "embed_dim": 64}, config(tmp_path, "wide", epochs=1), init=first)

@@ -7,7 +7,10 @@ from .plan import Plan, PlanError
 
 __version__ = "0.1.0"
 
-__all__ = ["Plan", "PlanError", "compress", "load", "save", "__version__"]
+__all__ = ["Plan", "PlanError", "compress", "load", "save", "analyze", "export_onnx",
+           "__version__"]
+_SUBMODULES = ("aggregation", "attention", "bench", "data", "demo", "evaluate", "export", "flops",
+               "io", "patterns", "plan", "surgery", "training")
 
 
 def __getattr__(name: str):
@@ -28,4 +31,8 @@ def __getattr__(name: str):
         from .export import export_onnx
 
         return export_onnx
+    if name in _SUBMODULES:  # hetvit.flops.formula_macs(...) after a plain `import hetvit`
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'hetvit' has no attribute {name!r}")

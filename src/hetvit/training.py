@@ -67,7 +67,8 @@ def create_model(model_name: str, model_kwargs: dict[str, Any] | None = None) ->
 
     The ``pretrained_cfg`` of a model built with an ``img_size`` override still describes the
     family's default input; it is corrected here so that transforms, ``hetvit.io.save`` and
-    ``hetvit evaluate`` all see the size the model was trained at (and no centre crop).
+    ``hetvit evaluate`` all see the size the model was trained at (with its family's
+    ``crop_pct``, see :func:`hetvit.data.data_config`).
     """
     from .data import data_config
     from .surgery import create_timm_model
@@ -431,11 +432,15 @@ def write_run_config(path: Path, values: dict[str, Any]) -> None:
     path.write_text(json.dumps(values, indent=2) + "\n")
 
 
-def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig) -> Path:
-    """Train a timm model from scratch and write it to ``<out>/model``; returns that path.
+def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig,
+          init: str | os.PathLike | None = None) -> Path:
+    """Train a timm model and write it to ``<out>/model``; returns that path.
 
-    A resumed run must name the same model and model flags as the checkpoint; other settings
-    (more epochs, say) may change and are recorded by :func:`write_run_config`.
+    From scratch, or from the weights in ``init`` (a weights file or a hetvit checkpoint
+    directory of the same architecture) with a fresh optimizer and schedule: a second phase
+    with other settings, such as a short fine-tune at the test-time crop. A resumed run must
+    name the same model and model flags as the checkpoint, and takes every weight from it;
+    other settings (more epochs, say) may change and are recorded by :func:`write_run_config`.
     """
     check_run(config)
     out = Path(config.out)
@@ -444,6 +449,11 @@ def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig) ->
                          min_lr=config.min_lr, label_smoothing=config.label_smoothing,
                          seed=config.seed,
                          augment={"scale": list(config.scale), "hflip": config.hflip})
+    if init is not None:
+        from .surgery import load_weights
+
+        init = Path(init)
+        load_weights(module.model, init / "model.safetensors" if init.is_dir() else init)
     if config.resume:
         last = out / "checkpoints" / CHECKPOINT_NAME
         if last.is_file():
@@ -455,6 +465,7 @@ def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig) ->
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out / "train_config.json", {"model_name": model_name,
                                                   "model_kwargs": model_kwargs,
+                                                  "init": None if init is None else str(init),
                                                   **config_dict(config)})
     trainer = fit(module, config)
     target = out / "model"

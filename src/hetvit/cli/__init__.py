@@ -122,7 +122,7 @@ def resolve_plan(plan: str, model: Any) -> Any:
 
 def _size_options(
     img_size: Annotated[int | None, typer.Option(
-        help="Architecture override: input resolution (e.g. 32); a plan fits one size.")] = None,
+        help="Architecture override: input resolution (e.g. 32).")] = None,
     patch_size: Annotated[int | None, typer.Option(
         help="Architecture override: patch size (e.g. 4).")] = None,
     embed_dim: Annotated[int | None, typer.Option(
@@ -168,8 +168,8 @@ OutOpt = Annotated[Path, typer.Option(
     "--out",
     help=(
         "Run directory: checkpoints/last.ckpt, logs/ (CSV), epochs.log and curves.png (one "
-        "line and a redrawn plot per epoch), the run's settings (train_config.json or "
-        "finetune_config.json) and, at the end, the model in model/."
+        "line and a redrawn plot per epoch), the run's settings (train_config.json, "
+        "finetune_config.json for finetune) and, at the end, the model in model/."
     )),
 ]
 ValDataOpt = Annotated[Path | None, typer.Option(
@@ -186,6 +186,14 @@ AggregationInitOpt = Annotated[str, typer.Option(
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(
     help="torch CPU threads (default: all cores this process may use)."),
+]
+ClassMapOpt = Annotated[str | None, typer.Option(
+    help="Class map file (one class name a line, line i is class i), or 'auto' for a "
+    "synsets.txt, class_map.txt or classes.txt at the dataset root; needed when the folders "
+    "are a subset of the model's classes (ImageNet samples)."),
+]
+TorchThreadsOpt = Annotated[int | None, typer.Option(
+    help="torch CPU threads (default: torch's, one per core)."),
 ]
 
 
@@ -204,10 +212,7 @@ def _run_options(
     hflip: Annotated[float, typer.Option(
         help="Probability of a horizontal flip (augmentation)."),
     ] = 0.5,
-    class_map: Annotated[str | None, typer.Option(
-        help="Class map file (one class name a line, line i is class i), or 'auto' to use a "
-        "synsets.txt / class_map.txt at the dataset root."),
-    ] = None,
+    class_map: ClassMapOpt = None,
     skip_unknown: Annotated[bool, typer.Option(
         help="Skip (with a warning) class folders the class map lacks instead of stopping."),
     ] = False,

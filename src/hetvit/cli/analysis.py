@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from . import (
-    ThreadsOpt,
+    TorchThreadsOpt,
     _model_options,
     _size_options,
     app,
@@ -129,7 +129,7 @@ def demo_command(
         help="Test images to evaluate on, equally many per class.")] = 1000,
     analysis_images: Annotated[int, typer.Option(
         help="Images whose attention maps are analysed.")] = 256,
-    threads: ThreadsOpt = None,
+    threads: TorchThreadsOpt = None,
 ) -> None:
     """Show what hetvit does, in about a minute, on the committed CIFAR-10 models.
 

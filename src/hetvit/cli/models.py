@@ -9,6 +9,7 @@ import typer
 
 from . import (
     AggregationInitOpt,
+    TorchThreadsOpt,
     _overrides,
     _size_options,
     app,
@@ -47,13 +48,14 @@ def plan_command(
     model: Annotated[str, typer.Option(
         "--model", help="timm model name, e.g. deit_small_patch16_224 (any timm ViT).")],
     preset: Annotated[str, typer.Option(
-        "--preset", help="fast, balanced or fastest (scaled to the model's depth and token "
-        "grid), or a plan.json file to check against the model and show.")] = "fast",
+        "--preset", "--plan", help="fast, balanced or fastest (scaled to the model's depth "
+        "and token grid), or a plan.json file to check against the model and show.")] = "fast",
     as_json: Annotated[bool, typer.Option(
         "--json", help="Print the plan, its layers and GMACs as JSON instead of a table.")
     ] = False,
     out: Annotated[Path | None, typer.Option(
-        "--out", help="Also write the plan to this file (for --plan of compress and bench).")
+        "--out", help="Also write the plan to this file (for --plan of compress, bench and "
+        "finetune).")
     ] = None,
     **sizes: Any,
 ) -> None:
@@ -129,8 +131,6 @@ def compress(
     calibration: Annotated[Path | None, typer.Option(
         help="Images (ImageFolder dir or .tar.gz) whose mean attention initialises the static "
         "maps. Without it the maps start uniform.")] = None,
-    class_map: Annotated[str | None, typer.Option(
-        help="Class map for the calibration set (not needed: labels are not used).")] = None,
     num_images: Annotated[int, typer.Option(
         help="Calibration images to use, drawn at random (seeded) from the set.")] = 256,
     batch_size: Annotated[int, typer.Option(help="Calibration batch size.")] = 64,
@@ -157,7 +157,7 @@ def compress(
         if calibration is not None:
             from ..data import make_loader, make_transform, open_dataset, random_subset
 
-            ds = open_dataset(calibration, make_transform(source), class_map=class_map)
+            ds = open_dataset(calibration, make_transform(source))
             loader = make_loader(random_subset(ds, num_images), batch_size=batch_size)
         student = do_compress(source.eval(), the_plan, calibration=loader,
                               aggregation_init=aggregation_init)
@@ -256,8 +256,7 @@ def bench_command(
     dtype: Annotated[str, typer.Option(
         help="fp32, or bf16 (models and inputs cast to bfloat16).")] = "fp32",
     device: Annotated[str, typer.Option(help="cpu, or cuda when a GPU is present.")] = "cpu",
-    threads: Annotated[int | None, typer.Option(
-        help="torch CPU threads (default: torch's, one per core).")] = None,
+    threads: TorchThreadsOpt = None,
     runtime: Annotated[str, typer.Option(
         help="What runs the models: torch (eager, or compiled with --compile) or "
         "onnxruntime (both models exported to ONNX, fp32 on the CPU).")] = "torch",

@@ -9,10 +9,11 @@ import typer
 
 from . import (
     AggregationInitOpt,
+    ClassMapOpt,
     DataOpt,
     MinLrOpt,
     OutOpt,
-    ThreadsOpt,
+    TorchThreadsOpt,
     ValDataOpt,
     _model_options,
     _overrides,
@@ -48,12 +49,16 @@ def train(
         help="Peak AdamW learning rate, reached after warm-up."),
     ] = 1e-3,
     warmup_epochs: Annotated[float, typer.Option(
-        help="Linear warm-up length in epochs (per step)."),
+        help="Linear warm-up length in epochs (the learning rate rises every step)."),
     ] = 1.0,
     min_lr: MinLrOpt = 1e-5,
+    init: Annotated[Path | None, typer.Option(
+        help="Start from these weights instead of random ones (.pth, .safetensors, a `hetvit "
+        "train` .ckpt or a hetvit checkpoint directory of the same architecture), with a fresh "
+        "optimizer and schedule.")] = None,
     **run: Any,
 ) -> None:
-    """Train a timm ViT from scratch (the teacher).
+    """Train a timm ViT from scratch (the teacher), or from --init weights.
 
     AdamW, warm-up + cosine, label smoothing and timm augmentation, on Lightning; resumable
     (--resume), with CSV logs and a progress bar. The model ends up in OUT/model.
@@ -68,7 +73,7 @@ def train(
         kwargs["drop_path_rate"] = drop_path
     config = _train_config({**locals(), **run})
     with user_errors():
-        target = run_training(model, kwargs, config)
+        target = run_training(model, kwargs, config, init=init)
     console.print(f"model written to {target}")
 
 
@@ -85,7 +90,7 @@ def finetune(
     model: Annotated[str | None, typer.Option(
         help="Or the teacher as a timm model name, with --checkpoint for its weights.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(
-        help="Weights file for --model (.pth, .safetensors).")] = None,
+        help="Weights file for --model (.pth, .safetensors, or a `hetvit train` .ckpt).")] = None,
     val_data: ValDataOpt = None,
     epochs: Annotated[int, typer.Option(help="Fine-tuning epochs (also sets the schedule).")] = 3,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 5e-4,
@@ -103,11 +108,11 @@ def finetune(
         help="Curriculum: static layers run on lambda*dynamic + (1-lambda)*static, lambda "
         "going 1 -> 0 over this many epochs (0: off).")] = 0.0,
     freeze_aggregation: Annotated[bool, typer.Option(
-        help="Keep the token aggregation at its average-pooling start (ablation).")] = False,
+        help="Keep the token aggregation at its start, pooling or k-means (ablation).")] = False,
     features: Annotated[float, typer.Option(
         help="Weight of feature distillation: at the end of every pyramid stage, the squared "
         "error of the student's tokens against the teacher's tokens aggregated the same way, "
-        "relative to their size (0: off).")] = 0.0,
+        "divided by the teacher tokens' mean square (0: off).")] = 0.0,
     calibration_images: Annotated[int, typer.Option(
         help="Training images whose mean attention initialises the static maps (0: uniform "
         "start).")] = 256,
@@ -149,19 +154,13 @@ def evaluate_command(
     data: Annotated[Path, typer.Option(
         "--data", help="Images to evaluate: an ImageFolder directory or a .tar.gz of one."),
     ],
-    class_map: Annotated[str | None, typer.Option(
-        help=(
-            "Class map file (one class name a line, line i is class i), or 'auto' for a "
-            "synsets.txt at the dataset root; needed when the folders are a subset of the "
-            "model's classes."
-        )),
-    ] = None,
+    class_map: ClassMapOpt = None,
     skip_unknown: Annotated[bool, typer.Option(
         help="Skip class folders the class map lacks instead of stopping."),
     ] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
     workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
-    threads: ThreadsOpt = None,
+    threads: TorchThreadsOpt = None,
     limit: Annotated[int | None, typer.Option(
         help="Evaluate only the first N images (after a fixed shuffle): a quick estimate."),
     ] = None,
