@@ -165,19 +165,35 @@ def test_extraction_is_safe_when_another_process_wins(tmp_path, monkeypatch):
     assert data.extract_archive(archive, cache) == target
 
 
-def test_eval_transform_keeps_every_pixel_of_a_small_model_input(tmp_path):
+def test_eval_transform_is_the_familys_centre_crop_at_the_models_size():
+    import math
+
+    from timm.data import resolve_model_data_config
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
     model = _tiny_model()
     cfg = data.data_config(model)
-    assert cfg["input_size"] == (3, 32, 32) and cfg["crop_pct"] == 1.0
+    family = resolve_model_data_config(model)
+    assert family["input_size"] == (3, 224, 224)  # the family's size would not fit the model
+    assert cfg["input_size"] == (3, 32, 32) and cfg["crop_pct"] == family["crop_pct"] < 1
     rng = np.random.default_rng(0)
-    pixels = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    out = make_transform(model)(Image.fromarray(pixels))
-    mean = torch.tensor(cfg["mean"]).view(3, 1, 1)
-    std = torch.tensor(cfg["std"]).view(3, 1, 1)
-    expected = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - mean) / std
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+    image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    mean, std = torch.tensor(cfg["mean"]).view(3, 1, 1), torch.tensor(cfg["std"]).view(3, 1, 1)
+
+    def reference(crop_pct: float) -> torch.Tensor:
+        """Resize the short side to size / crop_pct, centre-crop the size, normalise."""
+        resized = TF.resize(image, math.floor(32 / crop_pct),
+                            interpolation=InterpolationMode(cfg["interpolation"]))
+        return (TF.to_tensor(TF.center_crop(resized, 32)) - mean) / std
+
+    torch.testing.assert_close(make_transform(model)(image), reference(cfg["crop_pct"]),
+                               atol=1e-5, rtol=0)
+    model.pretrained_cfg = {"crop_pct": 1.0}  # a model that says so keeps every pixel
+    whole = make_transform(model)(image)
+    torch.testing.assert_close(whole, (TF.to_tensor(image) - mean) / std, atol=1e-5, rtol=0)
     train = make_transform(model, training=True, scale=(0.6, 1.0))
-    assert train(Image.fromarray(pixels)).shape == (3, 32, 32)
+    assert train(image).shape == (3, 32, 32)
 
 
 def test_shuffle_order_depends_only_on_seed_and_epoch():

@@ -313,8 +313,11 @@ def data_config(model: nn.Module) -> dict[str, Any]:
     """timm's data config for ``model``, corrected to the size the model really takes.
 
     A model created with an ``img_size`` override keeps the ``pretrained_cfg`` of its family
-    (e.g. 224 px, crop_pct 0.9). Feeding it that would fail; and for a model built for its own
-    small input size, a centre crop would only throw pixels away, so crop_pct becomes 1.0.
+    (e.g. 224 px, crop_pct 0.9), and feeding it 224 px would fail: the input size becomes the
+    model's. The family's ``crop_pct`` stays: it is part of the recipe the family was trained
+    with (random resized crops show objects larger than a whole image does, and the eval
+    centre crop matches that). Measured on the CIFAR-10 teacher, trained with crops of 60-100%
+    of the area: 77.3% top-1 on whole images, 79.3% at crop_pct 0.9 (3,000 test images).
     """
     from timm.data import resolve_model_data_config
 
@@ -325,7 +328,6 @@ def data_config(model: nn.Module) -> dict[str, Any]:
         size = tuple(int(s) for s in size)
         if tuple(cfg["input_size"][1:]) != size:
             cfg["input_size"] = (cfg["input_size"][0], *size)
-            cfg["crop_pct"] = 1.0
     return cfg
 
 
