@@ -20,6 +20,8 @@ def test_lines_round_trip_and_a_redone_epoch_keeps_its_last_line(tmp_path):
     assert rows[1]["total"] == 24 and rows[1]["val/top1"] == 0.5  # the resumed run's line
     png = plot_epochs(log, tmp_path / "curves.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    noted = plot_epochs(log, tmp_path / "noted.png", notes=[(2, "eval crop changed")])
+    assert noted.read_bytes() != png.read_bytes()  # the note is drawn
 
 
 def test_training_appends_one_line_per_epoch_across_a_resume(tmp_path):

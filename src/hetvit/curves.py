@@ -11,6 +11,7 @@ and the plot is redrawn from that file, so it always shows the whole run, resume
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 __all__ = ["EPOCHS_LOG", "CURVES_PNG", "format_epoch", "read_epochs", "plot_epochs"]
@@ -44,9 +45,12 @@ def read_epochs(path: str | Path) -> list[dict[str, float]]:
     return [rows[e] for e in sorted(rows)]
 
 
-def plot_epochs(path: str | Path, out: str | Path, title: str | None = None) -> Path:
+def plot_epochs(path: str | Path, out: str | Path, title: str | None = None,
+                notes: Sequence[tuple[float, str]] = ()) -> Path:
     """Plot an ``epochs.log``: validation top-1 (left) and losses (right) per epoch, with a
-    dotted line wherever the run's planned length changed (its schedule was stretched)."""
+    dotted line wherever the run's planned length changed (its schedule was stretched) and
+    at each ``(epoch, text)`` of ``notes`` (a line just after that epoch), for other changes a
+    reader of the curves must know about."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
@@ -65,13 +69,15 @@ def plot_epochs(path: str | Path, out: str | Path, title: str | None = None) -> 
         points = [(r["epoch"], r[key]) for r in rows if key in r]
         if points:
             loss.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
-    for before, after in zip(rows, rows[1:], strict=False):
-        if after["total"] != before["total"]:
-            for ax in (acc, loss):
-                ax.axvline(before["epoch"] + 0.5, color="0.5", linestyle=":", linewidth=1)
-            acc.annotate(f"schedule: {int(before['total'])} -> {int(after['total'])} epochs",
-                         (before["epoch"] + 0.6, 0.02), xycoords=("data", "axes fraction"),
-                         fontsize=7, color="0.4", rotation=90)
+    marks = [(before["epoch"],
+              f"schedule: {int(before['total'])} -> {int(after['total'])} epochs")
+             for before, after in zip(rows, rows[1:], strict=False)
+             if after["total"] != before["total"]]
+    for epoch, text in [*marks, *notes]:
+        for ax in (acc, loss):
+            ax.axvline(epoch + 0.5, color="0.5", linestyle=":", linewidth=1)
+        acc.annotate(text, (epoch + 0.6, 0.02), xycoords=("data", "axes fraction"),
+                     fontsize=7, color="0.4", rotation=90)
     if title:
         fig.suptitle(title)
     acc.set(xlabel="epoch", ylabel="validation accuracy (%)", title="accuracy")
