@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/hetvit bench --model deit_small_patch16_224 --plan fast --batch-size 32
+	$(BIN)/hetvit demo
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -1,20 +1,37 @@
-"""The committed teacher: it loads, its training record is whole, and it is trained.
+"""The committed demo models: they load, belong together and are trained.
 
-It is the README's accuracy proxy and the demo's input, so a commit that breaks it (weights
-from another run, an LFS pointer instead of weights, a partial record) must fail here rather
-than in front of a newcomer.
+They are the README's teacher and ``fast`` student and the demo's inputs, so a commit that
+breaks them (a stale plan, weights from another run, an LFS pointer instead of weights) must
+fail here rather than in front of a newcomer.
 """
 
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import hetvit
 from hetvit.curves import read_epochs
-from hetvit.demo import TEACHER, find_assets, sample_indices
+from hetvit.demo import STUDENT, TEACHER, find_assets, sample_indices
+from hetvit.plan import Plan
+from hetvit.surgery import describe
 
 CIFAR_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-test.tar.gz"
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[torch.nn.Module, torch.nn.Module]:
+    root = find_assets()
+    return hetvit.load(root / TEACHER), hetvit.load(root / STUDENT)
+
+
+def test_student_is_the_fast_compression_of_the_teacher(models):
+    teacher, student = models
+    assert student.hetvit_source == describe(teacher)
+    fast = Plan.preset("fast", teacher)
+    assert (student.hetvit_plan.static, student.hetvit_plan.pyramid) == (fast.static,
+                                                                        fast.pyramid)
 
 
 def test_teacher_run_record_is_committed_with_it():
@@ -26,14 +43,15 @@ def test_teacher_run_record_is_committed_with_it():
 
 
 @pytest.mark.skipif(not CIFAR_TEST.exists(), reason="needs ../shared/data beside the repository")
-def test_teacher_is_trained():
+def test_both_models_are_trained(models):
     """Well above chance (10%) on the first 20 test images of every class."""
     from torch.utils.data import Subset
 
     from hetvit.data import make_loader, make_transform, open_dataset
     from hetvit.evaluate import evaluate
 
-    teacher = hetvit.load(find_assets() / TEACHER)
+    teacher, student = models
     dataset = open_dataset(CIFAR_TEST, make_transform(teacher))
     loader = make_loader(Subset(dataset, sample_indices(dataset.targets, 20)), batch_size=100)
-    assert evaluate(teacher, loader)["top1"] > 0.6
+    for model in models:
+        assert evaluate(model, loader)["top1"] > 0.6
