@@ -61,6 +61,7 @@ VARIANTS = [
     Variant("balanced", "balanced, fine-tuned", "balanced"),
     Variant("fast", "fast, fine-tuned", "fast"),
     Variant("fast-3x", "fast, fine-tuned three times as long", "fast", epoch_scale=3),
+    Variant("fast-8x", "fast, fine-tuned eight times as long", "fast", epoch_scale=8),
     Variant("fast-no-guidance", "fast, fine-tuned without guidance", "fast",
             flags=("--guidance", "0")),
     Variant("dgssa-only", "DGSSA only (fast's static layers, no pyramid)", "fast:static"),
