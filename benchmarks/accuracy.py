@@ -64,6 +64,8 @@ VARIANTS = [
     Variant("fast-8x", "fast, fine-tuned eight times as long", "fast", epoch_scale=8),
     Variant("fast-no-guidance", "fast, fine-tuned without guidance", "fast",
             flags=("--guidance", "0")),
+    Variant("fast-8x-no-guidance", "fast, fine-tuned eight times as long without guidance",
+            "fast", epoch_scale=8, flags=("--guidance", "0")),
     Variant("dgssa-only", "DGSSA only (fast's static layers, no pyramid)", "fast:static"),
     Variant("glad-only", "GLAD only (fast's pyramid, no static layers)", "fast:pyramid"),
     Variant("fast-uniform-init", "fast, static maps start uniform", "fast",

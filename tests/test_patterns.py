@@ -13,7 +13,7 @@ import torch
 import hetvit
 from hetvit.attention import attention_map
 from hetvit.flops import formula_macs
-from hetvit.patterns import PatternReport, analyze, token_ladder
+from hetvit.patterns import PYRAMID_GAP, PatternReport, analyze, token_ladder
 from hetvit.plan import Plan, token_grid
 from hetvit.surgery import describe
 
@@ -271,9 +271,22 @@ def test_recommend_reaches_the_speed_target(target):
     assert rec["target_reached"] is True
     assert rec["speedup"] == pytest.approx(achieved)
     # The most conservative plan that reaches the target: a slightly larger margin misses it.
+    first = Plan(static=plan.static, pyramid=rec["pyramid_before_delay"],
+                 img_size=plan.img_size, source=plan.source, label=plan.label)
     if rec["margin"] is not None:
         looser = report._plan(2, np.array(rec["rank_need"]), rec["margin"] * 1.1)
-        assert base / formula_macs(report.arch, looser) < target or looser == plan
+        assert base / formula_macs(report.arch, looser) < target or looser == first
+    # Then its stages sit as late as the target allows: no stage can move one layer later
+    # (past the last layer: dropped) without missing the target.
+    assert achieved <= base / formula_macs(report.arch, first)
+    depth = report.arch["depth"]
+    for i, (at, m) in enumerate(plan.pyramid):
+        if i + 1 < len(plan.pyramid) and plan.pyramid[i + 1][0] - (at + 1) < PYRAMID_GAP:
+            continue
+        later = [*plan.pyramid[:i], *([(at + 1, m)] if at + 1 < depth else []),
+                 *plan.pyramid[i + 1:]]
+        moved = Plan(static=plan.static, pyramid=later)
+        assert base / formula_macs(report.arch, moved) < target, (plan.pyramid, later)
 
 
 def test_recommend_warns_when_the_target_is_out_of_reach():

@@ -47,7 +47,7 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -440,7 +440,10 @@ class PatternReport:
         **A speed target** (``speedup``: baseline GMACs / plan GMACs, from
         :func:`hetvit.flops.formula_macs`) keeps the static layers as found and tunes
         ``margin``: the largest margin (the most tokens kept) that reaches the target wins. If
-        none does, the fastest plan is returned with a warning.
+        none does, the fastest plan is returned with a warning. The ladder moves in whole steps,
+        so that plan can overshoot the target by a lot (2.7x for 2.4x asked); its stages are then
+        moved to later layers, one layer at a time, for as long as the target still holds. A
+        later stage only gives layers more tokens than their rank needs, never fewer.
         """
         if rank not in RANK_METRICS:
             raise ValueError(f"rank must be one of {RANK_METRICS}, got {rank!r}")
@@ -459,12 +462,13 @@ class PatternReport:
         base = formula_macs(self.arch)
         if speedup is None:
             chosen = margin
-            plan = self._plan(n_static, need, margin)
+            plan = undelayed = self._plan(n_static, need, margin)
         else:
             candidates = [math.inf, *np.geomspace(16, 1 / 64, 97).tolist()]
             plans = [(m, self._plan(n_static, need, m)) for m in candidates]
             fits = [(m, p) for m, p in plans if base / formula_macs(self.arch, p) >= speedup]
-            chosen, plan = fits[0] if fits else plans[-1]
+            chosen, undelayed = fits[0] if fits else plans[-1]
+            plan = self._delay(undelayed, base, speedup) if fits else undelayed
         macs = formula_macs(self.arch, plan)
         reached = None if speedup is None else base / macs >= speedup - 1e-9
         self.recommendation = {
@@ -479,6 +483,7 @@ class PatternReport:
             "worst_head_rank": getattr(self, rank).max(axis=1).tolist(),
             "rank_need": need.tolist(),
             "margin": None if math.isinf(chosen) else chosen,
+            "pyramid_before_delay": [list(stage) for stage in undelayed.pyramid],
             "first_stage_layer": max(1, n_static),
             "gmacs_baseline": base / 1e9,
             "gmacs_plan": macs / 1e9,
@@ -492,6 +497,28 @@ class PatternReport:
                           f"static layers (lower `similarity` to allow more, or use a preset)",
                           stacklevel=2)
         return plan
+
+    def _delay(self, plan: Plan, base: float, speedup: float) -> Plan:
+        """``plan`` with its stages moved as late as the target allows (see :meth:`recommend`).
+
+        Each step tries moving every stage one layer later (the last one past the end drops
+        it; stages keep :data:`PYRAMID_GAP` apart) and takes the move that keeps the most GMACs
+        while the speedup stays ``>= speedup``; it stops when no move does.
+        """
+        while True:
+            stages = list(plan.pyramid)
+            moves = []
+            for i, (at, m) in enumerate(stages):
+                later = stages[:i] + ([(at + 1, m)] if at + 1 < self.depth else []) + stages[i + 1:]
+                if i + 1 < len(stages) and stages[i + 1][0] - (at + 1) < PYRAMID_GAP:
+                    continue
+                moved = replace(plan, pyramid=tuple(later))
+                gain = base / formula_macs(self.arch, moved)
+                if gain >= speedup:
+                    moves.append((gain, moved))
+            if not moves:
+                return plan
+            plan = min(moves, key=lambda move: move[0])[1]
 
     def _plan(self, n_static: int, need: np.ndarray, margin: float) -> Plan:
         grid = token_grid(self.arch)
@@ -545,6 +572,11 @@ class PatternReport:
                          + (f", target {rec['target_speedup']:.2f}x "
                             f"{'reached' if rec['target_reached'] else 'NOT reached'}"
                             if rec["target_speedup"] is not None else ""))
+            before = [tuple(stage) for stage in rec.get("pyramid_before_delay", plan.pyramid)]
+            if before != list(plan.pyramid):
+                lines.append("stages moved later to come closer to the target: "
+                             + " ".join(f"{at}:{m}" for at, m in before) + " -> "
+                             + " ".join(f"{at}:{m}" for at, m in plan.pyramid))
         lines.append(f"{'layer':>5}  {'sim(min)':>8}  {'pass':>4}  {rank + '(max)':>14}  "
                      f"{'need':>6}  {'kept':>6}  role")
         stages = dict(plan.pyramid)
