@@ -223,3 +223,23 @@ def test_skip_count_is_shared_with_loader_workers(tmp_path):
     ds = open_dataset(tmp_path, transform=make_transform(_tiny_model()))
     n = sum(len(t) for _, t in make_loader(ds, batch_size=3, workers=2))
     assert (n, ds.skipped) == (6, 2)  # counted although the workers did the loading
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "v0"])
+def test_posterize_at_zero_bits_gives_a_black_image(policy):
+    """timm's policies can ask for 0 bits, which Pillow 13 refuses; hetvit's op blacks out."""
+    transform = make_transform(_tiny_model(), training=True, auto_augment=policy)
+    ops = [op for step in transform.transforms
+           for op in [*getattr(step, "ops", ()), *(o for sub in getattr(step, "policy", ())
+                                                   for o in sub)]
+           if op.name.startswith("Posterize")]
+    assert ops
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8))
+    for op in ops:
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0  # RandAugment's 0-bit case
+        out = op(image) if op.name == "PosterizeIncreasing" else op.aug_fn(image, 0)
+        assert out.size == image.size and np.asarray(out).max() == 0
+        np.testing.assert_array_equal(np.asarray(op.aug_fn(image, 3)),
+                                      np.asarray(image) & 0b11100000)  # 3 bits kept
+        assert op.aug_fn(image, 8) is image

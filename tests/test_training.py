@@ -52,10 +52,10 @@ def config(tmp_path: Path, out: str, **changes) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def module(seed: int = 7, **kwargs) -> TrainModule:
+def module(seed: int = 7, mixup: float = 0.0, cutmix: float = 0.0, **kwargs) -> TrainModule:
     L.seed_everything(seed, verbose=False)
     return TrainModule(NAME, {**TINY, **kwargs}, lr=3e-3, warmup_epochs=0.5, min_lr=1e-4,
-                       seed=seed)
+                       seed=seed, mixup=mixup, cutmix=cutmix)
 
 
 def eval_loss(model: torch.nn.Module, root: Path) -> dict[str, float]:
@@ -76,10 +76,19 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert list((tmp_path / "run" / "logs").glob("version_*/metrics.csv"))
 
 
-def test_resume_after_epoch_one_equals_training_straight(tmp_path):
+DEIT_RECIPE = dict(auto_augment="rand-m9-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0)
+
+
+@pytest.mark.parametrize("recipe", [{}, DEIT_RECIPE], ids=["light", "deit-recipe"])
+def test_resume_after_epoch_one_equals_training_straight(tmp_path, recipe):
     write_colours(tmp_path / "data")
-    # augmentation and drop-path both draw random numbers: the resumed run must draw the same
-    common = dict(epochs=2, scale=(0.5, 1.0), hflip=0.5)
+    # augmentation, mixing and drop-path all draw random numbers: the resumed run must draw
+    # the same
+    common = dict(epochs=2, scale=(0.5, 1.0), hflip=0.5, **recipe)
+    mixing = {k: v for k, v in recipe.items() if k in ("mixup", "cutmix")}
+
+    def module(**kwargs):
+        return globals()["module"](**mixing, **kwargs)
 
     straight = module(drop_path_rate=0.1)
     fit(straight, config(tmp_path, "straight", **common))
@@ -119,6 +128,36 @@ def test_resume_after_epoch_one_equals_training_straight(tmp_path):
     rebuilt = load_checkpoint_model(tmp_path / "resumed" / "checkpoints" / "last.ckpt")
     for key, value in rebuilt.state_dict().items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=1e-6)
+
+
+def test_mixup_blends_images_and_targets_with_one_lambda():
+    mod = module(mixup=0.8)
+    x = torch.randn(6, 3, 32, 32)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    np.random.seed(3)
+    mixed, soft = mod.mix_batch(x.clone(), y)  # timm mixes in place
+    lam = soft[0, 0].item()  # image 0 (class 0) is paired with image 5 (class 2)
+    assert 0 < lam < 1 and soft[0, 2].item() == pytest.approx(1 - lam)
+    torch.testing.assert_close(soft.sum(-1), torch.ones(6))
+    torch.testing.assert_close(mixed, lam * x + (1 - lam) * x.flip(0))
+    # without mixing, batches pass through untouched
+    plain = module()
+    assert plain.mix_batch(x, y)[0] is x and plain.mix_batch(x, y)[1] is y
+
+
+def test_cutmix_pastes_a_box_whose_area_is_the_target_weight():
+    mod = module(cutmix=1.0)
+    x = torch.rand(5, 3, 32, 32) + 1  # odd batch: the last image is dropped
+    y = torch.tensor([0, 1, 2, 0, 1])
+    np.random.seed(0)
+    mixed, soft = mod.mix_batch(x.clone(), y)  # timm mixes in place
+    assert mixed.shape[0] == soft.shape[0] == 4
+    own, partner = x[:4], x[:4].flip(0)
+    from_own = (mixed == own).all(1)  # pixels (all channels) kept from the image itself
+    assert (from_own | (mixed == partner).all(1)).all()  # every pixel is one or the other
+    lam = soft[1, 1].item()  # image 1 (class 1) with image 2 (class 2)
+    assert from_own[1].float().mean().item() == pytest.approx(lam)
+    assert 0 < lam < 1
 
 
 def test_existing_checkpoint_needs_resume_and_resume_needs_a_checkpoint(tmp_path):
@@ -245,9 +284,12 @@ def test_cli_train_then_finetune_pass_every_shared_option_through(tmp_path):
     shared = ["--batch-size", "6", "--weight-decay", "0.01", "--label-smoothing", "0.2",
               "--scale-min", "0.9", "--hflip", "0.0", "--workers", "0", "--threads", "1",
               "--seed", "5", "--accelerator", "cpu", "--limit-train-batches", "2",
-              "--limit-val-batches", "1"]
+              "--limit-val-batches", "1", "--auto-augment", "rand-m9-mstd0.5-inc1",
+              "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0"]
     expected = {"batch_size": 6, "weight_decay": 0.01, "label_smoothing": 0.2, "scale": [0.9, 1.0],
                 "hflip": 0.0, "threads": 1, "seed": 5, "accelerator": "cpu",
+                "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25, "mixup": 0.8,
+                "cutmix": 1.0,
                 "limit_train_batches": 2, "limit_val_batches": 1, "resume": False}
     runner = CliRunner()
     sizes = ["--img-size", "32", "--patch-size", "8", "--embed-dim", "32", "--depth", "2",
@@ -271,6 +313,25 @@ def test_cli_train_then_finetune_pass_every_shared_option_through(tmp_path):
     assert written["calibration_images"] == 4 and written["features"] == 0.5
     assert written["aggregation_init"] == "cluster"
     assert hetvit.load(tmp_path / "ft" / "model").hetvit_plan.static
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--auto-augment", "rand-q9"], "--auto-augment 'rand-q9'"),
+    (["--mixup", "-1"], "--mixup must be >= 0"),
+    (["--reprob", "1.5"], "--reprob is a probability"),
+])
+def test_cli_train_refuses_a_bad_augmentation_before_writing(tmp_path, flags, message):
+    from typer.testing import CliRunner
+
+    from hetvit.cli import app
+
+    write_colours(tmp_path / "data", per_class=2)
+    result = CliRunner().invoke(app, [
+        "train", "--model", NAME, "--img-size", "32", "--patch-size", "8", "--num-classes", "3",
+        "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), *flags])
+    assert result.exit_code == 2, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_train_reports_a_batch_limit_that_leaves_nothing(tmp_path):

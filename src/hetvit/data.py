@@ -342,9 +342,32 @@ def make_transform(model: nn.Module, training: bool = False, scale: tuple[float,
         return create_transform(**cfg, is_training=False)
     cfg.pop("crop_pct", None)
     cfg.pop("crop_mode", None)
-    return create_transform(**cfg, is_training=True, scale=tuple(scale), hflip=hflip,
-                            color_jitter=color_jitter, auto_augment=auto_augment,
-                            re_prob=re_prob)
+    transform = create_transform(**cfg, is_training=True, scale=tuple(scale), hflip=hflip,
+                                 color_jitter=color_jitter, auto_augment=auto_augment,
+                                 re_prob=re_prob)
+    for step in getattr(transform, "transforms", ()):
+        ops = list(getattr(step, "ops", ()))  # RandAugment, AugMix
+        ops += [op for sub in getattr(step, "policy", ()) for op in sub]  # AutoAugment
+        for op in ops:
+            if getattr(op, "name", "").startswith("Posterize"):
+                op.aug_fn = posterize
+    return transform
+
+
+def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """timm's posterize op, 0 bits included: a black image.
+
+    timm's policies ask for 0 bits (RandAugment ``inc1`` at magnitude 10, which DeiT's
+    ``rand-m9-mstd0.5-inc1`` reaches about one draw in forty; AutoAugment ``v0``), which older
+    Pillow turned into a black image and Pillow 13 refuses with a ValueError, ending the epoch.
+    """
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
 
 
 # --------------------------------------------------------------------------------------------

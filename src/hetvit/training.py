@@ -101,11 +101,13 @@ class BaseModule(L.LightningModule):
     model: nn.Module
 
     def __init__(self, lr: float = 1e-3, weight_decay: float = 0.05, warmup_epochs: float = 1.0,
-                 min_lr: float = 1e-5, label_smoothing: float = 0.1, seed: int | None = 0
-                 ) -> None:
+                 min_lr: float = 1e-5, label_smoothing: float = 0.1, seed: int | None = 0,
+                 mixup: float = 0.0, cutmix: float = 0.0) -> None:
         super().__init__()
         self.lr, self.weight_decay, self.warmup_epochs = lr, weight_decay, warmup_epochs
         self.min_lr, self.label_smoothing, self.seed = min_lr, label_smoothing, seed
+        self.mixup, self.cutmix = mixup, cutmix
+        self._mixer: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -137,7 +139,30 @@ class BaseModule(L.LightningModule):
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
     def classification_loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Label-smoothed cross-entropy; ``target`` holds class indices or, after
+        :meth:`mix_batch`, class probabilities."""
         return F.cross_entropy(logits, target, label_smoothing=self.label_smoothing)
+
+    def mix_batch(self, images: torch.Tensor, target: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mixup / CutMix (DeiT's recipe) when ``mixup`` or ``cutmix`` (Beta alphas) is set.
+
+        timm's ``Mixup`` draws one lambda per batch (mixup or cutmix, half the time each when
+        both are on) and pairs each image with the batch reversed; the targets become class
+        probabilities. Its draws come from numpy's global generator, which the training loader
+        reseeds every epoch, so a resumed run mixes exactly like an uninterrupted one. Label
+        smoothing is left to :meth:`classification_loss`. A batch of odd size (an unreadable
+        image was dropped) loses its last image, as ``Mixup`` pairs images.
+        """
+        if not (self.mixup > 0 or self.cutmix > 0):
+            return images, target
+        if self._mixer is None:
+            from timm.data import Mixup
+
+            self._mixer = Mixup(mixup_alpha=self.mixup, cutmix_alpha=self.cutmix,
+                                label_smoothing=0.0, num_classes=self.model.num_classes)
+        even = images.shape[0] - images.shape[0] % 2
+        return self._mixer(images[:even], target[:even])
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         if batch is None:
@@ -161,16 +186,18 @@ class TrainModule(BaseModule):
     def __init__(self, model_name: str, model_kwargs: dict[str, Any] | None = None,
                  lr: float = 1e-3, weight_decay: float = 0.05, warmup_epochs: float = 1.0,
                  min_lr: float = 1e-5, label_smoothing: float = 0.1, seed: int | None = 0,
-                 augment: dict[str, Any] | None = None) -> None:
+                 augment: dict[str, Any] | None = None, mixup: float = 0.0,
+                 cutmix: float = 0.0) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                         min_lr=min_lr, label_smoothing=label_smoothing, seed=seed)
+                         min_lr=min_lr, label_smoothing=label_smoothing, seed=seed,
+                         mixup=mixup, cutmix=cutmix)
         self.save_hyperparameters()
         self.model = create_model(model_name, model_kwargs)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
         if batch is None:  # every image of the batch was unreadable
             return None
-        images, target = batch
+        images, target = self.mix_batch(*batch)
         logits = self(images)
         loss = self.classification_loss(logits, target)
         size = target.shape[0]
@@ -200,6 +227,10 @@ class TrainConfig:
     label_smoothing: float = 0.1
     scale: tuple[float, float] = (0.6, 1.0)
     hflip: float = 0.5
+    auto_augment: str | None = None
+    reprob: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
     workers: int = 0
     seed: int = 0
     devices: int = 1
@@ -307,6 +338,20 @@ def check_run(config: TrainConfig) -> None:
     for path in (config.data, config.val_data):
         if path is not None and not Path(path).exists():
             raise DataError(f"data path not found: {path}")
+    for name in ("mixup", "cutmix", "reprob"):
+        if getattr(config, name) < 0:
+            raise TrainingError(f"--{name} must be >= 0, got {getattr(config, name)}")
+    if config.reprob > 1:
+        raise TrainingError(f"--reprob is a probability, got {config.reprob}")
+    if config.auto_augment:
+        from timm.data import create_transform
+
+        try:  # timm checks the policy string only when it builds the transform
+            create_transform(input_size=(3, 32, 32), is_training=True,
+                             auto_augment=config.auto_augment)
+        except (AssertionError, ValueError, KeyError) as err:
+            raise TrainingError(f"--auto-augment {config.auto_augment!r}: {err} (timm policies: "
+                                "rand-m9-mstd0.5-inc1, original, v0, augmix-m5, ...)") from None
 
 
 def fit(module: BaseModule, config: TrainConfig) -> L.Trainer:
@@ -335,7 +380,8 @@ def _fit(module: BaseModule, config: TrainConfig) -> L.Trainer:
 
     L.seed_everything(config.seed, workers=True, verbose=False)
     model = module.model
-    train_tf = make_transform(model, training=True, scale=config.scale, hflip=config.hflip)
+    train_tf = make_transform(model, training=True, scale=config.scale, hflip=config.hflip,
+                              auto_augment=config.auto_augment, re_prob=config.reprob)
     train_set = open_dataset(config.data, train_tf, class_map=config.class_map,
                              skip_unknown=config.skip_unknown)
     num_classes = getattr(model, "num_classes", None)
@@ -447,8 +493,9 @@ def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig,
     module = TrainModule(model_name, model_kwargs, lr=config.lr,
                          weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
                          min_lr=config.min_lr, label_smoothing=config.label_smoothing,
-                         seed=config.seed,
-                         augment={"scale": list(config.scale), "hflip": config.hflip})
+                         seed=config.seed, mixup=config.mixup, cutmix=config.cutmix,
+                         augment={"scale": list(config.scale), "hflip": config.hflip,
+                                  "auto_augment": config.auto_augment, "reprob": config.reprob})
     if init is not None:
         from .surgery import load_weights
 
@@ -630,9 +677,10 @@ class FinetuneModule(BaseModule):
                  map_lr_scale: float = 10.0, freeze_aggregation: bool = False,
                  features: float = 0.0, lr: float = 5e-4, weight_decay: float = 0.05,
                  warmup_epochs: float = 0.2, min_lr: float = 1e-6, label_smoothing: float = 0.1,
-                 seed: int | None = 0) -> None:
+                 seed: int | None = 0, mixup: float = 0.0, cutmix: float = 0.0) -> None:
         super().__init__(lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                         min_lr=min_lr, label_smoothing=label_smoothing, seed=seed)
+                         min_lr=min_lr, label_smoothing=label_smoothing, seed=seed,
+                         mixup=mixup, cutmix=cutmix)
         self.save_hyperparameters(ignore=["student", "teacher"])
         from .surgery import num_prefix_tokens, plan_of
 
@@ -726,6 +774,8 @@ class FinetuneModule(BaseModule):
         if batch is None:
             return None
         images, target = batch
+        if target is not None:  # teacher and student see the same mixed images
+            images, target = self.mix_batch(images, target)
         t_logits, maps, t_tokens = self.teacher_forward(images)
         lam = self.mix()
         for i in self.static_layers:
@@ -812,7 +862,7 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
                             features=features, lr=config.lr, weight_decay=config.weight_decay,
                             warmup_epochs=config.warmup_epochs,
                             min_lr=config.min_lr, label_smoothing=config.label_smoothing,
-                            seed=config.seed)
+                            seed=config.seed, mixup=config.mixup, cutmix=config.cutmix)
     out.mkdir(parents=True, exist_ok=True)
     write_run_config(out / "finetune_config.json", {
         "plan": plan.to_dict(), "ce": ce, "kd": kd, "guidance": guidance,

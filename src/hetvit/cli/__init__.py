@@ -212,6 +212,17 @@ def _run_options(
     hflip: Annotated[float, typer.Option(
         help="Probability of a horizontal flip (augmentation)."),
     ] = 0.5,
+    auto_augment: Annotated[str | None, typer.Option(
+        help="timm augmentation policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment, DeiT's "
+        "recipe) or original (AutoAugment); off by default."),
+    ] = None,
+    reprob: Annotated[float, typer.Option(
+        help="Random erasing probability (DeiT's recipe: 0.25).")] = 0.0,
+    mixup: Annotated[float, typer.Option(
+        help="Mixup Beta alpha (DeiT's recipe: 0.8; 0: off). With --cutmix, each batch gets "
+        "one of the two.")] = 0.0,
+    cutmix: Annotated[float, typer.Option(
+        help="CutMix Beta alpha (DeiT's recipe: 1.0; 0: off).")] = 0.0,
     class_map: ClassMapOpt = None,
     skip_unknown: Annotated[bool, typer.Option(
         help="Skip (with a warning) class folders the class map lacks instead of stopping."),
@@ -317,6 +328,8 @@ def _train_config(options: dict[str, Any]) -> Any:
         batch_size=o["batch_size"], lr=o["lr"], weight_decay=o["weight_decay"],
         warmup_epochs=o["warmup_epochs"], min_lr=o["min_lr"],
         label_smoothing=o["label_smoothing"], scale=(o["scale_min"], 1.0), hflip=o["hflip"],
+        auto_augment=o["auto_augment"], reprob=o["reprob"], mixup=o["mixup"],
+        cutmix=o["cutmix"],
         workers=o["workers"], seed=o["seed"], devices=o["devices"],
         accelerator=o["accelerator"], precision=o["precision"], resume=o["resume"],
         class_map=o["class_map"], skip_unknown=o["skip_unknown"],
