@@ -1,8 +1,9 @@
 """The README's accuracy table, ablations and Pareto plot, on the CIFAR-10 teacher.
 
 Variants: the teacher; ``balanced`` and ``fast`` right after calibration and after fine-tuning
-(``fast`` also three times as long); ``fast``'s two halves after calibration, to see which one
-costs the accuracy that fine-tuning must win back; and, all on ``fast`` with the same budget,
+(``fast`` also three and eight times as long, and eight times without guidance); ``fast``'s
+two halves after calibration, to see which one costs the accuracy that fine-tuning must win
+back; and, all on ``fast`` with the same budget,
 fine-tuning without the guidance loss, DGSSA only (no pyramid), GLAD only (no static
 layers), static maps started uniform instead of from the teacher's attention, the pooling
 matrices frozen, the pyramid started from k-means of the tokens instead of pooling
