@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -86,18 +87,16 @@ def test_resume_after_epoch_one_equals_training_straight(tmp_path, recipe):
     # the same
     common = dict(epochs=2, scale=(0.5, 1.0), hflip=0.5, **recipe)
     mixing = {k: v for k, v in recipe.items() if k in ("mixup", "cutmix")}
+    make = partial(module, drop_path_rate=0.1, **mixing)
 
-    def module(**kwargs):
-        return globals()["module"](**mixing, **kwargs)
-
-    straight = module(drop_path_rate=0.1)
+    straight = make()
     fit(straight, config(tmp_path, "straight", **common))
 
     class StopAfterFirstEpoch(L.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
             trainer.should_stop = True
 
-    first = module(drop_path_rate=0.1)
+    first = make()
     fit(first, config(tmp_path, "resumed", extra_callbacks=[StopAfterFirstEpoch()], **common))
     ckpt = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 3  # stopped after the first of 2 epochs
@@ -106,7 +105,7 @@ def test_resume_after_epoch_one_equals_training_straight(tmp_path, recipe):
                                                      strict=True))
 
     # as in a new process, a fresh module; perturbed so only the checkpoint explains a match
-    second = module(drop_path_rate=0.1)
+    second = make()
     with torch.no_grad():
         for p in second.model.parameters():
             p.add_(1.0)

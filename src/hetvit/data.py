@@ -345,13 +345,19 @@ def make_transform(model: nn.Module, training: bool = False, scale: tuple[float,
     transform = create_transform(**cfg, is_training=True, scale=tuple(scale), hflip=hflip,
                                  color_jitter=color_jitter, auto_augment=auto_augment,
                                  re_prob=re_prob)
-    for step in getattr(transform, "transforms", ()):
-        ops = list(getattr(step, "ops", ()))  # RandAugment, AugMix
-        ops += [op for sub in getattr(step, "policy", ()) for op in sub]  # AutoAugment
-        for op in ops:
-            if getattr(op, "name", "").startswith("Posterize"):
-                op.aug_fn = posterize
+    for op in augment_ops(transform):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = posterize
     return transform
+
+
+def augment_ops(transform: Callable) -> list[Any]:
+    """The timm ``AugmentOp``s inside a transform's auto-augment step, if it has one."""
+    ops: list[Any] = []
+    for step in getattr(transform, "transforms", ()):
+        ops += getattr(step, "ops", ())  # RandAugment, AugMix
+        ops += [op for sub in getattr(step, "policy", ()) for op in sub]  # AutoAugment
+    return ops
 
 
 def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:

@@ -509,9 +509,9 @@ class PatternReport:
             stages = list(plan.pyramid)
             moves = []
             for i, (at, m) in enumerate(stages):
-                later = stages[:i] + ([(at + 1, m)] if at + 1 < self.depth else []) + stages[i + 1:]
                 if i + 1 < len(stages) and stages[i + 1][0] - (at + 1) < PYRAMID_GAP:
                     continue
+                later = stages[:i] + ([(at + 1, m)] if at + 1 < self.depth else []) + stages[i + 1:]
                 moved = replace(plan, pyramid=tuple(later))
                 gain = base / formula_macs(self.arch, moved)
                 if gain >= speedup:
