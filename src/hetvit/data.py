@@ -24,12 +24,13 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .io import sha256
+from .io import class_names, sha256
 
 __all__ = [
     "DataError",
     "ImageDataset",
     "open_dataset",
+    "open_for_model",
     "make_loader",
     "make_transform",
     "data_config",
@@ -244,13 +245,14 @@ class ImageDataset(Dataset):
 
 def open_dataset(path: str | os.PathLike, transform: Callable | None = None,
                  class_map: ClassMapArg = None, skip_unknown: bool = False,
-                 cache_dir: str | os.PathLike | None = None) -> ImageDataset:
+                 cache_dir: str | os.PathLike | None = None,
+                 map_name: str = "the class map") -> ImageDataset:
     """Open an ImageFolder directory or a ``.tar.gz`` of one.
 
     ``class_map``: ``None`` (sorted folder names), ``"auto"`` (a ``synsets.txt`` /
     ``class_map.txt`` / ``classes.txt`` at the dataset root), a file path, or a list of names.
     With a map, a folder whose name the map lacks is an error, or, with ``skip_unknown``, is
-    skipped with a warning.
+    skipped with a warning; ``map_name`` says in those messages where the map came from.
     """
     path = Path(path)
     if not path.exists():
@@ -283,11 +285,12 @@ def open_dataset(path: str | os.PathLike, transform: Callable | None = None,
         unknown = [f.name for f in folders if f.name not in index_of]
         if unknown and not skip_unknown:
             shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+            known = ", ".join(classes[:5]) + (" ..." if len(classes) > 5 else "")
             raise DataError(
-                f"{len(unknown)} folder(s) in {class_root} are not in the class map: {shown} "
-                "(pass skip_unknown / --skip-unknown to leave them out)")
+                f"{len(unknown)} folder(s) in {class_root} are not in {map_name}: {shown} "
+                f"(it names {known}; pass skip_unknown / --skip-unknown to leave them out)")
         if unknown:
-            warnings.warn(f"skipping {len(unknown)} folder(s) not in the class map: "
+            warnings.warn(f"skipping {len(unknown)} folder(s) not in {map_name}: "
                           f"{', '.join(unknown[:5])}", stacklevel=2)
         skipped_folders = unknown
         folders = [f for f in folders if f.name in index_of]
@@ -303,6 +306,57 @@ def open_dataset(path: str | os.PathLike, transform: Callable | None = None,
         raise DataError(f"no images found under {class_root}")
     return ImageDataset(samples, classes, transform, root=class_root,
                         skipped_folders=skipped_folders)
+
+
+def open_for_model(path: str | os.PathLike, model: nn.Module, transform: Callable | None = None,
+                   class_map: ClassMapArg = None, skip_unknown: bool = False,
+                   cache_dir: str | os.PathLike | None = None,
+                   purpose: str = "evaluating") -> ImageDataset:
+    """Open a dataset whose labels are ``model``'s output indices.
+
+    Sorting the folders gives the right labels only when the folders are exactly the model's
+    classes; a subset or renamed folders would score a good model at 0% without a word. So a
+    model that records its class names (:func:`hetvit.io.class_names`) maps every folder
+    through them: an unknown folder is an error naming it, a given ``class_map`` must agree
+    with them, and a subset of the classes is said (``purpose``: "evaluating", "training on").
+    A model without names (an older checkpoint, a timm model) falls back to ``class_map`` or
+    the sorted folders, with a warning when their count does not match the model's outputs.
+    """
+    names = class_names(model)
+    outputs = getattr(model, "num_classes", None)
+    if names is None:
+        dataset = open_dataset(path, transform, class_map, skip_unknown, cache_dir)
+        found = len(dataset.classes)
+        if outputs is not None and found > outputs:
+            raise DataError(f"{path} has {found} classes but the model outputs {outputs}; pass "
+                            "--class-map if the folders are a subset of the model's classes")
+        if outputs is not None and class_map is None and found != outputs:
+            warnings.warn(f"the model records no class names and {path} holds {found} class "
+                          f"folders for its {outputs} outputs: labels follow the sorted folder "
+                          "names, right only if they are its first classes; pass --class-map "
+                          "to say which classes they are", stacklevel=2)
+        return dataset
+    if class_map is not None:
+        dataset = open_dataset(path, transform, class_map, skip_unknown, cache_dir)
+        if dataset.classes != names:
+            pairs = enumerate(zip(dataset.classes, names, strict=False))
+            at = next((i for i, (a, b) in pairs if a != b), min(len(dataset.classes), len(names)))
+            mine = dataset.classes[at] if at < len(dataset.classes) else "(none)"
+            theirs = names[at] if at < len(names) else "(none)"
+            raise DataError(f"the class map disagrees with the model's recorded classes: class "
+                            f"{at} is {mine!r} in the map, {theirs!r} in the model; drop "
+                            "--class-map (the model's names are used)")
+    else:
+        dataset = open_dataset(path, transform, names, skip_unknown, cache_dir,
+                               map_name="the model's recorded classes")
+    present = sorted(set(dataset.targets))
+    if len(present) < len(names):
+        missing = [names[i] for i in range(len(names)) if i not in set(present)]
+        shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        warnings.warn(f"{purpose} {len(present)} of the model's {len(names)} classes (no "
+                      f"images of {shown}); labels follow the model's class names",
+                      stacklevel=2)
+    return dataset
 
 
 # --------------------------------------------------------------------------------------------

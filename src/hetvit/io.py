@@ -1,9 +1,9 @@
 """Save and load compressed models: a directory with the plan, the weights and the source.
 
 ``plan.json``, ``model.safetensors`` and ``source.json`` (the source architecture, its timm
-``pretrained_cfg`` and a checksum of the weights). Saves are atomic: everything is written to a
-temporary directory that is renamed into place, so an interrupted save never leaves a
-checkpoint that loads half-written.
+``pretrained_cfg``, the class names and a checksum of the weights). Saves are atomic:
+everything is written to a temporary directory that is renamed into place, so an interrupted
+save never leaves a checkpoint that loads half-written.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 from .plan import Plan, PlanError
 
 __all__ = ["save", "load", "CheckpointError", "is_checkpoint", "atomic_directory",
-           "check_replaceable", "sha256"]
+           "check_replaceable", "sha256", "class_names", "check_class_names"]
 
 PLAN_FILE, WEIGHTS_FILE, SOURCE_FILE = "plan.json", "model.safetensors", "source.json"
 FORMAT = 1
@@ -113,10 +113,39 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else None))
 
 
-def save(model: nn.Module, directory: str | Path, plan: Plan | None = None) -> Path:
+def class_names(model: nn.Module) -> list[str] | None:
+    """The names of ``model``'s classes (name ``i`` is output ``i``), or ``None`` when unknown.
+
+    Kept on the model as ``hetvit_classes``: :func:`load` and the training runs set it, and
+    :func:`hetvit.compress` copies it with the rest of the model.
+    """
+    names = getattr(model, "hetvit_classes", None)
+    return list(names) if names is not None else None
+
+
+def check_class_names(names: Any, num_classes: int | None) -> list[str]:
+    """``names`` as a list of distinct strings, one per output, or ``ValueError`` saying why.
+
+    A wrong list would be worse than none: every label would be mapped to a wrong output.
+    """
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"class names must be a list of non-empty strings, got {names!r}")
+    if len(set(names)) < len(names):
+        twice = sorted({n for n in names if list(names).count(n) > 1})
+        raise ValueError(f"class names repeat: {', '.join(twice[:5])}")
+    if num_classes is not None and len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for a model with {num_classes} outputs")
+    return list(names)
+
+
+def save(model: nn.Module, directory: str | Path, plan: Plan | None = None,
+         classes: list[str] | None = None) -> Path:
     """Write ``model`` (compressed or not) to ``directory`` atomically; returns the directory.
 
-    An existing checkpoint at ``directory`` is replaced only once the new one is complete.
+    ``classes`` (default: the model's own, see :func:`class_names`) are recorded in
+    ``source.json``, so that evaluating and fine-tuning map dataset folders to the right
+    outputs. An existing checkpoint at ``directory`` is replaced only once the new one is
+    complete.
     """
     from safetensors.torch import save_file
 
@@ -124,10 +153,16 @@ def save(model: nn.Module, directory: str | Path, plan: Plan | None = None) -> P
 
     directory = Path(directory)
     plan = plan or plan_of(model)
+    arch = describe(model)
+    classes = class_names(model) if classes is None else classes
+    pretrained_cfg = _jsonable(dict(getattr(model, "pretrained_cfg", None) or {}))
+    if "num_classes" in pretrained_cfg:  # timm's family default (1000), not this model's
+        pretrained_cfg["num_classes"] = arch["num_classes"]
     source = {
         "format": FORMAT,
-        "arch": describe(model),
-        "pretrained_cfg": _jsonable(dict(getattr(model, "pretrained_cfg", None) or {})),
+        "arch": arch,
+        "pretrained_cfg": pretrained_cfg,
+        "classes": None if classes is None else check_class_names(classes, arch["num_classes"]),
     }
     with atomic_directory(directory, SOURCE_FILE) as tmp:
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
@@ -187,6 +222,13 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu",
                               f"{_first_line(e)}", d / SOURCE_FILE) from e
     if source.get("pretrained_cfg"):
         model.pretrained_cfg = source["pretrained_cfg"]
+        if "num_classes" in model.pretrained_cfg:  # older saves kept the family's 1000
+            model.pretrained_cfg["num_classes"] = arch.get("num_classes")
+    if source.get("classes") is not None:
+        try:
+            model.hetvit_classes = check_class_names(source["classes"], arch.get("num_classes"))
+        except ValueError as e:
+            raise CheckpointError(f"{d / SOURCE_FILE} is damaged: {e}", d / SOURCE_FILE) from e
     if plan.static or plan.pyramid:
         try:
             model = compress(model, plan, init="none")

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
+import socket
 import sys
 import time
 import warnings
@@ -34,7 +36,15 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from .attention import attention_map
-from .data import DataError, make_loader, make_transform, open_dataset, random_subset
+from .data import (
+    DataError,
+    ImageDataset,
+    make_loader,
+    make_transform,
+    open_dataset,
+    open_for_model,
+    random_subset,
+)
 
 __all__ = [
     "TrainConfig",
@@ -53,9 +63,16 @@ __all__ = [
     "load_checkpoint_model",
     "read_run_checkpoint",
     "check_run",
+    "run_lock",
+    "open_run_data",
+    "RunData",
+    "LOCK_NAME",
 ]
 
 CHECKPOINT_NAME = "last.ckpt"
+LOCK_NAME = ".lock"
+# What only a hetvit run directory holds: its settings, or (for a bare `fit`) its checkpoints.
+RUN_MARKERS = ("train_config.json", "finetune_config.json", "checkpoints")
 
 
 class TrainingError(ValueError):
@@ -322,13 +339,22 @@ def save_model(model: nn.Module, directory: Path, model_name: str,
     return path
 
 
-def check_run(config: TrainConfig) -> None:
+def check_run(config: TrainConfig, marker: str | None = None) -> None:
     """Raise a clear error for a run that cannot start as asked.
 
     Called before anything is written: a mistaken command must not touch the run directory
-    (its ``train_config.json`` is the record of how a model was trained).
+    (its ``train_config.json`` is the record of how a model was trained). ``marker`` is the
+    settings file of the run's kind (``train_config.json``, ``finetune_config.json``): a
+    directory holding the other kind's run is refused too.
     """
+    for name, least in (("epochs", 1), ("batch_size", 1), ("devices", 1), ("workers", 0)):
+        if getattr(config, name) < least:
+            raise TrainingError(f"--{name.replace('_', '-')} must be at least {least}, got "
+                                f"{getattr(config, name)}")
+    if config.threads is not None and config.threads < 1:
+        raise TrainingError(f"--threads must be at least 1, got {config.threads}")
     check_precision(config.precision, config.accelerator)
+    check_run_directory(Path(config.out), marker)
     last = Path(config.out) / "checkpoints" / CHECKPOINT_NAME
     if config.resume and not last.is_file():
         raise TrainingError(f"--resume: no checkpoint at {last}")
@@ -354,23 +380,197 @@ def check_run(config: TrainConfig) -> None:
                                 "rand-m9-mstd0.5-inc1, original, v0, augmix-m5, ...)") from None
 
 
-def fit(module: BaseModule, config: TrainConfig) -> L.Trainer:
+def check_run_directory(out: Path, marker: str | None = None) -> None:
+    """Refuse an ``--out`` that holds something other than a hetvit run (of ``marker``'s kind).
+
+    A run appends to ``epochs.log``, writes ``checkpoints/`` and replaces ``model/``; in a
+    folder of other files (a mistyped ``--out``) it would mix its files with the user's, so
+    that is refused before any work. A live lock (another run on the directory) is refused
+    here too, so that a second run stops before hours of work rather than at the first write.
+    """
+    from .io import SOURCE_FILE, check_replaceable
+
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise TrainingError(f"--out {out} exists and is not a directory; choose another --out")
+    entries = {p.name for p in out.iterdir()} - {LOCK_NAME}
+    if entries and not entries & set(RUN_MARKERS):
+        shown = ", ".join(sorted(entries)[:3]) + (" ..." if len(entries) > 3 else "")
+        raise TrainingError(f"--out {out} holds files that are not a hetvit run ({shown}); "
+                            "refusing to write into it: choose another --out")
+    others = [m for m in RUN_MARKERS[:2] if m in entries and m != marker]
+    if marker is not None and others and marker not in entries:
+        raise TrainingError(f"--out {out} holds another kind of run ({others[0]}, no {marker}): "
+                            "choose another --out")
+    try:
+        check_replaceable(out / "model", SOURCE_FILE)
+    except FileExistsError as err:
+        raise TrainingError(f"{err} (the run writes its model to {out / 'model'})") from None
+    holder = lock_holder(out / LOCK_NAME)
+    if holder is not None and Path(out).resolve() not in _HELD_LOCKS:
+        raise TrainingError(_locked_message(out / LOCK_NAME, holder))
+
+
+_HELD_LOCKS: set[Path] = set()
+
+
+def lock_holder(path: Path) -> dict[str, Any] | None:
+    """Who holds the run lock ``path``, or ``None`` when it is free or stale.
+
+    A lock is stale when its process is gone: same host, no such pid (a killed run leaves its
+    lock behind). On another host (a shared file system) nothing can be told, so it holds.
+    """
+    try:
+        holder = json.loads(path.read_text())
+        pid, host = int(holder["pid"]), str(holder["host"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return {"pid": "?", "host": "?", "since": "?"}  # unreadable: only a person can tell
+    if host == socket.gethostname() and not _pid_alive(pid):
+        return None
+    return holder
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():  # our own pid, not in _HELD_LOCKS: left by an earlier process
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _locked_message(path: Path, holder: dict[str, Any]) -> str:
+    return (f"{path.parent} is in use by another run (pid {holder.get('pid')} on host "
+            f"{holder.get('host')}, since {holder.get('since')}): wait for it to finish, or, if "
+            f"that run is dead, delete {path}")
+
+
+@contextmanager
+def run_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold ``<out>/.lock`` (pid, host, start time) while a run writes into ``out``.
+
+    Two runs on one directory would interleave ``epochs.log`` and overwrite ``last.ckpt``.
+    The lock is created atomically (``O_EXCL``); a stale one (its pid dead on this host) is
+    taken over with a warning, a live one is a :class:`TrainingError` naming its holder and
+    how to clear it. Re-entrant within a process (``train`` holds it around ``fit``). If the
+    directory was created here and the run fails before its first checkpoint, the directory
+    is removed: a failed start leaves nothing behind.
+    """
+    out = Path(out)
+    key = out.resolve()
+    if key in _HELD_LOCKS or os.environ.get("LOCAL_RANK", "0") != "0":  # DDP workers: rank 0
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / LOCK_NAME
+    info = {"pid": os.getpid(), "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            holder = lock_holder(path)
+            if holder is not None:
+                raise TrainingError(_locked_message(path, holder)) from None
+            warnings.warn(f"taking over the stale lock {path} (its process is gone)",
+                          stacklevel=3)
+            path.unlink(missing_ok=True)
+    with os.fdopen(fd, "w") as f:
+        json.dump(info, f)
+    _HELD_LOCKS.add(key)
+    try:
+        yield
+    except BaseException:
+        if created and not (out / "checkpoints" / CHECKPOINT_NAME).exists():
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    finally:
+        _HELD_LOCKS.discard(key)
+        path.unlink(missing_ok=True)
+
+
+@dataclass
+class RunData:
+    """A run's datasets and loaders, opened and checked before anything is written."""
+
+    train_set: ImageDataset
+    train_loader: Any
+    val_set: ImageDataset | None = None
+    val_loader: Any = None
+
+
+def open_run_data(module: BaseModule, config: TrainConfig) -> RunData:
+    """Open and check the training (and validation) data of ``module``'s run.
+
+    Labels are the model's output indices: a model that records class names (a fine-tuned
+    teacher, a resumed run) maps the folders through them, and a fresh model takes the
+    training set's names, which are then recorded in its checkpoints and in ``model/``. The
+    validation images are put in a fixed random order, so that ``--limit-val-batches`` sees
+    every class instead of the first folders.
+    """
+    from .io import class_names
+
+    model = module.model
+    last = Path(config.out) / "checkpoints" / CHECKPOINT_NAME
+    if config.resume and last.is_file():
+        stored = read_run_checkpoint(last).get("hyper_parameters", {}).get("classes")
+        if stored is not None:
+            model.hetvit_classes = list(stored)  # the run's classes, whatever --data holds
+    train_tf = make_transform(model, training=True, scale=config.scale, hflip=config.hflip,
+                              auto_augment=config.auto_augment, re_prob=config.reprob)
+    train_set = open_for_model(config.data, model, train_tf, class_map=config.class_map,
+                               skip_unknown=config.skip_unknown, purpose="training on")
+    if class_names(model) is None and len(train_set.classes) == getattr(model, "num_classes",
+                                                                        None):
+        model.hetvit_classes = list(train_set.classes)
+    module.hparams["classes"] = class_names(model)
+    if len(train_set) < config.batch_size * config.devices:
+        raise DataError(f"{config.data} holds {len(train_set)} images, fewer than one batch "
+                        f"({config.batch_size} x {config.devices} device(s)); lower --batch-size")
+    train_loader = make_loader(train_set, config.batch_size, shuffle=True,
+                               workers=config.workers, seed=config.seed, drop_last=True)
+    if config.val_data is None:
+        return RunData(train_set, train_loader)
+    val_set = open_for_model(config.val_data, model, make_transform(model, training=False),
+                             class_map=config.class_map, skip_unknown=config.skip_unknown,
+                             purpose="validating on")
+    if val_set.classes != train_set.classes:
+        raise DataError("the validation set's classes differ from the training set's: "
+                        f"{val_set.classes[:5]} vs {train_set.classes[:5]}")
+    val_loader = make_loader(random_subset(val_set, len(val_set), config.seed),
+                             config.batch_size * 2, workers=config.workers)
+    return RunData(train_set, train_loader, val_set, val_loader)
+
+
+def fit(module: BaseModule, config: TrainConfig, data: RunData | None = None) -> L.Trainer:
     """Train ``module`` on ``config.data``; checkpoints go to ``<out>/checkpoints/last.ckpt``.
 
     With ``config.resume`` the run continues from that checkpoint (optimizer, schedule, epoch,
     step). Without it an existing checkpoint is an error rather than being overwritten. torch
     uses ``config.threads`` (default: every core this process may use) while it trains.
+    ``data`` is what :func:`open_run_data` opened (default: opened here). The run holds
+    :func:`run_lock` on ``config.out`` while it writes.
     """
     check_run(config)
+    data = data or open_run_data(module, config)
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads or available_cores())
     try:
-        return _fit(module, config)
+        with run_lock(config.out):
+            return _fit(module, config, data)
     finally:
         torch.set_num_threads(previous)
 
 
-def _fit(module: BaseModule, config: TrainConfig) -> L.Trainer:
+def _fit(module: BaseModule, config: TrainConfig, data: RunData) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
     from lightning.pytorch.loggers import CSVLogger
 
@@ -379,29 +579,8 @@ def _fit(module: BaseModule, config: TrainConfig) -> L.Trainer:
     last = ckpt_dir / CHECKPOINT_NAME
 
     L.seed_everything(config.seed, workers=True, verbose=False)
-    model = module.model
-    train_tf = make_transform(model, training=True, scale=config.scale, hflip=config.hflip,
-                              auto_augment=config.auto_augment, re_prob=config.reprob)
-    train_set = open_dataset(config.data, train_tf, class_map=config.class_map,
-                             skip_unknown=config.skip_unknown)
-    num_classes = getattr(model, "num_classes", None)
-    if num_classes is not None and len(train_set.classes) > num_classes:
-        raise DataError(f"{config.data} has {len(train_set.classes)} classes but the model "
-                        f"outputs {num_classes}; pass --num-classes {len(train_set.classes)}")
-    if len(train_set) < config.batch_size * config.devices:
-        raise DataError(f"{config.data} holds {len(train_set)} images, fewer than one batch "
-                        f"({config.batch_size} x {config.devices} device(s)); lower --batch-size")
-    train_loader = make_loader(train_set, config.batch_size, shuffle=True,
-                               workers=config.workers, seed=config.seed, drop_last=True)
-    val_loader = None
-    val_set = None
-    if config.val_data is not None:
-        val_set = open_dataset(config.val_data, make_transform(model, training=False),
-                               class_map=config.class_map, skip_unknown=config.skip_unknown)
-        if val_set.classes != train_set.classes:
-            raise DataError("the validation set's classes differ from the training set's: "
-                            f"{val_set.classes[:5]} vs {train_set.classes[:5]}")
-        val_loader = make_loader(val_set, config.batch_size * 2, workers=config.workers)
+    train_set, train_loader = data.train_set, data.train_loader
+    val_set, val_loader = data.val_set, data.val_loader
 
     out.mkdir(parents=True, exist_ok=True)
     refresh = 1 if sys.stderr.isatty() else 25
@@ -464,6 +643,8 @@ def write_run_config(path: Path, values: dict[str, Any]) -> None:
     settings it replaces, time-stamped, to ``config_history.jsonl`` beside it, so the record
     of how a model was trained stays complete.
     """
+    values = json.loads(json.dumps(values))  # as read back: tuples become lists
+
     def differs(old: dict[str, Any]) -> bool:
         return ({k: v for k, v in old.items() if k != "resume"}
                 != {k: v for k, v in values.items() if k != "resume"})
@@ -488,7 +669,7 @@ def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig,
     name the same model and model flags as the checkpoint, and takes every weight from it;
     other settings (more epochs, say) may change and are recorded by :func:`write_run_config`.
     """
-    check_run(config)
+    check_run(config, "train_config.json")
     out = Path(config.out)
     module = TrainModule(model_name, model_kwargs, lr=config.lr,
                          weight_decay=config.weight_decay, warmup_epochs=config.warmup_epochs,
@@ -501,6 +682,9 @@ def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig,
 
         init = Path(init)
         load_weights(module.model, init / "model.safetensors" if init.is_dir() else init)
+        names = _recorded_classes(init)
+        if names is not None:  # the weights' classes stay theirs: --data is mapped to them
+            module.model.hetvit_classes = names
     if config.resume:
         last = out / "checkpoints" / CHECKPOINT_NAME
         if last.is_file():
@@ -509,17 +693,33 @@ def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig,
                 raise TrainingError(
                     f"--resume: the checkpoint was trained as {stored['model_name']} "
                     f"{stored['model_kwargs']}, not {model_name} {model_kwargs}")
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out / "train_config.json", {"model_name": model_name,
-                                                  "model_kwargs": model_kwargs,
-                                                  "init": None if init is None else str(init),
-                                                  **config_dict(config)})
-    trainer = fit(module, config)
-    target = out / "model"
-    if trainer.is_global_zero:
-        module.model.eval()
-        save_model(module.model.float().cpu(), target, model_name, model_kwargs)
+    data = open_run_data(module, config)  # every check before the first write
+    with run_lock(out):
+        write_run_config(out / "train_config.json", {
+            "model_name": model_name, "model_kwargs": model_kwargs,
+            "init": None if init is None else str(init), **config_dict(config),
+            "classes": module.hparams["classes"]})
+        trainer = fit(module, config, data)
+        target = out / "model"
+        if trainer.is_global_zero:
+            module.model.eval()
+            save_model(module.model.float().cpu(), target, model_name, model_kwargs)
     return target
+
+
+def _recorded_classes(init: Path) -> list[str] | None:
+    """The class names recorded with ``--init`` weights (a checkpoint directory or a run's
+    ``.ckpt``), if any."""
+    from .io import SOURCE_FILE
+
+    try:
+        if init.is_dir():
+            return json.loads((init / SOURCE_FILE).read_text()).get("classes")
+        if init.suffix == ".ckpt":
+            return read_run_checkpoint(init).get("hyper_parameters", {}).get("classes")
+    except (OSError, ValueError, TrainingError):
+        return None  # the weights loaded; an unreadable record only loses the names
+    return None
 
 
 def load_checkpoint_model(path: str | os.PathLike) -> nn.Module:
@@ -537,6 +737,8 @@ def load_checkpoint_model(path: str | os.PathLike) -> nn.Module:
         raise TrainingError(f"{path} is not a hetvit train checkpoint (no model_name in its "
                             "hyper-parameters, or no state_dict)")
     model = create_model(params["model_name"], params.get("model_kwargs"))
+    if params.get("classes") is not None:
+        model.hetvit_classes = list(params["classes"])
     prefix = "model."
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     try:
@@ -829,7 +1031,7 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
     from . import io
     from .surgery import compress
 
-    check_run(config)
+    check_run(config, "finetune_config.json")
     if features > 0 and not plan.pyramid:
         raise TrainingError("feature distillation compares tokens at the end of each pyramid "
                             "stage, and this plan has no pyramid: drop --features")
@@ -863,15 +1065,16 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
                             warmup_epochs=config.warmup_epochs,
                             min_lr=config.min_lr, label_smoothing=config.label_smoothing,
                             seed=config.seed, mixup=config.mixup, cutmix=config.cutmix)
-    out.mkdir(parents=True, exist_ok=True)
-    write_run_config(out / "finetune_config.json", {
-        "plan": plan.to_dict(), "ce": ce, "kd": kd, "guidance": guidance,
-        "temperature": temperature, "mix_epochs": mix_epochs, "map_lr_scale": map_lr_scale,
-        "freeze_aggregation": freeze_aggregation, "features": features,
-        "calibration_images": calibration_images, "aggregation_init": aggregation_init,
-        **config_dict(config)})
-    trainer = fit(module, config)
-    target = out / "model"
-    if trainer.is_global_zero:
-        io.save(module.model.float().cpu().eval(), target)
+    data = open_run_data(module, config)  # every check before the first write
+    with run_lock(out):
+        write_run_config(out / "finetune_config.json", {
+            "plan": plan.to_dict(), "ce": ce, "kd": kd, "guidance": guidance,
+            "temperature": temperature, "mix_epochs": mix_epochs, "map_lr_scale": map_lr_scale,
+            "freeze_aggregation": freeze_aggregation, "features": features,
+            "calibration_images": calibration_images, "aggregation_init": aggregation_init,
+            **config_dict(config), "classes": module.hparams["classes"]})
+        trainer = fit(module, config, data)
+        target = out / "model"
+        if trainer.is_global_zero:
+            io.save(module.model.float().cpu().eval(), target)
     return target

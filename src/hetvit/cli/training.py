@@ -21,7 +21,6 @@ from . import (
     _size_options,
     _train_config,
     app,
-    fail,
     open_given_model,
     open_model,
     resolve_plan,
@@ -175,7 +174,7 @@ def evaluate_command(
     from rich.console import Console
     from rich.table import Table
 
-    from ..data import make_loader, make_transform, open_dataset, random_subset
+    from ..data import make_loader, make_transform, open_for_model, random_subset
     from ..evaluate import evaluate
 
     console = Console(stderr=True)
@@ -184,12 +183,9 @@ def evaluate_command(
     net, _ = open_given_model(**source)
     name = str(source["checkpoint"] or source["model"])
     with user_errors():
-        dataset = open_dataset(data, make_transform(net, training=False), class_map=class_map,
-                               skip_unknown=skip_unknown)
-        outputs = getattr(net, "num_classes", None)
-        if outputs is not None and len(dataset.classes) > outputs:
-            fail(f"{data} has {len(dataset.classes)} classes but the model outputs {outputs}; "
-                 "pass --class-map if the folders are a subset of the model's classes")
+        # labels are the model's output indices: folders go through its recorded class names
+        dataset = open_for_model(data, net, make_transform(net, training=False),
+                                 class_map=class_map, skip_unknown=skip_unknown)
         if limit is not None and limit < len(dataset):
             dataset = random_subset(dataset, limit)
         loader = make_loader(dataset, batch_size, workers=workers)

@@ -1,0 +1,160 @@
+"""Issue 22: no silent wrong answers, protected run directories, one-line errors for bad input.
+
+Every case asserts the message and that nothing was written.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from typer.testing import CliRunner
+
+import hetvit
+from hetvit.cli import app
+
+from .conftest import write_images
+
+NAMES = ["ant", "bee", "cat", "dog", "eel"]
+
+
+def small_vit(num_classes: int = 5, **kwargs) -> VisionTransformer:
+    torch.manual_seed(0)
+    args = dict(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
+                num_classes=num_classes)
+    return VisionTransformer(**{**args, **kwargs}).eval()
+
+
+def predicts(model: VisionTransformer, index: int) -> VisionTransformer:
+    """``model`` made to answer class ``index`` for every image."""
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[index] = 10.0
+    return model
+
+
+def one_line(output: str) -> str:
+    return " ".join(output.split())
+
+
+def listing(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+# --- 1. class names are recorded and checked ----------------------------------------------------
+
+
+def test_checkpoints_record_class_names_and_compress_keeps_them(tmp_path):
+    model = small_vit()
+    hetvit.save(model, tmp_path / "m", classes=NAMES)
+    source = json.loads((tmp_path / "m" / "source.json").read_text())
+    assert source["classes"] == NAMES
+    loaded = hetvit.load(tmp_path / "m")
+    assert loaded.hetvit_classes == NAMES
+    student = hetvit.compress(loaded, hetvit.Plan(static=(0,)))
+    hetvit.save(student, tmp_path / "s")
+    assert hetvit.load(tmp_path / "s").hetvit_classes == NAMES
+    with pytest.raises(ValueError, match="4 class names for a model with 5 outputs"):
+        hetvit.save(model, tmp_path / "bad", classes=NAMES[:4])
+    with pytest.raises(ValueError, match="class names repeat: ant"):
+        hetvit.save(model, tmp_path / "bad", classes=["ant"] * 5)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_an_older_checkpoint_without_names_still_loads(tmp_path):
+    hetvit.save(small_vit(), tmp_path / "m")
+    source = json.loads((tmp_path / "m" / "source.json").read_text())
+    del source["classes"]
+    (tmp_path / "m" / "source.json").write_text(json.dumps(source))
+    assert getattr(hetvit.load(tmp_path / "m"), "hetvit_classes", None) is None
+
+
+def _evaluate(model_dir: Path, data: Path, *extra: str):
+    return CliRunner().invoke(app, ["evaluate", "--checkpoint", str(model_dir), "--data",
+                                    str(data), "--json", *extra])
+
+
+def test_evaluating_a_subset_of_the_classes_says_so_and_scores_by_name(tmp_path):
+    hetvit.save(predicts(small_vit(), NAMES.index("dog")), tmp_path / "m", classes=NAMES)
+    write_images(tmp_path / "data", ["bee", "dog"], per_class=3)
+    with pytest.warns(UserWarning, match="evaluating 2 of the model's 5 classes"):
+        result = _evaluate(tmp_path / "m", tmp_path / "data")
+    assert result.exit_code == 0, result.output
+    # labels follow the names (bee 1, dog 3), not the sorted folders (0, 1): the dogs are right
+    assert json.loads(result.stdout)["top1"] == pytest.approx(0.5)
+
+
+def test_an_unknown_or_renamed_class_folder_is_refused_naming_it(tmp_path):
+    hetvit.save(small_vit(), tmp_path / "m", classes=NAMES)
+    write_images(tmp_path / "data", ["ant", "zebra"], per_class=1)
+    result = _evaluate(tmp_path / "m", tmp_path / "data")
+    assert result.exit_code == 2
+    assert "not in the model's recorded classes: zebra" in one_line(result.output)
+    assert "Traceback" not in result.output
+    (tmp_path / "map.txt").write_text("\n".join(reversed(NAMES)) + "\n")
+    result = _evaluate(tmp_path / "m", tmp_path / "data", "--class-map",
+                       str(tmp_path / "map.txt"), "--skip-unknown")
+    assert result.exit_code == 2
+    assert "disagrees with the model's recorded classes: class 0 is 'eel'" in one_line(
+        result.output)
+
+
+def test_a_model_without_names_warns_when_the_folders_do_not_match(tmp_path):
+    hetvit.save(small_vit(), tmp_path / "m")  # no names, as the older checkpoints
+    write_images(tmp_path / "data", ["bee", "dog"], per_class=1)
+    with pytest.warns(UserWarning, match="records no class names .* 2 class folders for its 5"):
+        result = _evaluate(tmp_path / "m", tmp_path / "data")
+    assert result.exit_code == 0, result.output
+    write_images(tmp_path / "many", [f"c{i}" for i in range(6)], per_class=1)
+    result = _evaluate(tmp_path / "m", tmp_path / "many")
+    assert result.exit_code == 2 and "has 6 classes but the model outputs 5" in result.output
+
+
+def test_the_committed_checkpoints_record_the_cifar10_classes():
+    from hetvit.demo import CIFAR10_CLASSES, STUDENT, TEACHER, find_assets
+
+    for name in (TEACHER, STUDENT):
+        model = hetvit.load(find_assets() / name)
+        assert model.hetvit_classes == CIFAR10_CLASSES
+        assert model.pretrained_cfg["num_classes"] == 10
+
+
+def _config(tmp_path: Path, out: str, **changes):
+    from hetvit.training import TrainConfig
+
+    values = dict(data=tmp_path / "data", out=tmp_path / out, epochs=1, batch_size=8,
+                  threads=1, progress=False, accelerator="cpu")
+    return TrainConfig(**{**values, **changes})
+
+
+@pytest.fixture
+def colours(tmp_path: Path) -> Path:
+    from .test_training import write_colours
+
+    return write_colours(tmp_path / "data", per_class=3)
+
+
+def test_training_records_the_classes_and_finetuning_maps_through_them(tmp_path, colours):
+    from hetvit.data import DataError
+    from hetvit.training import finetune, train
+
+    from .test_training import NAME, TINY
+
+    teacher_dir = train(NAME, TINY, _config(tmp_path, "teacher"))
+    assert hetvit.load(teacher_dir).hetvit_classes == ["c0", "c1", "c2"]
+    record = json.loads((tmp_path / "teacher" / "train_config.json").read_text())
+    assert record["classes"] == ["c0", "c1", "c2"]
+    (colours / "c2").rename(colours / "zebra")  # renamed folders: refused, nothing written
+    with pytest.raises(DataError, match="not in the model's recorded classes: zebra"):
+        finetune(hetvit.load(teacher_dir), hetvit.Plan(static=(0,)),
+                 _config(tmp_path, "student"), calibration_images=0)
+    assert not (tmp_path / "student").exists()
+    before = listing(tmp_path / "teacher")
+    with pytest.raises(DataError, match="not in the model's recorded classes: zebra"):
+        train(NAME, TINY, _config(tmp_path, "teacher", epochs=2, resume=True))
+    assert listing(tmp_path / "teacher") == before
+    assert not (tmp_path / "teacher" / "config_history.jsonl").exists()
