@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 
 __all__ = ["Plan", "PlanError", "compress", "load", "save", "analyze", "export_onnx",
            "__version__"]
-_SUBMODULES = ("aggregation", "attention", "bench", "data", "demo", "evaluate", "export", "flops",
-               "io", "patterns", "plan", "surgery", "training")
+_SUBMODULES = ("aggregation", "attention", "baselines", "bench", "data", "demo", "evaluate",
+               "export", "flops", "io", "patterns", "plan", "surgery", "training")
 
 
 def __getattr__(name: str):

@@ -246,6 +246,13 @@ def model_info(model: nn.Module) -> ModelInfo:
     from .flops import count_macs, formula_macs
     from .surgery import describe, plan_of
 
+    if getattr(model, "hetvit_baseline", None) is not None:  # ToMe, EViT: hetvit.baselines
+        from . import baselines
+
+        return ModelInfo(gmacs=baselines.formula_macs(model) / 1e9,
+                         gmacs_counted=(count_macs(model) + baselines.selection_macs(model)) / 1e9,
+                         params=sum(p.numel() for p in model.parameters()),
+                         plan=baselines.describe_baseline(model))
     plan = plan_of(model)
     return ModelInfo(gmacs=formula_macs(describe(model), plan) / 1e9,
                      gmacs_counted=count_macs(model) / 1e9,

@@ -66,8 +66,10 @@ def count_macs(model: nn.Module, img_size: tuple[int, int] | None = None) -> int
 
     def attention(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
         nonlocal total
-        n, width = args[0].shape[1], out.shape[-1]
-        attn_dim = getattr(mod, "attn_dim", width)
+        n = args[0].shape[1]
+        # attn_dim first: an attention that returns more than its output (the baselines'
+        # TokenAttention gives q and k too) is still counted
+        attn_dim = getattr(mod, "attn_dim", None) or out.shape[-1]
         total += (1 if isinstance(mod, StaticAttention) else 2) * n * n * attn_dim
 
     def aggregate(mod: TokenAggregation, args: tuple, out: torch.Tensor) -> None:
