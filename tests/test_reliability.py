@@ -6,6 +6,8 @@ Every case asserts the message and that nothing was written.
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -158,3 +160,74 @@ def test_training_records_the_classes_and_finetuning_maps_through_them(tmp_path,
         train(NAME, TINY, _config(tmp_path, "teacher", epochs=2, resume=True))
     assert listing(tmp_path / "teacher") == before
     assert not (tmp_path / "teacher" / "config_history.jsonl").exists()
+
+
+# --- 3. run directories are protected -------------------------------------------------------------
+
+
+def test_finetune_refuses_a_foreign_out_before_any_work(tmp_path, colours):
+    hetvit.save(small_vit(num_classes=3), tmp_path / "teacher")
+    out = tmp_path / "mine"
+    (out / "model").mkdir(parents=True)
+    (out / "model" / "notes.txt").write_text("my notes")
+    (out / "epochs.log").write_text("my log\n")
+    before = {p: p.read_text() for p in out.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(app, ["finetune", "--teacher", str(tmp_path / "teacher"),
+                                      "--plan", "fast", "--data", str(colours), "--out", str(out),
+                                      "--threads", "1", "--accelerator", "cpu"])
+    assert result.exit_code == 2
+    assert "holds files that are not a hetvit run (epochs.log, model)" in one_line(result.output)
+    assert {p: p.read_text() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_a_failed_check_leaves_no_run_directory(tmp_path, colours):
+    from hetvit.data import DataError
+    from hetvit.training import train
+
+    from .test_training import NAME, TINY
+
+    with pytest.raises(DataError, match="fewer than one batch"):
+        train(NAME, TINY, _config(tmp_path, "run", batch_size=64))
+    assert not (tmp_path / "run").exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_live_lock_is_refused_naming_its_holder_and_a_stale_one_is_taken_over(tmp_path,
+                                                                                colours):
+    from hetvit.training import TrainingError, train
+
+    from .test_training import NAME, TINY
+
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".lock"
+    host = socket.gethostname()
+    lock.write_text(json.dumps({"pid": os.getppid(), "host": host, "since": "earlier"}))
+    with pytest.raises(TrainingError, match=f"in use by another run \\(pid {os.getppid()} on "
+                                            f"host {host}.*delete {lock}"):
+        train(NAME, TINY, _config(tmp_path, "run"))
+    assert listing(out) == [".lock"]
+    lock.write_text(json.dumps({"pid": _dead_pid(), "host": host, "since": "earlier"}))
+    with pytest.warns(UserWarning, match="taking over the stale lock"):
+        train(NAME, TINY, _config(tmp_path, "run"))  # its process is gone: the run goes ahead
+    assert (out / "model" / "source.json").is_file() and not lock.exists()
+
+
+def test_a_resume_with_the_same_settings_adds_no_history(tmp_path, colours):
+    from hetvit.training import train
+
+    from .test_training import NAME, TINY
+
+    train(NAME, TINY, _config(tmp_path, "run", scale=(0.6, 1.0)))
+    record = (tmp_path / "run" / "train_config.json").read_text()
+    train(NAME, TINY, _config(tmp_path, "run", scale=(0.6, 1.0), resume=True))
+    assert (tmp_path / "run" / "train_config.json").read_text() == record
+    assert not (tmp_path / "run" / "config_history.jsonl").exists()
