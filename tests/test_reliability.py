@@ -162,7 +162,7 @@ def test_training_records_the_classes_and_finetuning_maps_through_them(tmp_path,
     assert not (tmp_path / "teacher" / "config_history.jsonl").exists()
 
 
-# --- 3. run directories are protected -------------------------------------------------------------
+# --- 3. run directories are protected ------------------------------------------------------
 
 
 def test_finetune_refuses_a_foreign_out_before_any_work(tmp_path, colours):
@@ -231,3 +231,66 @@ def test_a_resume_with_the_same_settings_adds_no_history(tmp_path, colours):
     train(NAME, TINY, _config(tmp_path, "run", scale=(0.6, 1.0), resume=True))
     assert (tmp_path / "run" / "train_config.json").read_text() == record
     assert not (tmp_path / "run" / "config_history.jsonl").exists()
+
+
+# --- 4. bad numbers -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command, flag", [
+    ("train", ["--epochs", "-1"]),
+    ("train", ["--epochs", "0"]),
+    ("train", ["--threads", "0"]),
+    ("train", ["--depth", "0"]),
+    ("train", ["--num-heads", "0"]),
+    ("finetune", ["--epochs", "0"]),
+    ("evaluate", ["--limit", "-1"]),
+    ("evaluate", ["--threads", "0"]),
+    ("compress", ["--num-images", "-1"]),
+    ("export", ["--limit", "-1"]),
+])
+def test_a_bad_number_is_a_one_line_error_before_any_work(tmp_path, command, flag):
+    write_images(tmp_path / "data", ["a", "b"], per_class=1)
+    hetvit.save(small_vit(num_classes=2), tmp_path / "m")
+    out = tmp_path / "out"
+    args = {"train": ["--model", "vit_tiny_patch16_224", "--data", str(tmp_path / "data"),
+                      "--out", str(out)],
+            "finetune": ["--teacher", str(tmp_path / "m"), "--plan", "fast", "--data",
+                         str(tmp_path / "data"), "--out", str(out)],
+            "evaluate": ["--checkpoint", str(tmp_path / "m"), "--data", str(tmp_path / "data")],
+            "compress": ["--checkpoint", str(tmp_path / "m"), "--plan", "fast", "--calibration",
+                         str(tmp_path / "data"), "--out", str(out)],
+            "export": ["--checkpoint", str(tmp_path / "m"), "--out", str(out)]}[command]
+    result = CliRunner().invoke(app, [command, *args, *flag])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for '{flag[0]}'" in one_line(result.output)
+    assert "Traceback" not in result.output and not out.exists()
+
+
+def test_the_api_refuses_bad_run_numbers_too(tmp_path, colours):
+    from hetvit.training import TrainingError, train
+
+    from .test_training import NAME, TINY
+
+    for change, message in (({"epochs": 0}, "--epochs must be at least 1, got 0"),
+                            ({"threads": 0}, "--threads must be at least 1, got 0")):
+        with pytest.raises(TrainingError, match=message):
+            train(NAME, TINY, _config(tmp_path, "run", **change))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("static", [0.5], "static layer 0.5 is not a whole number"),
+    ("static", [True], "static layer True is not a whole number"),
+    ("pyramid", [[1, 4.5]], "pyramid M 4.5 is not a whole number"),
+])
+def test_a_plan_with_a_fractional_layer_is_refused_not_truncated(tmp_path, field, value,
+                                                                 message):
+    (tmp_path / "plan.json").write_text(json.dumps({field: value}))
+    with pytest.raises(hetvit.PlanError, match=message):
+        hetvit.Plan.load(tmp_path / "plan.json")
+    result = CliRunner().invoke(app, ["plan", "--model", "vit_tiny_patch16_224", "--img-size",
+                                      "32", "--patch-size", "4", "--plan",
+                                      str(tmp_path / "plan.json"), "--out",
+                                      str(tmp_path / "out.json")])
+    assert result.exit_code == 2 and message in one_line(result.output)
+    assert not (tmp_path / "out.json").exists()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,10 @@ class Plan:
 
     def __post_init__(self) -> None:
         # Normalise lists from JSON into tuples so plans compare and hash by value.
-        object.__setattr__(self, "static", tuple(int(i) for i in self.static))
-        object.__setattr__(self, "pyramid", tuple((int(at), int(m)) for at, m in self.pyramid))
+        object.__setattr__(self, "static", tuple(_whole(i, "static layer") for i in self.static))
+        object.__setattr__(self, "pyramid", tuple((_whole(at, "pyramid layer"),
+                                                   _whole(m, "pyramid M"))
+                                                  for at, m in self.pyramid))
         if self.img_size is not None:
             object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
         if len(set(self.static)) != len(self.static):
@@ -163,6 +166,23 @@ class Plan:
         st = ",".join(map(str, self.static)) or "-"
         py = " ".join(f"{at}:{m}" for at, m in self.pyramid) or "-"
         return f"static [{st}]  pyramid [{py}]"
+
+
+def _whole(value: Any, what: str) -> int:
+    """``value`` as an int, refusing what ``int()`` would silently truncate (``0.5`` -> 0)."""
+    if isinstance(value, bool):
+        raise PlanError(f"{what} {value!r} is not a whole number")
+    try:
+        return operator.index(value)  # int, numpy and torch integers
+    except TypeError:
+        pass
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise PlanError(f"{what} {value!r} is not a whole number") from None
+    if not number.is_integer():
+        raise PlanError(f"{what} {value!r} is not a whole number")
+    return int(number)
 
 
 def token_grid(arch: dict[str, Any]) -> tuple[int, int]:

@@ -122,17 +122,17 @@ def resolve_plan(plan: str, model: Any) -> Any:
 
 def _size_options(
     img_size: Annotated[int | None, typer.Option(
-        help="Architecture override: input resolution (e.g. 32).")] = None,
+        min=1, help="Architecture override: input resolution (e.g. 32).")] = None,
     patch_size: Annotated[int | None, typer.Option(
-        help="Architecture override: patch size (e.g. 4).")] = None,
+        min=1, help="Architecture override: patch size (e.g. 4).")] = None,
     embed_dim: Annotated[int | None, typer.Option(
-        help="Architecture override: embedding width.")] = None,
+        min=1, help="Architecture override: embedding width.")] = None,
     depth: Annotated[int | None, typer.Option(
-        help="Architecture override: number of blocks.")] = None,
+        min=1, help="Architecture override: number of blocks.")] = None,
     num_heads: Annotated[int | None, typer.Option(
-        help="Architecture override: attention heads.")] = None,
+        min=1, help="Architecture override: attention heads.")] = None,
     num_classes: Annotated[int | None, typer.Option(
-        help="Architecture override: classifier outputs.")] = None,
+        min=1, help="Architecture override: classifier outputs.")] = None,
 ) -> None:
     """Overrides of a timm model's architecture (``timm.create_model`` keywords) for commands
     that build a model by name: a signature, never called."""
@@ -185,7 +185,7 @@ AggregationInitOpt = Annotated[str, typer.Option(
     "across images are merged, wherever they lie)."),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(
-    help="torch CPU threads (default: all cores this process may use)."),
+    min=1, help="torch CPU threads (default: all cores this process may use)."),
 ]
 ClassMapOpt = Annotated[str | None, typer.Option(
     help="Class map file (one class name a line, line i is class i), or 'auto' for a "
@@ -193,12 +193,12 @@ ClassMapOpt = Annotated[str | None, typer.Option(
     "are a subset of the model's classes (ImageNet samples)."),
 ]
 TorchThreadsOpt = Annotated[int | None, typer.Option(
-    help="torch CPU threads (default: torch's, one per core)."),
+    min=1, help="torch CPU threads (default: torch's, one per core)."),
 ]
 
 
 def _run_options(
-    batch_size: Annotated[int, typer.Option(help="Images per step and device.")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step and device.")] = 128,
     weight_decay: Annotated[float, typer.Option(
         help="AdamW weight decay (not applied to norms, biases and position/class tokens)."),
     ] = 0.05,
@@ -228,14 +228,14 @@ def _run_options(
         help="Skip (with a warning) class folders the class map lacks instead of stopping."),
     ] = False,
     workers: Annotated[int, typer.Option(
-        help="Data-loading worker processes (0: load in the main process, best on machines "
+        min=0, help="Data-loading worker processes (0: load in the main process, best on machines "
         "with few cores)."),
     ] = 0,
     threads: ThreadsOpt = None,
     seed: Annotated[int, typer.Option(
         help="Seed for weights, shuffling and augmentation.")] = 0,
     devices: Annotated[int, typer.Option(
-        help="Devices to train on; more than 1 uses DDP.")] = 1,
+        min=1, help="Devices to train on; more than 1 uses DDP.")] = 1,
     accelerator: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
     precision: Annotated[str, typer.Option(
         help="32-true, bf16-mixed or 16-mixed (GPU only)."),

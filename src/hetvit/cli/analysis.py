@@ -29,7 +29,7 @@ def analyze_command(
     num_images: Annotated[int, typer.Option(
         help="Images to analyse, drawn at random (seeded) from --data."),
     ] = 1000,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     rank_images: Annotated[int | None, typer.Option(
         help="Take singular values of only this many images' maps (default: all). SVDs are "
         "most of the cost on a CPU at 197 tokens."),

@@ -132,8 +132,8 @@ def compress(
         help="Images (ImageFolder dir or .tar.gz) whose mean attention initialises the static "
         "maps. Without it the maps start uniform.")] = None,
     num_images: Annotated[int, typer.Option(
-        help="Calibration images to use, drawn at random (seeded) from the set.")] = 256,
-    batch_size: Annotated[int, typer.Option(help="Calibration batch size.")] = 64,
+        min=1, help="Calibration images to use, drawn at random (seeded) from the set.")] = 256,
+    batch_size: Annotated[int, typer.Option(min=1, help="Calibration batch size.")] = 64,
     aggregation_init: AggregationInitOpt = "pool",
 ) -> None:
     """Compress a ViT with a plan and save it as a hetvit checkpoint directory.
@@ -342,7 +342,7 @@ def export_command(
         help="Real images for the parity check as well as random ones: an ImageFolder, a "
         ".tar.gz of one, or a directory of image files."),
     ] = None,
-    limit: Annotated[int, typer.Option(help="Use at most this many of --images.")] = 64,
+    limit: Annotated[int, typer.Option(min=1, help="Use at most this many of --images.")] = 64,
     atol: Annotated[float, typer.Option(help="Largest accepted |logit difference|.")] = 1e-4,
 ) -> None:
     """Export a model to ONNX (dynamic batch, static token shapes) and check it in onnxruntime.

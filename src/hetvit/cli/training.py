@@ -42,7 +42,7 @@ def train(
     val_data: ValDataOpt = None,
     drop_path: Annotated[float | None, typer.Option(help="Stochastic depth rate override.")] = None,
     epochs: Annotated[int, typer.Option(
-        help="Epochs to train in total (also sets the schedule)."),
+        min=1, help="Epochs to train in total (also sets the schedule)."),
     ] = 16,
     lr: Annotated[float, typer.Option(
         help="Peak AdamW learning rate, reached after warm-up."),
@@ -91,7 +91,8 @@ def finetune(
     checkpoint: Annotated[Path | None, typer.Option(
         help="Weights file for --model (.pth, .safetensors, or a `hetvit train` .ckpt).")] = None,
     val_data: ValDataOpt = None,
-    epochs: Annotated[int, typer.Option(help="Fine-tuning epochs (also sets the schedule).")] = 3,
+    epochs: Annotated[int, typer.Option(
+        min=1, help="Fine-tuning epochs (also sets the schedule).")] = 3,
     lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 5e-4,
     map_lr_scale: Annotated[float, typer.Option(
         help="Learning-rate multiplier for the static attention logits and aggregation "
@@ -113,7 +114,7 @@ def finetune(
         "error of the student's tokens against the teacher's tokens aggregated the same way, "
         "divided by the teacher tokens' mean square (0: off).")] = 0.0,
     calibration_images: Annotated[int, typer.Option(
-        help="Training images whose mean attention initialises the static maps (0: uniform "
+        min=0, help="Training images whose mean attention initialises the static maps (0: uniform "
         "start).")] = 256,
     aggregation_init: AggregationInitOpt = "pool",
     warmup_epochs: Annotated[float, typer.Option(help="Warm-up length in epochs.")] = 0.2,
@@ -157,11 +158,11 @@ def evaluate_command(
     skip_unknown: Annotated[bool, typer.Option(
         help="Skip class folders the class map lacks instead of stopping."),
     ] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 256,
-    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
+    workers: Annotated[int, typer.Option(min=0, help="Data-loading worker processes.")] = 0,
     threads: TorchThreadsOpt = None,
     limit: Annotated[int | None, typer.Option(
-        help="Evaluate only the first N images (after a fixed shuffle): a quick estimate."),
+        min=1, help="Evaluate only the first N images (after a fixed shuffle): a quick estimate."),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
     ] = False,
