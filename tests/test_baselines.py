@@ -5,17 +5,25 @@ A 32x32 ViT with patch 4 has 64 patch tokens plus cls (plus dist when distilled)
 
 from __future__ import annotations
 
+import json
+
 import pytest
+import timm
 import torch
+from safetensors.torch import save_file
 from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Block, VisionTransformer
+from typer.testing import CliRunner
 
 import hetvit
 from hetvit import baselines
 from hetvit.attention import attention_map
 from hetvit.baselines import BaselineError, evit, token_counts, tome
 from hetvit.baselines.tome import MergingBlock, _Sizes
+from hetvit.cli import app
 from hetvit.flops import count_macs
+
+from .conftest import write_images
 
 ARCH = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10)
 
@@ -203,8 +211,82 @@ def test_bad_settings_give_clear_errors():
          "already compressed"),
         (lambda: tome(torch.nn.Linear(2, 2), 2), "Linear is not supported"),
     ]
+    with pytest.raises(ValueError, match="runs the evit baseline, which a checkpoint does not"):
+        hetvit.save(evit(model, 0.5, (1,)), "never-written")
     for call, message in bad:
         with pytest.raises(BaselineError, match=message) as info:
             call()
         assert "\n" not in str(info.value)
     assert issubclass(BaselineError, ValueError)
+
+
+TINY = ["--img-size", "32", "--patch-size", "4", "--embed-dim", "64", "--depth", "4",
+        "--num-heads", "4", "--num-classes", "3"]
+QUICK_BENCH = ["--rounds", "1", "--warmup", "0", "--min-time", "0", "--threads", "1",
+               "--batch-size", "2"]
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=64,
+                              depth=4, num_heads=4, num_classes=3).eval()
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    return model, ["--model", "vit_tiny_patch16_224", "--checkpoint",
+                   str(tmp_path / "w.safetensors"), *TINY]
+
+
+def test_cli_bench_method_tome_and_evit(tiny_checkpoint):
+    model, args = tiny_checkpoint
+    runner = CliRunner()
+    for extra, expected in ((["--method", "tome", "--r", "2"], tome(model, 2)),
+                            (["--method", "tome", "--r", "3", "--schedule", "decreasing"],
+                             tome(model, 3, "decreasing")),
+                            (["--method", "evit", "--keep-rate", "0.5", "--prune-layers", "1,2"],
+                             evit(model, 0.5, (1, 2)))):
+        result = runner.invoke(app, ["bench", *args, *extra, *QUICK_BENCH, "--json"])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["plan"] is None and data["method"] == expected.hetvit_baseline
+        assert data["compressed"]["gmacs"] == pytest.approx(
+            baselines.formula_macs(expected) / 1e9)
+        assert data["compressed"]["gmacs"] == pytest.approx(data["compressed"]["gmacs_counted"])
+        assert data["gmac_reduction"] > 1 and data["speedup"] > 0
+    result = runner.invoke(app, ["bench", *args, "--method", "tome", "--r", "2", *QUICK_BENCH])
+    assert result.exit_code == 0, result.output
+    assert "compressed: tome r=2 (constant), tokens 65 -> 57" in result.output
+
+
+def test_cli_evaluate_method_tome_agrees_with_the_api(tmp_path, tiny_checkpoint):
+    from hetvit.data import make_loader, make_transform, open_dataset
+    from hetvit.evaluate import evaluate
+
+    model, args = tiny_checkpoint
+    write_images(tmp_path / "data", ["a", "b", "c"], per_class=2)
+    loader = make_loader(open_dataset(tmp_path / "data", make_transform(model)), 4)
+    runner = CliRunner()
+    for extra, net in ((["--method", "tome", "--r", "2"], tome(model, 2)),
+                       (["--method", "evit", "--keep-rate", "0.3"], evit(model, 0.3, (1, 2, 3)))):
+        expected = evaluate(net, loader)
+        result = runner.invoke(app, ["evaluate", *args, "--data", str(tmp_path / "data"), *extra,
+                                     "--json"])
+        assert result.exit_code == 0, result.output
+        got = json.loads(result.stdout)
+        assert got["n"] == 6 and got["loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert extra[1] in got["model"]
+
+
+def test_cli_method_errors_are_clear(tiny_checkpoint, tmp_path):
+    _, args = tiny_checkpoint
+    runner = CliRunner()
+    for extra, message in ((["--r", "2"], "--r go(es) with --method tome"),
+                           (["--method", "tome"], "--method tome needs --r N"),
+                           (["--method", "tome", "--r", "2", "--plan", "fast"], "drop --plan"),
+                           (["--method", "merge"], "choose tome or evit"),
+                           (["--method", "evit", "--keep-rate", "2"], "keep_rate must be in"),
+                           (["--method", "evit", "--prune-layers", "1,x"], "3,6,9"),
+                           (["--method", "evit", "--prune-layers", "9"], "out of range"),
+                           (["--method", "tome", "--r", "-1"], "r must be an integer >= 0")):
+        result = runner.invoke(app, ["bench", *args, *extra, *QUICK_BENCH])
+        assert result.exit_code == 2, (extra, result.output)
+        assert message in result.output and "Traceback" not in result.output

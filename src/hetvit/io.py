@@ -152,6 +152,10 @@ def save(model: nn.Module, directory: str | Path, plan: Plan | None = None,
     from .surgery import describe, plan_of
 
     directory = Path(directory)
+    if getattr(model, "hetvit_baseline", None) is not None:  # would load as the plain model
+        raise ValueError(f"this model runs the {model.hetvit_baseline['method']} baseline, which "
+                         "a checkpoint does not record: save the model it was made from and "
+                         "apply hetvit.baselines again after loading")
     plan = plan or plan_of(model)
     arch = describe(model)
     classes = class_names(model) if classes is None else classes

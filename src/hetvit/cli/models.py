@@ -19,6 +19,7 @@ from . import (
     user_errors,
     with_options,
 )
+from .methods import _method_options, apply_method, pop_method_options
 
 
 def _timm_model(name: str, overrides: dict, weights: Path | None = None, meta: bool = False
@@ -171,13 +172,18 @@ def compress(
 
 
 def _bench_models(model: str | None, checkpoint: Path | None, plan: str | None,
-                  overrides: dict) -> tuple[Any, Any, str, list[str]]:
+                  overrides: dict, method: dict[str, Any] | None = None
+                  ) -> tuple[Any, Any, str, list[str]]:
     """Baseline, compressed model, a name, and notes on where their weights came from.
 
     ``--checkpoint DIR`` holding a compressed model: the baseline is its source architecture
     with random weights. Holding an uncompressed model: it is the baseline, compressed with
-    ``--plan``. Otherwise ``--model NAME`` with optional ``--checkpoint FILE`` weights.
+    ``--plan``. Otherwise ``--model NAME`` with optional ``--checkpoint FILE`` weights. With
+    ``--method`` (``method``) the model is reduced by that baseline instead of a plan.
     """
+    method = method or {"method": None}
+    if method["method"] is not None and plan is not None:
+        fail(f"--method {method['method']} runs instead of a plan: drop --plan")
     from ..bench import compress_for_speed
     from ..io import is_checkpoint, load
     from ..surgery import build_model, describe, is_compressed
@@ -196,6 +202,9 @@ def _bench_models(model: str | None, checkpoint: Path | None, plan: str | None,
             net = load(checkpoint)
         name = describe(net).get("name") or str(checkpoint)
         if is_compressed(net):
+            if method["method"] is not None:
+                fail(f"{checkpoint} is already compressed ({net.hetvit_plan.describe()}): "
+                     f"--method {method['method']} needs an uncompressed model")
             if plan is not None:
                 fail(f"{checkpoint} is already compressed ({net.hetvit_plan.describe()}): "
                      "drop --plan")
@@ -216,6 +225,8 @@ def _bench_models(model: str | None, checkpoint: Path | None, plan: str | None,
         name = model
         notes.append(f"weights from {checkpoint}" if checkpoint else
                      "weights are random: speed does not depend on them")
+    if method["method"] is not None:
+        return baseline.eval(), apply_method(baseline.eval(), method), name, notes
     with user_errors():
         compressed = compress_for_speed(baseline.eval(), resolve_plan(plan or "fast", baseline))
     if checkpoint is not None:
@@ -225,6 +236,7 @@ def _bench_models(model: str | None, checkpoint: Path | None, plan: str | None,
 
 
 @app.command("bench")
+@with_options(_method_options)
 @with_options(_size_options)
 def bench_command(
     model: Annotated[str | None, typer.Option(
@@ -270,7 +282,8 @@ def bench_command(
     """Time a model and its compressed version side by side in one process.
 
     Throughput, speedup (median and spread over alternating rounds), GMACs, and speedup per
-    GMAC saved (efficiency).
+    GMAC saved (efficiency). With --method tome or evit the "compressed" model is that
+    training-free baseline instead of a hetvit plan, for comparison.
     """
     import json
 
@@ -295,16 +308,18 @@ def bench_command(
             fail("--device cuda: torch sees no CUDA device here")
     elif device != "cpu":
         fail(f"--device {device!r}: use cpu or cuda")
+    method = pop_method_options(sizes)
     overrides = _overrides(sizes)
-    baseline, compressed, name, notes = _bench_models(model, checkpoint, plan, overrides)
+    baseline, compressed, name, notes = _bench_models(model, checkpoint, plan, overrides, method)
     with user_errors():
         with err.status("timing the baseline and the compressed model side by side..."):
             result = compare(baseline, compressed, batch_size, rounds=rounds, warmup=warmup,
                              min_time=min_time, latency=latency, latency_rounds=latency_rounds,
                              compile=compile, dtype=dtype, device=device, runtime=runtime,
                              threads=threads)
-    data = {"model": name, "plan": compressed.hetvit_plan.to_dict(), "notes": notes,
-            **result.to_dict()}
+    reduced = getattr(compressed, "hetvit_baseline", None)
+    data = {"model": name, "plan": None if reduced else compressed.hetvit_plan.to_dict(),
+            **({"method": reduced} if reduced else {}), "notes": notes, **result.to_dict()}
     if out is not None:
         with user_errors():
             out.write_text(json.dumps(data, indent=2) + "\n")

@@ -27,6 +27,7 @@ from . import (
     user_errors,
     with_options,
 )
+from .methods import _method_options, apply_method, pop_method_options
 
 
 @app.command()
@@ -149,6 +150,7 @@ def finetune(
 
 @app.command("evaluate")
 @with_options(_model_options, first=True)
+@with_options(_method_options)
 @with_options(_size_options)
 def evaluate_command(
     data: Annotated[Path, typer.Option(
@@ -168,7 +170,10 @@ def evaluate_command(
     ] = False,
     **source: Any,
 ) -> None:
-    """Top-1 / top-5 accuracy and cross-entropy of a model on an image folder or archive."""
+    """Top-1 / top-5 accuracy and cross-entropy of a model on an image folder or archive.
+
+    With --method tome or evit the model is evaluated under that training-free baseline.
+    """
     import json as json_lib
 
     import torch
@@ -181,8 +186,14 @@ def evaluate_command(
     console = Console(stderr=True)
     if threads is not None:
         torch.set_num_threads(threads)
+    method = pop_method_options(source)
     net, _ = open_given_model(**source)
+    net = apply_method(net, method)
     name = str(source["checkpoint"] or source["model"])
+    if method["method"] is not None:
+        from ..baselines import describe_baseline
+
+        name += f" + {describe_baseline(net)}"
     with user_errors():
         # labels are the model's output indices: folders go through its recorded class names
         dataset = open_for_model(data, net, make_transform(net, training=False),
