@@ -294,3 +294,38 @@ def test_a_plan_with_a_fractional_layer_is_refused_not_truncated(tmp_path, field
                                       str(tmp_path / "out.json")])
     assert result.exit_code == 2 and message in one_line(result.output)
     assert not (tmp_path / "out.json").exists()
+
+
+# --- 2. degenerate models ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model", "vit_tiny_r_s16_p8_224"], "hybrid ViTs are not supported: the tokens come from "
+                                           "a CNN stem"),
+    (["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "64"],
+     "the patch (64x64) is larger than the image (32x32)"),
+])
+def test_a_model_hetvit_cannot_compress_is_refused_before_anything_is_written(tmp_path, flags,
+                                                                              message):
+    runner = CliRunner()
+    result = runner.invoke(app, ["plan", *flags, "--out", str(tmp_path / "plan.json")])
+    assert result.exit_code == 2 and message in one_line(result.output), result.output
+    if "--img-size" in flags:  # compress takes no size overrides; bench does
+        second = ["bench", *flags, "--out", str(tmp_path / "bench.json")]
+    else:
+        second = ["compress", *flags, "--plan", "fast", "--out", str(tmp_path / "student")]
+    result = runner.invoke(app, second)
+    assert result.exit_code == 2 and message in one_line(result.output), result.output
+    assert "Traceback" not in result.output and listing(tmp_path) == []
+
+
+def test_the_api_refuses_degenerate_models(tmp_path):
+    from hetvit.surgery import UnsupportedModelError, create_timm_model
+
+    with pytest.raises(UnsupportedModelError, match="no blocks \\(depth 0\\)"):
+        hetvit.compress(small_vit(depth=0), hetvit.Plan())
+    with pytest.raises(UnsupportedModelError, match="cannot build vit_tiny_patch16_224"):
+        create_timm_model("vit_tiny_patch16_224", num_heads=0)
+    with pytest.raises(UnsupportedModelError, match="larger than the image"):
+        hetvit.save(small_vit(patch_size=64), tmp_path / "m")
+    assert listing(tmp_path) == []

@@ -51,6 +51,10 @@ def _check_supported(model: nn.Module) -> None:
     if getattr(model, "attn_pool", None) is not None:
         raise UnsupportedModelError(f"ViTs with an attention-pooling head are not supported: "
                                     f"hetvit compresses {SUPPORTED}")
+    if len(model.blocks) == 0:
+        raise UnsupportedModelError("the model has no blocks (depth 0): there is no attention to "
+                                    "compress")
+    _check_patch_grid(model)
     for i, blk in enumerate(model.blocks):
         if isinstance(blk, TokenAggregation):
             continue
@@ -58,6 +62,35 @@ def _check_supported(model: nn.Module) -> None:
         if not (isinstance(attn, StaticAttention) or is_dynamic_attention(attn)):
             raise UnsupportedModelError(f"block {i} ({type(blk).__name__}) has no timm-style "
                                         f"attention; hetvit compresses {SUPPORTED}")
+
+
+def _check_patch_grid(model: VisionTransformer) -> None:
+    """Refuse a patch embedding whose tokens are not the ``img_size / patch_size`` grid.
+
+    Plans, pooling windows and GMACs all follow that grid, so it must be what the embedding
+    really outputs: one zero image (on the model's device, so a meta model costs nothing)
+    goes through it and its tokens are counted. A hybrid ViT (a CNN stem, e.g. timm's
+    ``vit_tiny_r_s16_p8_224``) gives a coarser grid than its patch size says, and a patch
+    larger than the image gives none.
+    """
+    embed = model.patch_embed
+    if getattr(embed, "backbone", None) is not None:
+        raise UnsupportedModelError(f"hybrid ViTs are not supported: the tokens come from a CNN "
+                                    f"stem ({type(embed.backbone).__name__}), not from patches; "
+                                    f"hetvit compresses {SUPPORTED}")
+    (h, w), (ph, pw) = embed.img_size, embed.patch_size
+    if ph > h or pw > w:
+        raise UnsupportedModelError(f"the patch ({ph}x{pw}) is larger than the image ({h}x{w}): "
+                                    "the model has no patch tokens")
+    param = next(embed.parameters())
+    with torch.no_grad():
+        tokens = embed(torch.zeros(1, embed.proj.in_channels, h, w, device=param.device,
+                                   dtype=param.dtype))
+    found = tokens.shape[1] * (tokens.shape[2] if tokens.ndim == 4 else 1)  # NLC or NHWC
+    if found != (h // ph) * (w // pw):
+        raise UnsupportedModelError(f"the patch embedding gives {found} tokens, not the "
+                                    f"{h // ph}x{w // pw} grid of its {h}x{w} input and "
+                                    f"{ph}x{pw} patches; hetvit compresses {SUPPORTED}")
 
 
 def describe(model: nn.Module) -> dict[str, Any]:
@@ -139,7 +172,7 @@ def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
                                     f"{SUPPORTED}, e.g. {', '.join(EXAMPLE_MODELS)}.")
     try:
         return timm.create_model(name, pretrained=False, **kwargs)
-    except (AssertionError, TypeError, ValueError, RuntimeError) as e:
+    except (AssertionError, TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
         settings = ", ".join(f"{k}={v}" for k, v in kwargs.items())
         raise UnsupportedModelError(f"timm cannot build {name} with {settings or 'defaults'}: "
                                     f"{e or type(e).__name__}") from e
