@@ -39,6 +39,7 @@ __all__ = [
     "cache_root",
     "random_subset",
     "image_batches",
+    "open_images",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".gif", ".tif",
@@ -545,3 +546,30 @@ def make_loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False,
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       collate_fn=collate_skipping, drop_last=drop_last, generator=generator,
                       pin_memory=torch.cuda.is_available())
+
+
+def open_images(path: str | os.PathLike, transform: Callable | None = None,
+                cache_dir: str | os.PathLike | None = None) -> ImageDataset:
+    """Unlabeled images: every image file under a directory (or a ``.tar.gz`` of one), at any
+    depth, in sorted order; the label of every sample is 0.
+
+    What a fit needs: images of the model's domain, with or without class folders, whose names
+    are never read (so no class map can be wrong).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"image path not found: {path}")
+    if _is_archive(path):
+        top = extract_archive(path, cache_dir)
+    elif path.is_dir():
+        top = path
+    else:
+        kinds = ", ".join(ARCHIVE_SUFFIXES)
+        raise DataError(f"{path} is neither a directory nor a tar archive ({kinds})")
+    files = sorted(p for p in top.rglob("*") if p.is_file() and p.suffix.lower() in
+                   IMAGE_EXTENSIONS and not any(part.startswith(".") for part in
+                                                p.relative_to(top).parts))
+    if not files:
+        raise DataError(f"no images found under {path} (looked for "
+                        f"{', '.join(IMAGE_EXTENSIONS[:4])}, ... at any depth)")
+    return ImageDataset([(p, 0) for p in files], ["image"], transform, root=top)

@@ -27,6 +27,7 @@ __all__ = ["save", "load", "CheckpointError", "is_checkpoint", "atomic_directory
            "check_replaceable", "sha256", "class_names", "check_class_names"]
 
 PLAN_FILE, WEIGHTS_FILE, SOURCE_FILE = "plan.json", "model.safetensors", "source.json"
+FIT_FILE = "fit.json"
 FORMAT = 1
 
 
@@ -173,6 +174,9 @@ def save(model: nn.Module, directory: str | Path, plan: Plan | None = None,
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         source["sha256"] = sha256(tmp / WEIGHTS_FILE)
         (tmp / PLAN_FILE).write_text(plan.to_json() + "\n")
+        record = getattr(model, "hetvit_fit", None)
+        if record is not None:  # how a fitted model was made: settings, images, time
+            (tmp / FIT_FILE).write_text(json.dumps(record.to_dict(), indent=2) + "\n")
         (tmp / SOURCE_FILE).write_text(json.dumps(source, indent=2) + "\n")
     return directory
 

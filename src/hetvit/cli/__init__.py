@@ -338,4 +338,4 @@ def _train_config(options: dict[str, Any]) -> Any:
 
 
 # Importing the command modules registers their commands with ``app``, in this order.
-from . import models, training, analysis  # noqa: E402, F401, I001
+from . import models, training, analysis, fit  # noqa: E402, F401, I001

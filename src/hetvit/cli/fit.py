@@ -1,0 +1,106 @@
+"""``hetvit fit``: compress a model and make it accurate from unlabeled images, in minutes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from . import AggregationInitOpt, TorchThreadsOpt, app, open_model, resolve_plan, user_errors
+
+
+@app.command("fit")
+def fit_command(
+    plan: Annotated[str, typer.Option(
+        help="A preset (balanced, fast, fastest), scaled to the teacher, or a plan.json file.")],
+    images: Annotated[Path, typer.Option(
+        help="Unlabeled images of the model's domain: a folder of images (an ImageFolder, or "
+        "images in any sub-folders) or a .tar.gz of one. Labels, if any, are never read.")],
+    out: Annotated[Path, typer.Option(
+        help="Directory to write the fitted checkpoint to, with fit.json (the fit's settings, "
+        "images and time). An earlier checkpoint there is replaced; a folder of other files is "
+        "refused.")],
+    teacher: Annotated[Path | None, typer.Option(
+        help="The model to compress: a hetvit checkpoint directory or a `hetvit train` .ckpt.",
+    )] = None,
+    model: Annotated[str | None, typer.Option(
+        help="Or the model as a timm name, with --checkpoint for its weights.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(
+        help="Weights file for --model (.pth, .safetensors or a `hetvit train` .ckpt).")] = None,
+    num_images: Annotated[int, typer.Option(
+        min=1, help="Images to fit on, drawn at random (seeded) from --images.")] = 2048,
+    calibration_images: Annotated[int, typer.Option(
+        min=1, help="Of those, how many start the static maps (mean attention) and, with "
+        "--aggregation-init cluster, the pyramid.")] = 256,
+    passes: Annotated[int, typer.Option(
+        min=1, help="Passes over the images (each sees every image once, freshly augmented).",
+    )] = 20,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 64,
+    lr: Annotated[float, typer.Option(help="Peak learning rate of the inherited weights.")
+    ] = 3e-4,
+    lr_new: Annotated[float, typer.Option(
+        help="Peak learning rate of the static logits and aggregation weights.")] = 5e-2,
+    mixup: Annotated[float, typer.Option(
+        min=0.0, help="Mixup of image pairs, Beta(a, a) (0: off).")] = 0.0,
+    trainable: Annotated[str, typer.Option(
+        help="What the fit trains: all, norms (the new parameters, norms and biases) or new "
+        "(static logits and aggregation weights only).")] = "all",
+    aggregation_init: AggregationInitOpt = "pool",
+    seed: Annotated[int, typer.Option(help="Seed of the image draw, order and augmentation.")
+    ] = 0,
+    threads: TorchThreadsOpt = None,
+) -> None:
+    """Compress a trained ViT and fit the student to it on unlabeled images: no labels, no
+    training pipeline, a few minutes of CPU.
+
+    The frozen teacher labels every (augmented) image itself, and the student learns to match
+    its predictions (distillation on its logits). About 2,000 images of the model's domain are
+    enough. A fit is short and seeded, so an interrupted one is simply run again.
+    """
+    import torch
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .. import io
+    from ..data import make_loader, make_transform, open_images, random_subset
+    from ..fit import FitConfig, fit
+    from ..surgery import compress
+
+    console = Console(stderr=True)
+    if threads is not None:
+        torch.set_num_threads(threads)
+    with user_errors():
+        if teacher is None and model is None:
+            raise ValueError("give --teacher DIR (a hetvit checkpoint) or --model NAME "
+                             "--checkpoint FILE")
+        config = FitConfig(passes=passes, batch_size=batch_size, lr=lr, lr_new=lr_new,
+                           mixup=mixup, trainable=trainable, seed=seed)
+        io.check_replaceable(out, io.SOURCE_FILE)
+        source = open_model(model, teacher if teacher is not None else checkpoint).eval()
+        the_plan = resolve_plan(plan, source)
+        dataset = open_images(images, make_transform(source))
+        subset = random_subset(dataset, min(num_images, len(dataset)), seed=seed)
+        pool = torch.cat(list(_batches(make_loader(subset, batch_size=256))))
+        student = compress(source, the_plan, calibration=pool[:calibration_images],
+                           aggregation_init=aggregation_init)
+        with Progress(TextColumn("fit"), BarColumn(), TextColumn("{task.completed}/"
+                      "{task.total} steps"), TextColumn("loss {task.fields[loss]:.4f}"),
+                      TimeElapsedColumn(), console=console, transient=False) as bar:
+            task = bar.add_task("fit", total=None, loss=float("nan"))
+
+            def progress(step: int, total: int, loss: float) -> None:
+                bar.update(task, completed=step, total=total, loss=loss)
+
+            fitted = fit(student, source, pool, config, progress=progress)
+        io.save(fitted, out)
+    record = fitted.hetvit_fit
+    console.print(f"fitted {fitted.hetvit_plan.describe()} on {record.images} images in "
+                  f"{record.seconds:.0f} s ({record.steps} steps); saved to [bold]{out}[/]",
+                  highlight=False)
+
+
+def _batches(loader: object) -> object:
+    for item in loader:  # type: ignore[attr-defined]
+        if item is not None:
+            yield item[0]

@@ -1,0 +1,294 @@
+"""Fitting: make a compressed model accurate from a few thousand unlabeled images, in minutes.
+
+Most users of token-reduction tools have a pretrained ViT and no labelled training pipeline.
+Calibration alone (mean attention maps, pooling windows) leaves a compressed model far under
+its teacher, because every replaced layer is fitted to its own input, never to what the rest of
+the network needs. Fitting closes most of that gap without labels: the frozen teacher labels
+every image itself, so any image of the domain will do, and so will any mix of two images.
+
+The recipe, chosen by measurement on the CIFAR-10 teacher (README, "Accurate without
+training", lists every lever tried, including those that did not help):
+
+1. Knowledge distillation on the teacher's logits (``KL(teacher || student)``), on views
+   augmented afresh every step (horizontal flips; mixup of two images, which shows the
+   student the teacher's function between images as well as on them);
+2. all parameters trained (AdamW, no weight decay: the inherited weights are already where the
+   teacher put them), the new ones (static logits, aggregation weights) at a higher learning
+   rate since they start from a crude estimate;
+3. a one-cycle schedule sized to the number of passes, so a short fit still anneals.
+
+The student and the teacher given are not modified: :func:`fit` returns a fitted copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .aggregation import TokenAggregation
+from .attention import StaticAttention
+from .data import image_batches
+
+__all__ = ["FitConfig", "FitRecord", "FitError", "fit", "collect_images", "TRAINABLE"]
+
+TRAINABLE = ("all", "norms", "new")
+"""Which parameters a fit trains: everything; the new parameters with every norm and bias (a
+few percent of the weights: cheap to store as a delta); or the new parameters alone."""
+
+
+class FitError(ValueError):
+    """A fit that cannot run on what it was given (no images, wrong size, wrong teacher)."""
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """How a fit runs. Recorded with the fitted model (``fit.json``).
+
+    Attributes:
+        passes: passes over the images (each pass sees every image once, freshly augmented).
+        batch_size: images per step.
+        lr: peak learning rate of the inherited weights.
+        lr_new: peak learning rate of the static logits and aggregation weights.
+        temperature: distillation temperature (1: match the teacher's probabilities).
+        mixup: Beta(mixup, mixup) mixing of image pairs (0: off).
+        flip: random horizontal flips.
+        trainable: one of :data:`TRAINABLE`.
+        warmup: fraction of the steps spent rising to the peak learning rate.
+        seed: seed of the image order and augmentation (a fit is reproducible).
+    """
+
+    passes: int = 20
+    batch_size: int = 64
+    lr: float = 3e-4
+    lr_new: float = 5e-2
+    temperature: float = 1.0
+    mixup: float = 0.0
+    flip: bool = True
+    trainable: str = "all"
+    warmup: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.passes < 1:
+            raise FitError(f"passes must be at least 1, got {self.passes}")
+        if self.batch_size < 1:
+            raise FitError(f"batch_size must be at least 1, got {self.batch_size}")
+        for name in ("lr", "lr_new", "temperature"):
+            if not getattr(self, name) > 0:
+                raise FitError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.mixup < 0:
+            raise FitError(f"mixup must be 0 (off) or positive, got {self.mixup}")
+        if not 0 <= self.warmup < 1:
+            raise FitError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.trainable not in TRAINABLE:
+            raise FitError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+
+
+@dataclass
+class FitRecord:
+    """What a fit did: kept on the model as ``hetvit_fit`` and saved as ``fit.json``."""
+
+    config: dict[str, Any]
+    images: int
+    steps: int
+    seconds: float
+    loss_per_pass: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- inputs
+def collect_images(images: Any, limit: int | None = None) -> torch.Tensor:
+    """All images of ``images`` (a tensor or an iterable of batches) as one tensor.
+
+    A fit takes a few thousand images, which fit in memory at any usual resolution; holding them
+    lets every pass draw a fresh order and augmentation without a loader.
+    """
+    batches: list[torch.Tensor] = []
+    count = 0
+    for x in image_batches(images):
+        if limit is not None and count >= limit:
+            break
+        batches.append(x if limit is None else x[:limit - count])
+        count += batches[-1].shape[0]
+    if not batches:
+        raise FitError("no images to fit on: give at least one batch of unlabeled images")
+    return torch.cat(batches)
+
+
+def _check_inputs(student: nn.Module, teacher: nn.Module, images: torch.Tensor) -> None:
+    from .surgery import describe, is_compressed
+
+    if not is_compressed(student):
+        raise FitError("the student is not a compressed model: make it with hetvit.compress "
+                       "from the teacher first")
+    if is_compressed(teacher):
+        raise FitError("the teacher is itself compressed: give the model the student was "
+                       "compressed from")
+    source, arch = student.hetvit_source, describe(teacher)
+    differ = sorted(k for k in set(source) | set(arch)
+                    if k != "name" and source.get(k) != arch.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: student's source {source.get(k)!r}, teacher {arch.get(k)!r}"
+                          for k in differ[:3])
+        raise FitError(f"the teacher does not match the student's source model ({shown})")
+    if images.ndim != 4:
+        raise FitError(f"images must be B x C x H x W, got shape {tuple(images.shape)}")
+    want = (int(arch["in_chans"]), *map(int, arch["img_size"]))
+    if tuple(images.shape[1:]) != want:
+        raise FitError(f"the images are {tuple(images.shape[1:])} (C x H x W) but the model "
+                       f"takes {want}: resize them with the model's eval transform")
+
+
+# ----------------------------------------------------------------------------- parameters
+def new_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters compression added: static logits and aggregation weights."""
+    found: list[nn.Parameter] = []
+    for mod in model.modules():
+        if isinstance(mod, StaticAttention):
+            found.append(mod.logits)
+        elif isinstance(mod, TokenAggregation):
+            found += list(mod.parameters(recurse=False))
+    return found
+
+
+def _is_norm_or_bias(name: str, param: nn.Parameter, module: nn.Module) -> bool:
+    return name.endswith("bias") or isinstance(module, nn.LayerNorm) or param.ndim == 1
+
+
+def param_groups(model: nn.Module, config: FitConfig) -> list[dict[str, Any]]:
+    """AdamW groups for ``config.trainable``; what is not trained gets ``requires_grad=False``."""
+    new = new_parameters(model)
+    new_ids = {id(p) for p in new}
+    rest: list[nn.Parameter] = []
+    modules = dict(model.named_modules())
+    for name, param in model.named_parameters():
+        if id(param) in new_ids:
+            continue
+        owner = modules[name.rpartition(".")[0]]
+        keep = (config.trainable == "all" or
+                (config.trainable == "norms" and _is_norm_or_bias(name, param, owner)))
+        param.requires_grad_(keep)
+        if keep:
+            rest.append(param)
+    groups = [{"params": new, "lr": config.lr_new}]
+    if rest:
+        groups.append({"params": rest, "lr": config.lr})
+    return [g for g in groups if g["params"]]
+
+
+# ----------------------------------------------------------------------------- the loop
+def augment(x: torch.Tensor, config: FitConfig, gen: torch.Generator) -> torch.Tensor:
+    """A fresh view of a batch: flips, then mixup with a shuffled copy of the batch."""
+    b = x.shape[0]
+    if config.flip:
+        flip = torch.rand(b, generator=gen) < 0.5
+        x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+    if config.mixup > 0 and b > 1:
+        beta = torch.distributions.Beta(config.mixup, config.mixup)
+        lam = beta.sample((b, 1, 1, 1)).to(x)  # torch's Beta takes no generator: seeded below
+        x = lam * x + (1 - lam) * x[torch.randperm(b, generator=gen).to(x.device)]
+    return x
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+            ) -> torch.Tensor:
+    """Hinton distillation: ``T^2 KL(softmax(t/T) || softmax(s/T))``, averaged over the batch."""
+    t = temperature
+    return F.kl_div((student_logits / t).log_softmax(-1), (teacher_logits / t).log_softmax(-1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+def one_cycle(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor of ``step``: linear rise over ``warmup`` steps, cosine to 0.
+
+    A fit is short, so it must anneal within its own steps; a cosine to zero ends each fit at a
+    minimum of the loss rather than wherever the last large step left it.
+    """
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    t = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+ProgressFn = Callable[[int, int, float], None]
+"""``progress(step, total_steps, loss)``, called after every step."""
+
+
+def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig | None = None,
+        *, max_images: int | None = None, progress: ProgressFn | None = None) -> nn.Module:
+    """A copy of ``student`` distilled from ``teacher`` on unlabeled ``images``.
+
+    Args:
+        student: a compressed model (:func:`hetvit.compress` of ``teacher``).
+        teacher: the model the student was compressed from; frozen, only run.
+        images: a ``B x C x H x W`` tensor at the model's input size (its eval transform), or an
+            iterable of such batches or of ``(images, labels)`` batches (labels are ignored).
+        config: the fit's settings (:class:`FitConfig`).
+        max_images: use at most this many images.
+        progress: called after every step (the CLI draws a progress bar with it).
+
+    Returns the fitted copy, in eval mode, with a :class:`FitRecord` as ``hetvit_fit``.
+    """
+    config = config or FitConfig()
+    if max_images is not None and max_images < 1:
+        raise FitError(f"max_images must be at least 1, got {max_images}")
+    x_all = collect_images(images, max_images)
+    _check_inputs(student, teacher, x_all)
+    started = time.perf_counter()
+    param = next(student.parameters())
+    x_all = x_all.to(param)
+    model = copy.deepcopy(student)
+    teacher_was_training = teacher.training
+    teacher.eval()
+    groups = param_groups(model, config)
+    for g in groups:
+        g["weight_decay"] = 0.0
+    opt = torch.optim.AdamW(groups)
+    steps_per_pass = math.ceil(len(x_all) / config.batch_size)
+    total = config.passes * steps_per_pass
+    warm = max(1, round(config.warmup * total)) if config.warmup else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: one_cycle(step, warm, total))
+    gen = torch.Generator().manual_seed(config.seed)
+    rng_state = torch.get_rng_state()
+    torch.manual_seed(config.seed)  # mixup's Beta draws from the global generator
+    losses: list[float] = []
+    step = 0
+    model.train()
+    try:
+        for _ in range(config.passes):
+            order = torch.randperm(len(x_all), generator=gen)
+            running = 0.0
+            for i in range(0, len(x_all), config.batch_size):
+                x = augment(x_all[order[i:i + config.batch_size].to(x_all.device)], config, gen)
+                with torch.no_grad():
+                    target = teacher(x)
+                loss = kd_loss(model(x), target, config.temperature)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                running += loss.item()
+                if progress is not None:
+                    progress(step, total, loss.item())
+            losses.append(running / steps_per_pass)
+    finally:
+        torch.set_rng_state(rng_state)
+        teacher.train(teacher_was_training)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.eval()
+    model.hetvit_fit = FitRecord(config=asdict(config), images=len(x_all), steps=step,
+                                 seconds=round(time.perf_counter() - started, 1),
+                                 loss_per_pass=[round(v, 5) for v in losses])
+    return model

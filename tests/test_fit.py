@@ -1,0 +1,139 @@
+"""Fitting a compressed model to its teacher on unlabeled images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import hetvit
+from hetvit.cli import app
+from hetvit.fit import FitConfig, FitError, fit, new_parameters
+from hetvit.plan import Plan
+
+from .conftest import tiny_vit, write_images
+
+PLAN = Plan(static=(0,), pyramid=((2, 4),))
+
+
+def _kd(student: torch.nn.Module, teacher: torch.nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return torch.nn.functional.kl_div(student(x).log_softmax(-1), teacher(x).log_softmax(-1),
+                                          reduction="batchmean", log_target=True).item()
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture
+def vit() -> torch.nn.Module:
+    """A tiny teacher whose predictions differ from image to image (random weights alone give
+    nearly uniform logits, which any student matches)."""
+    model = tiny_vit()
+    with torch.no_grad():
+        model.head.weight.mul_(30)
+    return model
+
+
+@pytest.fixture
+def pool() -> torch.Tensor:
+    torch.manual_seed(2)
+    return torch.randn(48, 3, 32, 32)
+
+
+def test_fit_brings_the_student_closer_to_the_teacher(vit, pool):
+    student = hetvit.compress(vit, PLAN, calibration=pool[:16])
+    before, teacher_before = _state(student), _state(vit)
+    fitted = fit(student, vit, pool, FitConfig(passes=6, batch_size=16, lr=3e-5, lr_new=1e-2))
+    assert _kd(fitted, vit, pool) < 0.5 * _kd(student, vit, pool)
+    # the student and the teacher given are untouched; the copy is in eval mode
+    assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())
+    assert all(torch.equal(teacher_before[k], v) for k, v in vit.state_dict().items())
+    assert not fitted.training and fitted.hetvit_plan == student.hetvit_plan
+    record = fitted.hetvit_fit
+    assert record.images == 48 and record.steps == 6 * 3 and len(record.loss_per_pass) == 6
+    assert record.loss_per_pass[-1] < record.loss_per_pass[0]
+
+
+@pytest.mark.parametrize("trainable", ["new", "norms"])
+def test_trainable_restricts_what_moves(vit, pool, trainable):
+    student = hetvit.compress(vit, PLAN, calibration=pool[:16])
+    fitted = fit(student, vit, pool[:32], FitConfig(passes=1, batch_size=16,
+                                                    trainable=trainable))
+    new_names = {n for n, p in fitted.named_parameters()
+                 if any(p is q for q in new_parameters(fitted))}
+    moved = {k for k, v in fitted.state_dict().items()
+             if not torch.equal(v, student.state_dict()[k])}
+    assert new_names <= moved
+    weights = {k for k in moved - new_names if k.endswith("weight") and "norm" not in k}
+    if trainable == "new":
+        assert moved == new_names
+    else:  # norms and biases move, the Linear and conv weights do not
+        assert not weights and moved - new_names
+    assert all(p.requires_grad for p in fitted.parameters())
+
+
+def test_fit_is_reproducible(vit, pool):
+    student = hetvit.compress(vit, PLAN, calibration=pool[:16])
+    config = FitConfig(passes=1, batch_size=16, mixup=0.5, seed=3)
+    a, b = fit(student, vit, pool, config), fit(student, vit, pool, config)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_fit_takes_a_loader_of_labelled_batches_and_ignores_the_labels(vit, pool):
+    student = hetvit.compress(vit, PLAN)
+    loader = [(pool[i:i + 16], torch.zeros(16, dtype=torch.long)) for i in range(0, 48, 16)]
+    fitted = fit(student, vit, loader, FitConfig(passes=1, batch_size=16), max_images=40)
+    assert fitted.hetvit_fit.images == 40
+
+
+def test_bad_input_is_refused(vit, pool):
+    student = hetvit.compress(vit, PLAN)
+    with pytest.raises(FitError, match="no images"):
+        fit(student, vit, [])
+    with pytest.raises(FitError, match=r"\(3, 16, 16\).*takes \(3, 32, 32\)"):
+        fit(student, vit, torch.randn(4, 3, 16, 16))
+    with pytest.raises(FitError, match="not a compressed model"):
+        fit(vit, vit, pool)
+    other = tiny_vit(embed_dim=64)
+    with pytest.raises(FitError, match="does not match the student's source.*embed_dim"):
+        fit(student, other, pool)
+    with pytest.raises(FitError, match="itself compressed"):
+        fit(student, student, pool)
+    with pytest.raises(FitError, match="passes"):
+        FitConfig(passes=0)
+    with pytest.raises(FitError, match="trainable"):
+        FitConfig(trainable="some")
+
+
+def test_cli_fit_writes_a_loadable_checkpoint_with_its_record(vit, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    hetvit.save(vit, teacher_dir)
+    write_images(tmp_path / "imgs", ["a", "b"], per_class=10)  # folder names are never read
+    (tmp_path / "imgs" / "loose.png").write_bytes((tmp_path / "imgs" / "a" / "0.png").read_bytes())
+    out = tmp_path / "fitted"
+    result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
+                                      "--images", str(tmp_path / "imgs"), "--out", str(out),
+                                      "--passes", "2", "--batch-size", "8",
+                                      "--calibration-images", "8"])
+    assert result.exit_code == 0, result.output
+    model = hetvit.load(out)
+    assert model.hetvit_plan.label == "fast"
+    record = json.loads((out / "fit.json").read_text())
+    assert record["images"] == 21 and record["steps"] == 2 * 3
+    assert record["config"]["passes"] == 2
+
+
+def test_cli_fit_on_no_images_fails_in_one_line_and_writes_nothing(vit, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    hetvit.save(vit, teacher_dir)
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    out = tmp_path / "fitted"
+    result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
+                                      "--images", str(tmp_path / "empty"), "--out", str(out)])
+    assert result.exit_code == 2
+    assert "no images found" in result.output and "Traceback" not in result.output
+    assert not out.exists()
