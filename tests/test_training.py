@@ -366,3 +366,28 @@ def test_train_from_init_weights_starts_from_them(tmp_path):
         assert written["init"] == str(init)
     with pytest.raises(ValueError, match="does not fit the model"):
         train(NAME, {**TINY, "embed_dim": 64}, config(tmp_path, "wide", epochs=1), init=first)
+
+
+def test_finetune_from_a_given_student_starts_from_its_weights(tmp_path):
+    """`finetune(student=...)` (e.g. a fitted model) continues from it: at lr 0 the result is
+    the student itself, and a student of another teacher is refused before anything is written."""
+    import hetvit
+    from hetvit.fit import FitError
+    from hetvit.plan import Plan
+    from hetvit.training import finetune
+
+    write_colours(tmp_path / "data")
+    teacher = module().model.eval()
+    student = hetvit.compress(teacher, Plan(static=(0,), pyramid=((1, 4),)))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # not what compress alone would give
+    path = finetune(teacher, None, config(tmp_path, "ft", epochs=1, lr=0.0, min_lr=0.0),
+                    student=student)
+    tuned = hetvit.load(path)
+    assert tuned.hetvit_plan.pyramid == student.hetvit_plan.pyramid
+    assert all(torch.equal(v, student.state_dict()[k]) for k, v in tuned.state_dict().items())
+    other = hetvit.compress(module(embed_dim=64).model, Plan(static=(0,)))
+    with pytest.raises(FitError, match="does not match the student's source"):
+        finetune(teacher, None, config(tmp_path, "ft2", epochs=1), student=other)
+    assert not (tmp_path / "ft2").exists()

@@ -37,7 +37,8 @@ from .aggregation import TokenAggregation
 from .attention import StaticAttention
 from .data import image_batches
 
-__all__ = ["FitConfig", "FitRecord", "FitError", "fit", "collect_images", "TRAINABLE"]
+__all__ = ["FitConfig", "FitRecord", "FitError", "fit", "collect_images", "check_student",
+           "TRAINABLE"]
 
 TRAINABLE = ("all", "norms", "new")
 """Which parameters a fit trains: everything; the new parameters with every norm and bias (a
@@ -125,7 +126,8 @@ def collect_images(images: Any, limit: int | None = None) -> torch.Tensor:
     return torch.cat(batches)
 
 
-def _check_inputs(student: nn.Module, teacher: nn.Module, images: torch.Tensor) -> None:
+def check_student(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuse a student that is not a compressed model of ``teacher``'s architecture."""
     from .surgery import describe, is_compressed
 
     if not is_compressed(student):
@@ -141,6 +143,10 @@ def _check_inputs(student: nn.Module, teacher: nn.Module, images: torch.Tensor) 
         shown = ", ".join(f"{k}: student's source {source.get(k)!r}, teacher {arch.get(k)!r}"
                           for k in differ[:3])
         raise FitError(f"the teacher does not match the student's source model ({shown})")
+
+
+def _check_images(student: nn.Module, images: torch.Tensor) -> None:
+    arch = student.hetvit_source
     if images.ndim != 4:
         raise FitError(f"images must be B x C x H x W, got shape {tuple(images.shape)}")
     want = (int(arch["in_chans"]), *map(int, arch["img_size"]))
@@ -243,7 +249,8 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
     if max_images is not None and max_images < 1:
         raise FitError(f"max_images must be at least 1, got {max_images}")
     x_all = collect_images(images, max_images)
-    _check_inputs(student, teacher, x_all)
+    check_student(student, teacher)
+    _check_images(student, x_all)
     started = time.perf_counter()
     param = next(student.parameters())
     x_all = x_all.to(param)

@@ -15,6 +15,7 @@ Checkpoint layout (kept stable, runs are resumed across sessions): ``state_dict`
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -1019,8 +1020,12 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
              kd: float = 1.0, guidance: float = 1.0, temperature: float = 1.0,
              mix_epochs: float = 0.0, map_lr_scale: float = 10.0,
              freeze_aggregation: bool = False, features: float = 0.0,
-             calibration_images: int = 256, aggregation_init: str = "pool") -> Path:
+             calibration_images: int = 256, aggregation_init: str = "pool",
+             student: nn.Module | None = None) -> Path:
     """Compress ``teacher`` with ``plan`` and fine-tune the student; returns ``<out>/model``.
+
+    ``student``: start from this compressed model of ``teacher`` instead (e.g. one made by
+    :func:`hetvit.fit`); ``plan`` is then its plan, and no calibration runs.
 
     The static maps start from the teacher's mean attention over ``calibration_images``
     training images drawn at random (eval transform); with ``aggregation_init="cluster"`` the
@@ -1031,6 +1036,11 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
     from . import io
     from .surgery import compress
 
+    if student is not None:
+        from .fit import check_student
+
+        check_student(student, teacher)
+        plan = student.hetvit_plan
     check_run(config, "finetune_config.json")
     if features > 0 and not plan.pyramid:
         raise TrainingError("feature distillation compares tokens at the end of each pyramid "
@@ -1050,6 +1060,8 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
             raise TrainingError(f"--resume: the checkpoint was trained with plan "
                                 f"{stored.get('plan')}, not {plan.to_dict()}")
         student = compress(teacher, plan, init="none")
+    elif student is not None:
+        student = copy.deepcopy(student)
     else:
         calib = None
         if (plan.static or cluster) and calibration_images > 0:

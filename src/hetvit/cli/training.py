@@ -80,10 +80,14 @@ def train(
 @app.command()
 @with_options(_run_options)
 def finetune(
-    plan: Annotated[str, typer.Option(
-        help="A preset (balanced, fast, fastest), scaled to the teacher, or a plan.json file.")],
     data: DataOpt,
     out: OutOpt,
+    plan: Annotated[str | None, typer.Option(
+        help="A preset (balanced, fast, fastest), scaled to the teacher, or a plan.json file "
+        "(not with --student, which has its plan).")] = None,
+    student: Annotated[Path | None, typer.Option(
+        help="Start from this compressed model of the teacher (a hetvit checkpoint directory, "
+        "e.g. from `hetvit fit`) instead of compressing and calibrating it here.")] = None,
     teacher: Annotated[Path | None, typer.Option(
         help="The teacher: a hetvit checkpoint directory (e.g. from `hetvit train`: "
         "RUN/model) or a `hetvit train` last.ckpt.")] = None,
@@ -139,12 +143,16 @@ def finetune(
             raise ValueError("give --teacher DIR (a hetvit checkpoint) or --model NAME "
                              "--checkpoint FILE")
         source = open_model(model, teacher if teacher is not None else checkpoint)
-        the_plan = resolve_plan(plan, source)
+        if (plan is None) == (student is None):
+            raise ValueError("give --plan (a preset or plan.json) or --student DIR (a "
+                             "compressed model of the teacher, e.g. from hetvit fit)")
+        start = open_model(None, student) if student is not None else None
+        the_plan = resolve_plan(plan, source) if plan is not None else start.hetvit_plan
         target = run_finetune(source, the_plan, config, ce=ce, kd=kd, guidance=guidance,
                               temperature=temperature, mix_epochs=mix_epochs,
                               map_lr_scale=map_lr_scale, freeze_aggregation=freeze_aggregation,
                               features=features, calibration_images=calibration_images,
-                              aggregation_init=aggregation_init)
+                              aggregation_init=aggregation_init, student=start)
     console.print(f"student written to {target}")
 
 
