@@ -134,6 +134,64 @@ def test_compare_rejects_models_of_different_input_sizes():
         bench.compare(tiny_vit(), tiny_vit(img_size=48), **QUICK)
 
 
+# ----------------------------------------------------------------------------- steadiness
+def _result(baseline_ms: list[float], latency_ms: list[float] | None = None,
+            batch: int = 64, plan: str = "p") -> bench.BenchResult:
+    """A hand-built result whose baseline took ``baseline_ms`` per batch in its rounds."""
+    info = bench.ModelInfo(gmacs=1.0, gmacs_counted=1.0, params=1, plan=plan)
+    tp = bench.Paired("img/s", [1e3 * batch / t for t in baseline_ms], [1.0] * len(baseline_ms))
+    lat = None if latency_ms is None else bench.Paired("ms", latency_ms, [1.0] * len(latency_ms))
+    return bench.BenchResult(info, info, tp, lat, bench.Settings(batch_size=batch))
+
+
+def test_baseline_drift_is_none_when_the_baseline_holds_steady():
+    results = [_result([100.0, 104.0, 98.0]), _result([105.0, 109.0]), _result([108.0])]
+    assert bench.baseline_drift(results) is None  # 104 vs 107: 3% apart
+    assert bench.baseline_drift(results[:1]) is None  # one pairing: nothing to compare
+
+
+def test_baseline_drift_names_the_pairings_at_either_end():
+    results = [_result([96.0, 101.0, 98.0], [10.0, 10.2]), _result([117.0, 169.0, 140.0]),
+               _result([100.0], [10.1])]
+    message = bench.baseline_drift(results, labels=["hetvit fast", "tome r=4", "evit 0.7"])
+    assert message is not None
+    assert "batch 64 43% apart over 3 pairings" in message  # medians 98 and 140 ms
+    assert "98.0 ms beside hetvit fast" in message and "140.0 ms beside tome r=4" in message
+    assert "batch 1" not in message  # latency moved 1%
+    assert bench.baseline_drift(results, tolerance=0.5) is None
+    # Latency is checked as well, on the pairings that measured it.
+    results[2].latency = bench.Paired("ms", [13.0], [1.0])
+    assert "at batch 1 29% apart over 2 pairings" in bench.baseline_drift(results, labels=[
+        "a", "b", "c"])
+    with pytest.raises(ValueError, match="2 labels for 3 results"):
+        bench.baseline_drift(results, labels=["a", "b"])
+
+
+def test_baseline_drift_labels_default_to_the_plans():
+    message = bench.baseline_drift([_result([100.0], plan="fast"), _result([130.0], plan="tome")])
+    assert "100.0 ms beside fast" in message and "130.0 ms beside tome" in message
+
+
+def test_baseline_unsteady_within_one_pairing():
+    assert bench.baseline_unsteady(_result([100.0, 105.0, 102.0], [10.0, 10.5])) is None
+    message = bench.baseline_unsteady(_result([100.0, 125.0, 102.0], [10.0, 10.5]))
+    assert "100.0-125.0 ms at batch 64 (25% apart)" in message and "batch 1" not in message
+    unsteady = _result([100.0, 125.0], [10.0, 10.5])
+    assert bench.baseline_unsteady(unsteady, tolerance=0.3) is None
+    assert unsteady.to_dict()["warnings"] == [bench.baseline_unsteady(unsteady)]
+    buf = io.StringIO()
+    Console(file=buf, width=300).print(bench.render(unsteady))
+    assert "rounds disagree" in buf.getvalue()
+
+
+def test_a_result_survives_to_dict_and_from_dict(pair):
+    result = bench.compare(*pair, batch_size=2, latency=True, **QUICK)
+    again = bench.BenchResult.from_dict(json.loads(json.dumps(result.to_dict())))
+    assert again.throughput == result.throughput and again.latency == result.latency
+    assert again.baseline == result.baseline and again.settings == result.settings
+    assert again.to_dict() == result.to_dict()
+
+
 # ----------------------------------------------------------------------------- CLI
 runner = CliRunner()
 

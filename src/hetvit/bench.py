@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 __all__ = ["Settings", "Paired", "ModelInfo", "BenchResult", "compare", "model_info",
-           "register_runtime", "RUNTIMES", "DTYPES", "render", "environment"]
+           "register_runtime", "RUNTIMES", "DTYPES", "render", "environment",
+           "baseline_drift", "baseline_unsteady"]
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -158,6 +159,17 @@ class Paired:
                 "rounds": {"baseline": self.baseline, "compressed": self.compressed,
                            "speedup": self.ratios}}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Paired:
+        """The inverse of :meth:`to_dict` (the per-round values are what it keeps)."""
+        return cls(d["unit"], list(d["rounds"]["baseline"]), list(d["rounds"]["compressed"]))
+
+    def baseline_ms(self, batch_size: int) -> list[float]:
+        """The baseline's time per call of each round, in ms, whatever the unit."""
+        if self.unit == "ms":
+            return list(self.baseline)
+        return [1e3 * batch_size / v for v in self.baseline]
+
 
 @dataclass
 class ModelInfo:
@@ -220,7 +232,89 @@ class BenchResult:
             "latency": None if self.latency is None else self.latency.to_dict(),
             "settings": asdict(self.settings),
             "env": self.env,
+            "warnings": [w for w in (baseline_unsteady(self),) if w],
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BenchResult:
+        """The inverse of :meth:`to_dict`: re-read a saved result, e.g. to compare pairings
+        measured by earlier runs of a resumable benchmark (:func:`baseline_drift`)."""
+        lat = d.get("latency")
+        latency = None if lat is None else Paired.from_dict(lat)
+        return cls(ModelInfo(**d["baseline"]), ModelInfo(**d["compressed"]),
+                   Paired.from_dict(d["throughput"]), latency, Settings(**d["settings"]),
+                   dict(d.get("env") or {}))
+
+
+# ----------------------------------------------------------------------------- steadiness
+def _measurements(result: BenchResult) -> list[tuple[str, Paired, int]]:
+    """``(what, paired, batch)`` for the throughput and, if measured, the latency."""
+    out = [(f"batch {result.settings.batch_size}", result.throughput, result.settings.batch_size)]
+    if result.latency is not None:
+        out.append(("batch 1", result.latency, 1))
+    return out
+
+
+def baseline_unsteady(result: BenchResult, tolerance: float = 0.1) -> str | None:
+    """A warning when the baseline's own rounds in one pairing differ by more than
+    ``tolerance`` (slowest over fastest), else ``None``.
+
+    The speedup is a median of per-round ratios, so it survives a slow round; but rounds that
+    disagree this much mean something else ran on the machine meanwhile, and the absolute
+    figures (img/s, ms) are not to be quoted.
+    """
+    parts = []
+    for what, paired, batch in _measurements(result):
+        ms = paired.baseline_ms(batch)
+        if len(ms) > 1 and max(ms) / min(ms) - 1 > tolerance:
+            parts.append(f"{min(ms):.1f}-{max(ms):.1f} ms at {what} "
+                         f"({100 * (max(ms) / min(ms) - 1):.0f}% apart)")
+    if not parts:
+        return None
+    return (f"the baseline's own rounds disagree by more than {100 * tolerance:.0f}%: "
+            f"{'; '.join(parts)}: other work shared the CPU; the median ratio is more "
+            "trustworthy than the absolute figures")
+
+
+def baseline_drift(results: list[BenchResult], tolerance: float = 0.1,
+                   labels: list[str] | None = None) -> str | None:
+    """A warning when the same baseline's median time moves more than ``tolerance`` between
+    pairings (several :func:`compare` calls with one baseline), else ``None``.
+
+    Each pairing's ratio only cancels noise that both of its models shared. If the baseline
+    itself runs slower beside one partner than beside another (allocator state, cache or
+    memory pressure left by the partner, a neighbour's load), ratios from different pairings
+    are not on one scale, and the warning names the pairings at either end. ``labels`` name
+    the pairings (default: the compressed model's plan or method).
+    """
+    if len(results) < 2:
+        return None
+    names = labels if labels is not None else [r.compressed.plan for r in results]
+    if len(names) != len(results):
+        raise ValueError(f"{len(names)} labels for {len(results)} results")
+    parts = []
+    for what, _, _ in _measurements(results[0]):
+        times = []
+        for name, r in zip(names, results, strict=True):
+            found = {w: (p, b) for w, p, b in _measurements(r)}
+            if what in found:
+                paired, batch = found[what]
+                times.append((statistics.median(paired.baseline_ms(batch)), name))
+        if len(times) < 2:
+            continue
+        (fast, fast_name), (slow, slow_name) = min(times), max(times)
+        if slow / fast - 1 > tolerance:
+            off = [n for t, n in sorted(times, reverse=True) if t / fast - 1 > tolerance]
+            more = f" (+{len(off) - 5} more)" if len(off) > 5 else ""
+            parts.append(f"at {what} {100 * (slow / fast - 1):.0f}% apart over {len(times)} "
+                         f"pairings: {fast:.1f} ms beside {fast_name}, {slow:.1f} ms beside "
+                         f"{slow_name}; over {100 * tolerance:.0f}% slower than the fastest "
+                         f"beside: {', '.join(off[:5])}{more}")
+    if not parts:
+        return None
+    return (f"the baseline's median time moved more than {100 * tolerance:.0f}% between "
+            f"pairings ({'; '.join(parts)}): speedups from different pairings are not on one "
+            "scale")
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -470,6 +564,9 @@ def render(result: BenchResult, title: str | None = None) -> Any:
         lines.append(Text("warning: other work kept the CPU busy: absolute figures are "
                           "unreliable; the ratios, measured in alternating rounds, less so",
                           style="yellow"))
+    unsteady = baseline_unsteady(result)
+    if unsteady:
+        lines.append(Text(f"warning: {unsteady}", style="yellow"))
     for name, info in (("baseline", b), ("compressed", c)):
         if not info.macs_agree:
             lines.append(Text(f"warning: {name} GMACs: formula {info.gmacs:.4f} != counted "
