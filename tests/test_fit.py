@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import hetvit
 from hetvit.cli import app
-from hetvit.fit import FitConfig, FitError, fit, new_parameters
+from hetvit.fitting import FitConfig, FitError, fit, new_parameters
 from hetvit.plan import Plan
 
 from .conftest import tiny_vit, write_images

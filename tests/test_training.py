@@ -372,7 +372,7 @@ def test_finetune_from_a_given_student_starts_from_its_weights(tmp_path):
     """`finetune(student=...)` (e.g. a fitted model) continues from it: at lr 0 the result is
     the student itself, and a student of another teacher is refused before anything is written."""
     import hetvit
-    from hetvit.fit import FitError
+    from hetvit.fitting import FitError
     from hetvit.plan import Plan
     from hetvit.training import finetune
 

@@ -7,10 +7,10 @@ from .plan import Plan, PlanError
 
 __version__ = "0.1.0"
 
-__all__ = ["Plan", "PlanError", "compress", "load", "save", "analyze", "export_onnx",
-           "__version__"]
+__all__ = ["Plan", "PlanError", "compress", "fit", "FitConfig", "load", "save", "analyze",
+           "export_onnx", "__version__"]
 _SUBMODULES = ("aggregation", "attention", "baselines", "bench", "data", "demo", "evaluate",
-               "export", "flops", "io", "patterns", "plan", "surgery", "training")
+               "export", "fitting", "flops", "io", "patterns", "plan", "surgery", "training")
 
 
 def __getattr__(name: str):
@@ -19,6 +19,10 @@ def __getattr__(name: str):
         from .surgery import compress
 
         return compress
+    if name in ("fit", "FitConfig"):
+        from . import fitting
+
+        return getattr(fitting, name)
     if name in ("save", "load"):
         from . import io
 

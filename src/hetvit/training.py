@@ -1037,7 +1037,7 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
     from .surgery import compress
 
     if student is not None:
-        from .fit import check_student
+        from .fitting import check_student
 
         check_student(student, teacher)
         plan = student.hetvit_plan

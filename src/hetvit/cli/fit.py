@@ -64,7 +64,7 @@ def fit_command(
 
     from .. import io
     from ..data import make_loader, make_transform, open_images, random_subset
-    from ..fit import FitConfig, fit
+    from ..fitting import FitConfig, fit
     from ..surgery import compress
 
     console = Console(stderr=True)
