@@ -1,8 +1,11 @@
-"""``hetvit demo``: the whole path on the committed CIFAR-10 teacher and its ``fast`` student.
+"""``hetvit demo``: the whole path on the committed CIFAR-10 teacher and its compressed models.
 
-It analyses the teacher's attention patterns, shows the student's plan, evaluates both models,
-benchmarks them side by side and writes a markdown report with plots. Nothing is trained or
-downloaded: the models are committed in ``assets/`` and the images are CIFAR-10 test images,
+It analyses the teacher's attention patterns, shows the students' plan, and evaluates and
+benchmarks four models: the teacher, its ``fast`` student fine-tuned with labels, a ``fast``
+student fitted without labels (``hetvit fit``) and training-free token merging (ToMe) of the
+teacher, each timed side by side with the teacher. It writes a markdown report with plots and
+warns when the machine was too busy for its speed figures. Nothing is trained or downloaded:
+the models are committed in ``assets/`` and the images are CIFAR-10 test images,
 read from ``../shared/data/cifar10-test.tar.gz`` beside the repository (or ``--images``). The
 images are not committed: their source carries no licence that lets the project redistribute
 them.
@@ -10,7 +13,9 @@ them.
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,10 +25,19 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DemoError", "DemoResult", "run", "find_assets", "find_images", "sample_indices"]
+__all__ = ["DemoError", "DemoResult", "run", "find_assets", "find_images", "sample_indices",
+           "check_source", "fit_record", "fit_command", "speed_warnings", "TOME_R"]
 
 REPO = Path(__file__).resolve().parents[2]
-TEACHER, STUDENT = "cifar10-teacher", "cifar10-fast"
+TEACHER, STUDENT, FITTED = "cifar10-teacher", "cifar10-fast", "cifar10-fitted"
+TOME_R = 6
+"""ToMe's tokens merged per block in the demo's token-merging row. It is meant to put ToMe at
+about the fitted model's speed, so that the two training-free methods are compared at equal
+cost; the value is to be read off benchmarks/results/peers.md (``benchmarks/peers.py``) once
+that table is filled. 6 until then."""
+BUSY_LOAD = 0.5
+"""A load average above this fraction of the CPU count means other work shared the machine:
+the speed figures are then not to be quoted (the demo says so)."""
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck"]
 
@@ -34,15 +48,27 @@ class DemoError(RuntimeError):
 
 @dataclass
 class DemoResult:
-    """What the demo measured; ``report`` is the written report directory."""
+    """What the demo measured; ``report`` is the written report directory.
+
+    ``accuracy`` is keyed by model (``teacher``, ``fine-tuned``, ``fitted``, ``tome``);
+    ``bench`` by the three compressed ones, each the :class:`hetvit.bench.BenchResult` of its
+    pairing with the teacher. ``names`` are the models' names in the report, ``about`` one line
+    each on how it was made, ``warnings`` what makes the speed figures unreliable and ``load``
+    the load average at start and end.
+    """
 
     report: Path
     accuracy: dict[str, dict[str, float]]
-    bench: Any
+    bench: dict[str, Any]
     plan: Any
     recommended: Any
     seconds: float
     steps: dict[str, float] = field(default_factory=dict)
+    names: dict[str, str] = field(default_factory=dict)
+    about: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    load: tuple[float | None, float | None] = (None, None)
+    tome_r: int = TOME_R
 
 
 def find_assets(assets: str | os.PathLike | None = None) -> Path:
@@ -83,8 +109,45 @@ def load_model(directory: Path) -> nn.Module:
 
     try:
         return load(directory)
-    except CheckpointError as err:
-        raise DemoError(f"{err}\n{_restore_hint(err.path)}") from err
+    except CheckpointError as err:  # one line: the CLI prints it as it is, logs grep it
+        raise DemoError(f"{err}; {_restore_hint(err.path)}") from err
+
+
+def check_source(directory: Path, model: nn.Module, teacher: nn.Module, teacher_dir: Path
+                 ) -> None:
+    """Refuse a compressed model that was not made from the teacher: its accuracy and speed
+    beside the teacher would compare two unrelated networks."""
+    from .surgery import describe
+
+    if getattr(model, "hetvit_source", None) != describe(teacher):
+        raise DemoError(f"{directory} was not compressed from {teacher_dir}: their "
+                        "architectures differ; restore both with: git checkout -- assets")
+
+
+def fit_record(directory: Path) -> dict[str, Any]:
+    """The fitted model's ``fit.json`` (settings, images, seconds): the report says how the
+    model was made from it, so a model without one is not the demo's fitted model."""
+    from .io import FIT_FILE
+
+    path = directory / FIT_FILE
+    try:
+        record = json.loads(path.read_text())
+        int(record["images"]), float(record["seconds"]), dict(record["config"])
+    except FileNotFoundError:
+        raise DemoError(f"{path} is missing: {directory} is not a model made by hetvit fit; "
+                        f"{_restore_hint(path)}") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DemoError(f"{path} is damaged ({err}); {_restore_hint(path)}") from None
+    return record
+
+
+def finetune_epochs(directory: Path) -> int | None:
+    """Epochs of the fine-tune that made the committed student, from its training record."""
+    try:
+        return int(json.loads((directory / "training" / "finetune_config.json").read_text())
+                   ["epochs"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def sample_indices(targets: list[int], per_class: int) -> list[int]:
@@ -99,30 +162,44 @@ def sample_indices(targets: list[int], per_class: int) -> list[int]:
     return chosen
 
 
-def _accuracy_plot(path: Path, accuracy: dict[str, dict[str, float]], bench: Any) -> None:
+COLORS = ("#8c8c8c", "#2a7ab9", "#e08a1e", "#4a9a4a")
+"""The models' colours, in report order: teacher, fine-tuned, fitted, token merging."""
+
+
+def _summary_plot(path: Path, result: DemoResult) -> None:
+    """Top-1 per model, and each model's speed and cost relative to the teacher, grouped by
+    measure: one bar per model in every group, so four models stay apart at a glance."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    names = list(accuracy)
-    fig = Figure(figsize=(9, 3.2), layout="constrained")
+    keys = list(result.accuracy)
+    names = [result.names[k] for k in keys]
+    colors = dict(zip(keys, COLORS, strict=False))
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
     FigureCanvasAgg(fig)
-    ax1, ax2, ax3 = fig.subplots(1, 3)
-    colors = ["#8c8c8c", "#2a7ab9"]
-    top1 = [100 * accuracy[n]["top1"] for n in names]
-    ax1.bar(names, top1, color=colors)
-    ax1.set(title="top-1 (%)", ylim=(max(0.0, min(top1) - 15), 105))
-    for x, v in enumerate(top1):
-        ax1.annotate(f"{v:.1f}", (x, v), ha="center", va="bottom")
-    tp = [bench.throughput.median("baseline"), bench.throughput.median("compressed")]
-    ax2.bar(names, tp, color=colors)
-    ax2.set(title=f"img/s, batch {bench.settings.batch_size}")
-    ax2.annotate(f"{bench.speedup:.2f}x", (1, tp[1]), ha="center", va="bottom")
-    gm = [bench.baseline.gmacs, bench.compressed.gmacs]
-    ax3.bar(names, gm, color=colors)
-    ax3.set(title="GMACs per image")
-    ax3.annotate(f"{bench.gmac_reduction:.2f}x fewer", (1, gm[1]), ha="center", va="bottom")
-    for ax in (ax2, ax3):
-        ax.margins(y=0.12)
+    ax1, ax2 = fig.subplots(1, 2, width_ratios=[1, 2])
+    top1 = [100 * result.accuracy[k]["top1"] for k in keys]
+    bars = ax1.bar(range(len(keys)), top1, color=[colors[k] for k in keys])
+    ax1.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax1.set_xticks(range(len(keys)), names, fontsize=8)
+    ax1.set(title="top-1 (%)", ylim=(max(0.0, min(top1) - 15), max(top1) + 8))
+    batch = next(iter(result.bench.values())).settings.batch_size
+    groups = [f"speedup, batch {batch}", "speedup, batch 1", "fewer GMACs"]
+    width = 0.8 / len(keys)
+    for i, k in enumerate(keys):
+        values = [1.0, 1.0, 1.0]
+        if k in result.bench:
+            b = result.bench[k]
+            values = [b.speedup, b.latency_speedup or 0.0, b.gmac_reduction]
+        xs = [g + (i - (len(keys) - 1) / 2) * width for g in range(len(groups))]
+        bars = ax2.bar(xs, values, width, color=colors[k], label=result.names[k])
+        ax2.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax2.axhline(1.0, color=colors["teacher"], linestyle="--", linewidth=0.8)
+    ax2.set_xticks(range(len(groups)), groups)
+    ax2.set(title="relative to the teacher (x; each model timed beside it)")
+    ax2.margins(y=0.12)
+    fig.legend(*ax2.get_legend_handles_labels(), loc="outside lower center", ncols=len(keys),
+               fontsize=8, frameon=False)
     fig.savefig(path, dpi=100)
 
 
@@ -146,49 +223,166 @@ def _pattern_lines(report: Any) -> list[str]:
     ]
 
 
+FIT_FLAGS = {"passes": "--passes", "batch_size": "--batch-size", "lr": "--lr",
+             "lr_new": "--lr-new", "mixup": "--mixup", "trainable": "--trainable",
+             "seed": "--seed"}
+"""``hetvit fit``'s flag for each :class:`hetvit.fitting.FitConfig` setting that has one."""
+
+
+def fit_command(record: dict[str, Any], plan: Any) -> str:
+    """The ``hetvit fit`` command that remakes the fitted model, from its ``fit.json``: the
+    settings that differ from the defaults, and the images it used. Settings that have no
+    flag (``fit()`` in Python only) are named in a trailing comment."""
+    from dataclasses import asdict
+
+    from .fitting import FitConfig
+
+    defaults = asdict(FitConfig())
+    plan_arg = plan.label or f"assets/{FITTED}/plan.json"
+    words = [f"hetvit fit --teacher assets/{TEACHER} --plan {plan_arg} --images "
+             f"../shared/data/cifar10-train.tar.gz --out assets/{FITTED} --num-images "
+             f"{record['images']}"]
+    python_only = []
+    for key, value in record["config"].items():
+        if key not in defaults or value == defaults[key]:
+            continue
+        shown = f"{value:g}" if isinstance(value, float) else str(value)
+        if key in FIT_FLAGS:
+            words.append(f"{FIT_FLAGS[key]} {shown}")
+        else:
+            python_only.append(f"{key}={shown}")
+    if python_only:
+        words.append(f"# and {', '.join(python_only)} (FitConfig; no flag)")
+    return " ".join(words)
+
+
+def _load_average() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def speed_warnings(bench: dict[str, Any], names: dict[str, str],
+                   load: tuple[float | None, float | None], cpus: int | None = None
+                   ) -> list[str]:
+    """Why the speed figures may not be quoted: a busy machine at the start or end, a
+    pairing whose teacher rounds disagree, or the teacher's time moving between pairings (then
+    the speedups of different models are not on one scale)."""
+    from .bench import baseline_drift, baseline_unsteady
+
+    cpus = cpus or os.cpu_count() or 1
+    found = []
+    busy = [f"{v:.2f} at the {when}" for v, when in zip(load, ("start", "end"), strict=True)
+            if v is not None and v > BUSY_LOAD * cpus]
+    if busy:
+        found.append(f"the machine was busy: load average {' and '.join(busy)}, over "
+                     f"{BUSY_LOAD:g} x its {cpus} CPUs: other work shared the CPU, so the speed "
+                     "figures (img/s and ms most, the speedups less) are unreliable; run the "
+                     "demo again on an idle machine")
+    for key, result in bench.items():
+        unsteady = baseline_unsteady(result)
+        if unsteady:
+            found.append(f"beside {names[key]}, "
+                         + unsteady.replace("the baseline's", "the teacher's", 1))
+    drift = baseline_drift(list(bench.values()), labels=[names[k] for k in bench])
+    if drift:
+        found.append(drift.replace("the baseline's", "the teacher's", 1))
+    return found
+
+
+def _speed_lines(result: DemoResult) -> list[str]:
+    """The speed table: every model's own figures, and each speedup from its own pairing."""
+    first = next(iter(result.bench.values()))
+    batch = first.settings.batch_size
+    lines = [f"| model | plan | GMACs | params (M) | img/s (batch {batch}) | latency ms "
+             f"(batch 1) | speedup, batch {batch} | speedup, batch 1 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    teacher_tp = [b.throughput.median("baseline") for b in result.bench.values()]
+    teacher_ms = [b.latency.median("baseline") for b in result.bench.values() if b.latency]
+    median = statistics.median
+    lat = f"{median(teacher_ms):.2f}" if teacher_ms else "-"
+    lines.append(f"| {result.names['teacher']} | baseline | {first.baseline.gmacs:.4f} | "
+                 f"{first.baseline.params / 1e6:.2f} | {median(teacher_tp):.0f} | {lat} | "
+                 "1.00x | 1.00x |")
+
+    def ratio(p: Any) -> str:
+        lo, hi = p.spread
+        return f"{p.speedup:.2f}x [{lo:.2f}-{hi:.2f}]"
+
+    for key, b in result.bench.items():
+        lat = f"{b.latency.median('compressed'):.2f}" if b.latency is not None else "-"
+        lat_ratio = ratio(b.latency) if b.latency is not None else "-"
+        lines.append(f"| {result.names[key]} | {b.compressed.plan} | {b.compressed.gmacs:.4f} "
+                     f"({b.gmac_reduction:.2f}x fewer) | {b.compressed.params / 1e6:.2f} | "
+                     f"{b.throughput.median('compressed'):.0f} | {lat} | "
+                     f"**{b.speedup:.2f}x** [{b.throughput.spread[0]:.2f}-"
+                     f"{b.throughput.spread[1]:.2f}] | {lat_ratio} |")
+    rounds = len(first.throughput.ratios)
+    lines += ["", f"Each model was timed beside the teacher in its own pairing: {rounds} "
+              f"alternating rounds at batch {batch}"
+              + (f" and {len(first.latency.ratios)} at batch 1" if first.latency else "")
+              + ". A speedup is the median of the per-round ratios, the smallest and largest "
+              "in brackets. The teacher's img/s is the median over its "
+              f"{len(teacher_tp)} pairings (" + ", ".join(f"{v:.0f}" for v in teacher_tp)
+              + ")."]
+    return lines
+
+
+def _by_hand_lines(result: DemoResult, images: Path, n_analysed: int, fit_line: str
+                   ) -> list[str]:
+    bench = f"--batch-size {next(iter(result.bench.values())).settings.batch_size} --latency"
+    tome = f"--method tome --r {result.tome_r}"
+    return ["## The same steps by hand", "",
+            "(on the whole test set rather than the demo's sample)", "", "```",
+            f"hetvit analyze --checkpoint assets/{TEACHER} --data {images} --num-images "
+            f"{n_analysed}",
+            f"hetvit evaluate --checkpoint assets/{STUDENT} --data {images}",
+            f"hetvit bench --checkpoint assets/{STUDENT} {bench}",
+            fit_line,
+            f"hetvit evaluate --checkpoint assets/{FITTED} --data {images}",
+            f"hetvit bench --checkpoint assets/{FITTED} {bench}",
+            f"hetvit evaluate --checkpoint assets/{TEACHER} --data {images} {tome}",
+            f"hetvit bench --checkpoint assets/{TEACHER} {tome} {bench}",
+            "```", ""]
+
+
 def _markdown(result: DemoResult, teacher_arch: dict, images: Path, n_eval: int, n_analysed: int,
               analysis_md: str, plan_rows: list[dict], base_macs: int, plan_macs: int,
-              patterns: Any) -> str:
-    b = result.bench
+              patterns: Any, fit_line: str, fitted_plan: Any) -> str:
     acc = result.accuracy
     h, w = teacher_arch["img_size"]
+    label = result.plan.label or "fast"
     lines = [
         "# hetvit demo", "",
         f"The committed CIFAR-10 teacher (a DeiT-style ViT: {teacher_arch['depth']} blocks, "
         f"width {teacher_arch['embed_dim']}, {h}x{w} input, patch "
-        f"{teacher_arch['patch_size'][0]}) and its fine-tuned `{result.plan.label or 'fast'}` "
-        "student, side by side on this machine.", "",
+        f"{teacher_arch['patch_size'][0]}), its `{label}` student fine-tuned with labels, a "
+        f"`{fitted_plan.label or 'custom'}` student fitted without labels and training-free "
+        "token merging of the teacher, side by side on this machine.", "",
+        *[f"- **{result.names[k]}**: {result.about[k]}" for k in acc], "",
+    ]
+    if result.warnings:
+        lines += ["> **Warning:** the speed figures are unreliable on this run; see "
+                  "[Speed](#speed).", ""]
+    lines += [
         "![summary](summary.png)", "",
         f"## Accuracy ({n_eval} CIFAR-10 test images, {n_eval // 10} per class)", "",
         "| model | top-1 | top-5 | loss |", "|---|---:|---:|---:|",
     ]
-    for name, m in acc.items():
-        lines.append(f"| {name} | {100 * m['top1']:.1f}% | {100 * m['top5']:.1f}% | "
+    for key, m in acc.items():
+        lines.append(f"| {result.names[key]} | {100 * m['top1']:.1f}% | {100 * m['top5']:.1f}% | "
                      f"{m['loss']:.3f} |")
-    lines += [
-        "", f"Images: `{images}`. The full test set is in the README's accuracy table.", "",
-        "## Speed", "",
-        f"| model | GMACs | params (M) | img/s (batch {b.settings.batch_size}) | "
-        "latency ms (batch 1) |", "|---|---:|---:|---:|---:|",
-    ]
-    for name, info, which in (("teacher", b.baseline, "baseline"),
-                              ("student", b.compressed, "compressed")):
-        lat = f"{b.latency.median(which):.2f}" if b.latency is not None else "-"
-        lines.append(f"| {name} | {info.gmacs:.4f} | {info.params / 1e6:.2f} | "
-                     f"{b.throughput.median(which):.0f} | {lat} |")
-    lo, hi = b.throughput.spread
-    lines += ["", f"Speedup at batch {b.settings.batch_size}: **{b.speedup:.2f}x** "
-              f"(median of {len(b.throughput.ratios)} alternating rounds, range "
-              f"{lo:.2f}-{hi:.2f}); "
-              f"{b.gmac_reduction:.2f}x fewer GMACs."]
-    if b.latency is not None:
-        lines.append(f"Speedup at batch 1: {b.latency_speedup:.2f}x.")
-    e = b.env
+    lines += ["", f"Images: `{images}`. The full test set is in the README's accuracy table.", "",
+              "## Speed", ""]
+    lines += [f"> **Warning:** {w}" + "\n" for w in result.warnings]
+    lines += _speed_lines(result)
+    e = next(iter(result.bench.values())).env
+    start, end = result.load
     lines += ["", f"Machine: {e.get('cpu')}, {e.get('threads')} thread(s), torch "
               f"{e.get('torch')}, timm {e.get('timm')}, fp32, eager; load average "
-              f"{e.get('load_avg_1m')} at start.", "",
-              "## The student's plan", "",
-              f"`{result.plan.describe()}`", "",
+              f"{start} at start, {end} at end.", "",
+              "## The students' plan", "",
+              f"`{result.plan.describe()}`"
+              + ("" if fitted_plan == result.plan else
+                 f" (fine-tuned); the fitted model's: `{fitted_plan.describe()}`"), "",
               "| layer | runs | tokens | GMACs |", "|---:|---|---:|---:|"]
     for r in plan_rows:
         if r["kind"] == "aggregate":
@@ -208,32 +402,48 @@ def _markdown(result: DemoResult, teacher_arch: dict, images: Path, n_eval: int,
               f"`{result.recommended.describe()}`", "",
               f"Details, definitions and every plot: [analysis/patterns.md]({analysis_md}).", "",
               "![similarity](analysis/similarity.png)", "", "![rank](analysis/rank.png)", "",
-              "## The same steps by hand", "",
-              "(on the whole test set rather than the demo's sample)", "", "```",
-              f"hetvit analyze --checkpoint assets/{TEACHER} --data {images} --num-images "
-              f"{n_analysed}",
-              f"hetvit evaluate --checkpoint assets/{STUDENT} --data {images}",
-              f"hetvit bench --checkpoint assets/{STUDENT} --batch-size 64 --latency",
-              "```", "",
+              *_by_hand_lines(result, images, n_analysed, fit_line),
               f"Demo time: {result.seconds:.0f} s ("
               + ", ".join(f"{k} {v:.0f} s" for k, v in result.steps.items()) + ")."]
     return "\n".join(lines) + "\n"
 
 
+def _about(root: Path, record: dict[str, Any], plan: Any, fitted_plan: Any, tome_r: int
+           ) -> dict[str, str]:
+    """One line per model on how it was made: what its accuracy and speed cost to get."""
+    epochs = finetune_epochs(root / STUDENT)
+    passes = record["config"].get("passes")
+    return {
+        "teacher": "trained here from scratch, with labels (assets/README.md)",
+        "fine-tuned": f"the `{plan.label or 'custom'}` plan, fine-tuned "
+                      + (f"for {epochs} epochs " if epochs else "")
+                      + f"with labels (`hetvit finetune`; assets/{STUDENT})",
+        "fitted": f"the `{fitted_plan.label or 'custom'}` plan, fitted without labels "
+                  f"(`hetvit fit`; assets/{FITTED}): {record['images']:,} unlabeled images"
+                  + (f", {passes} pass{'es' if passes != 1 else ''}" if passes else "")
+                  + f", {float(record['seconds']):.0f} s (its fit.json)",
+        "tome": f"token merging (ToMe) of the teacher, {tome_r} tokens merged per block: no "
+                "training",
+    }
+
+
 def run(out: str | os.PathLike = "demo-report", *, assets: str | os.PathLike | None = None,
         images: str | os.PathLike | None = None, eval_images: int = 1000,
         analysis_images: int = 256, bench_rounds: int = 5, bench_time: float = 0.5,
-        threads: int | None = None, progress: bool = True,
+        threads: int | None = None, tome_r: int = TOME_R, progress: bool = True,
         log: Callable[[str], None] = print) -> DemoResult:
     """Run the demo and write its report to ``out`` (atomically: a failed run leaves no
     half-written report, and an earlier report stays until the new one is complete).
 
     ``eval_images`` (a multiple of 10: equal per class), ``analysis_images``, ``bench_rounds``
-    and ``bench_time`` (seconds per timed run) trade time for precision; ``log`` receives one
-    line per step.
+    and ``bench_time`` (seconds per timed run) trade time for precision; ``tome_r`` is the
+    token-merging row's tokens merged per block. ``log`` receives one line per step, then one
+    ``warning: ...`` line per reason the speed figures are unreliable (also in the report and
+    ``result.warnings``).
     """
     from torch.utils.data import Subset
 
+    from .baselines import tome
     from .bench import compare
     from .data import make_loader, make_transform, open_dataset, random_subset
     from .evaluate import evaluate
@@ -243,16 +453,22 @@ def run(out: str | os.PathLike = "demo-report", *, assets: str | os.PathLike | N
     from .surgery import describe, plan_of
 
     start = time.perf_counter()
+    load_start = _load_average()
     steps: dict[str, float] = {}
     check_replaceable(out, "report.md")  # before minutes of work, not after
     root = find_assets(assets)
     image_path = find_images(images)
     teacher = load_model(root / TEACHER)
     student = load_model(root / STUDENT)
-    if getattr(student, "hetvit_source", None) != describe(teacher):
-        raise DemoError(f"{root / STUDENT} was not compressed from {root / TEACHER}: their "
-                        "architectures differ; restore both with: git checkout -- assets")
-    plan = plan_of(student)
+    check_source(root / STUDENT, student, teacher, root / TEACHER)
+    fitted = load_model(root / FITTED)
+    check_source(root / FITTED, fitted, teacher, root / TEACHER)
+    record = fit_record(root / FITTED)
+    plan, fitted_plan = plan_of(student), plan_of(fitted)
+    models = {"teacher": teacher, "fine-tuned": student, "fitted": fitted,
+              "tome": tome(teacher, r=tome_r)}
+    names = {"teacher": "teacher", "fine-tuned": "fine-tuned", "fitted": "fitted",
+             "tome": f"ToMe r={tome_r}"}
 
     dataset = open_dataset(image_path, make_transform(teacher))
     if dataset.classes != CIFAR10_CLASSES:
@@ -277,27 +493,38 @@ def run(out: str | os.PathLike = "demo-report", *, assets: str | os.PathLike | N
             steps["analysis"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            log(f"[2/4] evaluating teacher and student on {len(chosen)} images")
-            accuracy = {name: evaluate(m, loader, progress=progress)
-                        for name, m in (("teacher", teacher), ("student", student))}
+            log(f"[2/4] evaluating {', '.join(names.values())} on {len(chosen)} images")
+            accuracy = {key: evaluate(m, loader, progress=progress)
+                        for key, m in models.items()}
             steps["evaluation"] = time.perf_counter() - t
 
             t = time.perf_counter()
-            log("[3/4] benchmarking teacher and student side by side")
-            bench = compare(teacher, student, batch_size=64, rounds=bench_rounds,
-                            min_time=bench_time, latency=True, threads=threads)
+            bench = {}
+            for key, model in models.items():
+                if key == "teacher":
+                    continue
+                log(f"[3/4] benchmarking {names[key]} beside the teacher")
+                bench[key] = compare(teacher, model, batch_size=64, rounds=bench_rounds,
+                                     min_time=bench_time, latency=True, threads=threads)
             steps["benchmark"] = time.perf_counter() - t
+            load = (load_start, _load_average())
 
             log("[4/4] writing the report")
             arch = describe(teacher)
             result = DemoResult(report=Path(out), accuracy=accuracy, bench=bench, plan=plan,
-                                recommended=recommended, seconds=0.0, steps=steps)
-            _accuracy_plot(tmp / "summary.png", accuracy, bench)
+                                recommended=recommended, seconds=0.0, steps=steps,
+                                names=names, about=_about(root, record, plan, fitted_plan,
+                                                          tome_r),
+                                warnings=speed_warnings(bench, names, load), load=load,
+                                tome_r=tome_r)
+            _summary_plot(tmp / "summary.png", result)
             result.seconds = time.perf_counter() - start
             (tmp / "report.md").write_text(_markdown(
                 result, arch, image_path, len(chosen), n_analysed, "analysis/patterns.md",
                 plan_layers(arch, plan), formula_macs(arch), formula_macs(arch, plan),
-                report))
+                report, fit_command(record, fitted_plan), fitted_plan))
     finally:
         torch.set_num_threads(previous)
+    for warning in result.warnings:
+        log(f"warning: {warning}")
     return result
