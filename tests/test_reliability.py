@@ -329,3 +329,222 @@ def test_the_api_refuses_degenerate_models(tmp_path):
     with pytest.raises(UnsupportedModelError, match="larger than the image"):
         hetvit.save(small_vit(patch_size=64), tmp_path / "m")
     assert listing(tmp_path) == []
+
+
+# --- 5. no silent overwrites, no late failures, no stale temporaries ---------------------------
+
+TINY_PLAN = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "4"]
+QUICK_BENCH = [*TINY_PLAN, "--depth", "2", "--batch-size", "2", "--rounds", "1", "--warmup",
+               "0", "--min-time", "0", "--threads", "1"]
+
+
+def _invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def test_plan_out_refuses_a_foreign_file_replaces_its_own_and_force_overwrites(tmp_path):
+    out = tmp_path / "notes.json"
+    out.write_text('{"mine": 1}\n')
+    result = _invoke("plan", *TINY_PLAN, "--out", str(out))
+    assert result.exit_code == 2
+    assert (f"{out} exists and is not an earlier output of this command; refusing to overwrite "
+            "it: choose another path, or pass --force") in one_line(result.output)
+    assert out.read_text() == '{"mine": 1}\n'
+    assert _invoke("plan", *TINY_PLAN, "--out", str(out), "--force").exit_code == 0
+    assert hetvit.Plan.load(out).label == "fast"
+    result = _invoke("plan", *TINY_PLAN, "--plan", "balanced", "--out", str(out))
+    assert result.exit_code == 0 and hetvit.Plan.load(out).label == "balanced"  # its own
+    assert listing(tmp_path) == ["notes.json"]  # no temporary left
+
+
+def test_bench_out_refuses_a_foreign_file_before_timing_and_replaces_its_own(tmp_path):
+    out = tmp_path / "result.json"
+    out.write_text("my results\n")
+    result = _invoke("bench", *QUICK_BENCH, "--out", str(out))
+    assert result.exit_code == 2 and "pass --force" in one_line(result.output)
+    assert "timing" not in result.output and out.read_text() == "my results\n"
+    assert _invoke("bench", *QUICK_BENCH, "--out", str(out), "--force").exit_code == 0
+    first = json.loads(out.read_text())
+    assert _invoke("bench", *QUICK_BENCH, "--out", str(out)).exit_code == 0  # its own result
+    assert json.loads(out.read_text())["model"] == first["model"] == "vit_tiny_patch16_224"
+
+
+def test_export_out_refuses_a_foreign_file_but_replaces_an_earlier_export(tmp_path):
+    from hetvit.export import is_onnx_export
+
+    hetvit.save(small_vit(), tmp_path / "m")
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"not onnx")
+    args = ["export", "--checkpoint", str(tmp_path / "m"), "--out", str(out), "--no-check"]
+    result = _invoke(*args)
+    assert result.exit_code == 2 and "refusing to overwrite it" in one_line(result.output)
+    assert out.read_bytes() == b"not onnx"
+    assert _invoke(*args, "--force").exit_code == 0 and is_onnx_export(out)
+    assert _invoke(*args).exit_code == 0  # an earlier export is replaced without --force
+    assert listing(tmp_path).count("model.onnx") == 1 and not is_onnx_export(tmp_path / "m"
+                                                                               / "plan.json")
+
+
+@pytest.mark.parametrize("command", ["plan", "bench", "export", "analyze"])
+def test_an_unwritable_out_is_one_line_naming_it_before_any_work(tmp_path, command):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / ("report" if command == "analyze" else "out.json")
+    # a model that does not exist: had the command started its work, it would fail on that
+    model = ["--model", "no_such_model"]
+    args = {"plan": ["plan", *model, "--out", str(out)],
+            "bench": ["bench", *model, "--out", str(out)],
+            "export": ["export", "--checkpoint", str(tmp_path / "none"), "--out", str(out),
+                       "--no-check"],
+            "analyze": ["analyze", *model, "--data", str(tmp_path), "--out", str(out)]}[command]
+    result = _invoke(*args)
+    assert result.exit_code == 2, result.output
+    assert f"cannot write {out}: {tmp_path / 'afile'} is a file, not a directory" in one_line(
+        result.output)
+    assert "Traceback" not in result.output and ".tmp" not in result.output
+    assert listing(tmp_path) == ["afile"]
+
+
+def test_a_read_only_out_directory_is_refused_before_the_bench(tmp_path, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: Path(p) != ro and real_access(p, mode))
+    out = ro / "result.json"
+    result = _invoke("bench", "--model", "no_such_model", "--out", str(out))
+    assert result.exit_code == 2
+    assert f"cannot write {out}: {ro} is not writable" in one_line(result.output)
+    assert listing(tmp_path) == ["ro"]
+
+
+def _temps(directory: Path, name: str, dead: int) -> dict[str, Path]:
+    """One temporary of each kind beside ``name``: of a killed writer, of a live one (this
+    test's parent process), an old and a fresh one of an older hetvit, an unrelated file."""
+    host = socket.gethostname().replace(".", "-")
+    paths = {"dead": directory / f".{name}.{host}-{dead}.abcdefgh.tmp",
+             "live": directory / f".{name}.{host}-{os.getppid()}.abcdefgh.tmp",
+             "old": directory / f".{name}.abcdefgh.tmp",
+             "fresh": directory / f".{name}.ijklmnop.tmp",
+             "other host": directory / f".{name}.elsewhere-{dead}.abcdefgh.tmp",
+             "unrelated": directory / f".{name}.notes"}
+    for path in paths.values():
+        path.mkdir(parents=True)
+        (path / "chunk").write_bytes(b"x" * 1000)
+    day_ago = os.path.getmtime(paths["old"]) - 2 * 24 * 3600
+    os.utime(paths["old"], (day_ago, day_ago))
+    return paths
+
+
+def _left(paths: dict[str, Path]) -> set[str]:
+    return {kind for kind, p in paths.items() if p.exists()}
+
+
+def test_stale_temporaries_of_killed_writes_are_cleaned_and_live_ones_kept(tmp_path):
+    import tarfile
+
+    from hetvit.data import extract_archive, sha256
+    from hetvit.export import _temp_beside
+
+    kept = {"live", "fresh", "other host", "unrelated"}
+    dead = _dead_pid()
+    beside_export = _temps(tmp_path / "out", "model.onnx", dead)
+    _temp_beside(tmp_path / "out" / "model.onnx").unlink()  # what an export does first
+    assert _left(beside_export) == kept
+    beside_save = _temps(tmp_path / "out", "ckpt", dead)
+    hetvit.save(small_vit(), tmp_path / "out" / "ckpt")
+    assert _left(beside_save) == kept
+    write_images(tmp_path / "set", ["a", "b"], per_class=1)
+    with tarfile.open(tmp_path / "set.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "set", arcname="set")
+    cache = tmp_path / "cache"
+    in_cache = _temps(cache, sha256(tmp_path / "set.tar.gz")[:16], dead)
+    extract_archive(tmp_path / "set.tar.gz", cache)
+    assert _left(in_cache) == kept
+
+
+# --- 7. API and help paper cuts ----------------------------------------------------------------
+
+
+def test_compress_takes_a_preset_name_and_an_image_folder(tmp_path):
+    write_images(tmp_path / "images", ["a", "b"], per_class=2)
+    model = small_vit()
+    student = hetvit.compress(model, "fast", calibration=tmp_path / "images")
+    assert student.hetvit_plan == hetvit.Plan.preset("fast", model)
+    assert student.hetvit_plan.static  # and its static maps were calibrated from the images
+    with pytest.raises(TypeError, match=r"plan must be a hetvit.Plan, a preset name \(balanced, "
+                                        r"fast, fastest\) or a plan JSON file, not 'quick'"):
+        hetvit.compress(model, "quick")
+    with pytest.raises(TypeError, match="not 3"):
+        hetvit.compress(model, 3)
+
+
+def test_plan_errors_name_the_plan_file(tmp_path):
+    plan = tmp_path / "my-plan.json"
+    plan.write_text(json.dumps({"static": [7]}))
+    with pytest.raises(hetvit.PlanError, match=f"{plan}: static layer 7 is out of range"):
+        hetvit.compress(small_vit(), plan)
+    hetvit.save(small_vit(), tmp_path / "m")
+    result = _invoke("compress", "--checkpoint", str(tmp_path / "m"), "--plan", str(plan),
+                     "--out", str(tmp_path / "s"))
+    assert result.exit_code == 2
+    assert f"{plan}: static layer 7 is out of range" in one_line(result.output)
+    plan.write_text("{static")
+    result = _invoke("plan", *TINY_PLAN, "--plan", str(plan))
+    assert result.exit_code == 2 and f"{plan}: plan is not valid JSON" in one_line(result.output)
+    assert not (tmp_path / "s").exists()
+
+
+def test_calibration_images_do_not_advise_a_class_map_flag(tmp_path):
+    write_images(tmp_path / "images", ["a", "b"], per_class=2)
+    (tmp_path / "images" / "classes.txt").write_text("a\nb\n")
+    hetvit.save(small_vit(), tmp_path / "m")
+    result = _invoke("compress", "--checkpoint", str(tmp_path / "m"), "--plan", "fast",
+                     "--calibration", str(tmp_path / "images"), "--out", str(tmp_path / "s"))
+    assert result.exit_code == 0, result.output
+    assert "--class-map" not in result.output
+
+
+def test_flags_are_shown_as_flags_in_the_help():
+    result = CliRunner().invoke(app, ["plan", "--help"], env={"COLUMNS": "200"})
+    row = next(line for line in result.output.splitlines() if "--json" in line)
+    assert "<bool>" not in row and "Print the plan" in row
+    assert "hybrid CNN stems and attention-pooling heads are refused" in one_line(result.output)
+    assert "any timm ViT" not in result.output
+
+
+def test_export_of_a_weights_file_does_not_advise_model(tmp_path):
+    torch.save(small_vit().state_dict(), tmp_path / "weights.pth")
+    result = _invoke("export", "--checkpoint", str(tmp_path / "weights.pth"), "--out",
+                     str(tmp_path / "m.onnx"), "--no-check")
+    assert result.exit_code == 2
+    assert "holds weights but not the architecture" in one_line(result.output)
+    assert "--model" not in result.output.replace("compress --model", "")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "export"])
+def test_a_finetune_checkpoint_points_to_the_runs_model(tmp_path, command):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"hyper_parameters": {"plan": {"static": [0]}}, "state_dict": {}}, ckpt)
+    extra = (["--data", str(tmp_path)] if command == "evaluate" else
+             ["--out", str(tmp_path / "m.onnx"), "--no-check"])
+    result = _invoke(command, "--checkpoint", str(ckpt), *extra)
+    assert result.exit_code == 2
+    assert (f"{ckpt} is a hetvit finetune checkpoint, which holds the student's weights but not "
+            f"its compressed architecture: use RUN/model ({tmp_path / 'run' / 'model'})"
+            ) in one_line(result.output)
+    assert listing(tmp_path) == ["run", "run/checkpoints", "run/checkpoints/last.ckpt"]
+
+
+def test_lightning_info_lines_are_silenced_during_a_run_only(tmp_path, colours, capfd,
+                                                             caplog):
+    import logging
+
+    from hetvit.training import LIGHTNING_INFO_LOGGERS, train
+
+    from .test_training import NAME, TINY
+
+    train(NAME, TINY, _config(tmp_path, "run"))
+    err = capfd.readouterr().err + caplog.text
+    assert "GPU available" not in err and "Tip:" not in err
+    assert all(logging.getLogger(n).level == logging.NOTSET for n in LIGHTNING_INFO_LOGGERS)

@@ -24,7 +24,7 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .io import class_names, sha256
+from .io import class_names, clean_stale_temps, sha256, temp_prefix
 
 __all__ = [
     "DataError",
@@ -75,7 +75,9 @@ def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | N
     The target is ``<cache>/<sha256[:16]>``: content-addressed, so a changed archive never
     reuses stale files. Extraction goes to a temporary directory beside the target that is then
     renamed into place; ``rename`` is atomic, so a target that exists is always complete, and of
-    two processes racing the loser just removes its own copy.
+    two processes racing the loser just removes its own copy. A killed extraction's temporary
+    is removed by the next extraction into the cache once its writer is gone
+    (:func:`hetvit.io.clean_stale_temps`); a running one's is never touched.
     """
     archive = Path(archive)
     if not archive.is_file():
@@ -88,7 +90,8 @@ def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | N
     if target.is_dir():
         return target
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=root))
+    clean_stale_temps(root)  # killed extractions of any archive: tens of MB each
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=".tmp", dir=root))
     try:
         try:
             with tarfile.open(archive, "r:*") as tar:

@@ -33,7 +33,7 @@ from torch import nn
 from .data import image_batches
 
 __all__ = ["export_onnx", "check_parity", "layer_matmuls", "ort_session", "ort_runner",
-           "load_images",
+           "load_images", "is_onnx_export",
            "ExportError", "ParityError", "Parity", "ExportResult", "MIN_OPSET"]
 
 MIN_OPSET = 17
@@ -170,11 +170,31 @@ def _write_onnx(model: nn.Module, path: Path, opset: int, batch_size: int) -> No
                           do_constant_folding=True)
 
 
+def is_onnx_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts as an ONNX model written by ``torch.onnx`` does: field 1
+    (``ir_version``) then field 2 (``producer_name``) ``"pytorch"``.
+
+    What ``hetvit export`` writes, so a re-export may replace it without ``--force``; a file of
+    any other kind is not replaced unasked. Reads 32 bytes, whatever the file's size.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(32)
+    except OSError:
+        return False
+    if head[:1] != b"\x08":
+        return False
+    i = 1
+    while i < len(head) and head[i] & 0x80:  # the varint of ir_version
+        i += 1
+    return head[i + 1:i + 10] == b"\x12\x07pytorch"
+
+
 def _temp_beside(path: Path) -> Path:
     """An empty temporary file in ``path``'s directory (created if needed).
 
     Creating it is also the check that the output can be written at all, done before any
-    export work.
+    export work. Stale temporaries of killed exports to ``path`` are removed first.
     """
     if path.is_dir():
         raise ExportError(f"cannot write {path}: it is a directory; give a file name such as "
@@ -184,9 +204,12 @@ def _temp_beside(path: Path) -> Path:
             if not parent.is_dir():
                 raise ExportError(f"cannot write {path}: {parent} is a file, not a directory")
             break
+    from .io import clean_stale_temps, temp_prefix
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        clean_stale_temps(path.parent, path.name)  # those of killed exports to this path
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name), suffix=".tmp", dir=path.parent)
     except OSError as e:
         raise ExportError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
@@ -402,7 +425,7 @@ def load_images(path: str | os.PathLike, model: nn.Module, limit: int = 64) -> t
     """
     from PIL import Image
 
-    from .data import IMAGE_EXTENSIONS, DataError, make_transform, open_dataset
+    from .data import IMAGE_EXTENSIONS, DataError, make_transform, open_images
 
     path = Path(path)
     transform = make_transform(model, training=False)
@@ -416,7 +439,7 @@ def load_images(path: str | os.PathLike, model: nn.Module, limit: int = 64) -> t
         load = [lambda f=f: read(f) for f in files]
     else:
         try:
-            dataset = open_dataset(path)
+            dataset = open_images(path)  # labels unused: no class map to ask for
         except DataError as e:
             raise ExportError(f"cannot read images from {path}: {e}") from None
         load = [lambda i=i: dataset.load(i) for i in range(len(dataset))]

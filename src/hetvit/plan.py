@@ -95,10 +95,15 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
+        """The plan in the JSON file ``path``; its errors name the file (a command may read
+        several, and a message without the name leaves the user guessing which)."""
         p = Path(path)
         if not p.is_file():
             raise PlanError(f"plan file not found: {p}")
-        return cls.from_json(p.read_text())
+        try:
+            return cls.from_json(p.read_text())
+        except PlanError as e:
+            raise PlanError(f"{p}: {e}") from None
 
     # ----------------------------------------------------------------- presets
     @classmethod

@@ -8,6 +8,7 @@ module, and aggregation stages are inserted into ``blocks``. So ``forward_featur
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -239,19 +240,50 @@ def plan_of(model: nn.Module) -> Plan:
 
 
 AGGREGATION_INITS = ("pool", "cluster")
+CALIBRATION_IMAGES = 256  # drawn at random from a calibration folder or archive (as the CLI)
 
 
-def compress(model: nn.Module, plan: Plan, calibration: Any = None, *,
+def _plan_for(model: nn.Module, plan: Any) -> tuple[Plan, Path | None]:
+    """``plan`` as a :class:`Plan`, and the file it came from: a preset name is scaled to
+    ``model``, a path is loaded. Anything else is a ``TypeError`` saying what to pass (not an
+    ``AttributeError`` from deep inside)."""
+    from .plan import PRESETS
+
+    if isinstance(plan, Plan):
+        return plan, None
+    if isinstance(plan, str) and plan in PRESETS:
+        return Plan.preset(plan, model), None
+    if isinstance(plan, str | os.PathLike) and (str(plan).endswith(".json") or
+                                                 Path(plan).exists()):
+        return Plan.load(plan), Path(plan)
+    raise TypeError(f"plan must be a hetvit.Plan, a preset name ({', '.join(PRESETS)}) or a "
+                    f"plan JSON file, not {plan!r}")
+
+
+def _calibration_loader(path: str | os.PathLike, model: nn.Module) -> Any:
+    """Calibration images from a folder or an archive: :data:`CALIBRATION_IMAGES` of them at
+    random (seeded), through ``model``'s eval transform, as ``hetvit compress`` reads them."""
+    from .data import make_loader, make_transform, open_images, random_subset
+
+    dataset = open_images(path, make_transform(model, training=False))
+    return make_loader(random_subset(dataset, min(CALIBRATION_IMAGES, len(dataset))),
+                       batch_size=64)
+
+
+def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any = None, *,
              max_batches: int | None = None, init: str = "calibrate",
              aggregation_init: str = "pool") -> VisionTransformer:
     """A compressed copy of ``model``: static attention and token aggregation as ``plan`` says.
 
     Args:
         model: a timm ``VisionTransformer`` (see :data:`SUPPORTED`); it is not modified.
-        plan: where to put static layers and pyramid stages; validated against ``model``.
+        plan: where to put static layers and pyramid stages, validated against ``model``: a
+            :class:`Plan`, a preset name (``"fast"``, scaled to ``model``) or a plan JSON file.
         calibration: images to initialise the static maps from the layers' mean dynamic
-            attention: a tensor ``B x C x H x W``, or an iterable of tensors or
-            ``(images, labels)`` batches (a DataLoader). Without it the maps start uniform.
+            attention: a tensor ``B x C x H x W``, an iterable of tensors or
+            ``(images, labels)`` batches (a DataLoader), or the path of an image folder or
+            archive (256 random images, through ``model``'s eval transform). Without it the
+            maps start uniform.
         max_batches: use at most this many calibration batches.
         init: ``"calibrate"`` (default), or ``"none"`` to leave the new parameters at their
             defaults (for loading saved weights into the structure).
@@ -263,6 +295,7 @@ def compress(model: nn.Module, plan: Plan, calibration: Any = None, *,
     if aggregation_init not in AGGREGATION_INITS:
         raise ValueError(f"aggregation_init must be one of {AGGREGATION_INITS}, not "
                          f"{aggregation_init!r}")
+    plan, plan_file = _plan_for(model, plan)
     cluster = aggregation_init == "cluster" and init == "calibrate" and bool(plan.pyramid)
     if cluster and calibration is None:
         raise ValueError("aggregation_init='cluster' groups tokens by what calibration images "
@@ -272,7 +305,12 @@ def compress(model: nn.Module, plan: Plan, calibration: Any = None, *,
     arch = describe(model)
     grid = token_grid(arch)
     prefix = num_prefix_tokens(arch)
-    plan.validate(arch["depth"], grid, tuple(arch["img_size"]))
+    try:
+        plan.validate(arch["depth"], grid, tuple(arch["img_size"]))
+    except PlanError as e:
+        raise PlanError(f"{plan_file}: {e}" if plan_file else str(e)) from None
+    if isinstance(calibration, str | os.PathLike):
+        calibration = _calibration_loader(calibration, model)
     if plan.img_size is None:
         plan = Plan(plan.static, plan.pyramid, tuple(arch["img_size"]), plan.source, plan.label)
     if not plan.source.get("name") and arch.get("name"):

@@ -565,10 +565,35 @@ def fit(module: BaseModule, config: TrainConfig, data: RunData | None = None) ->
     previous = torch.get_num_threads()
     torch.set_num_threads(config.threads or available_cores())
     try:
-        with run_lock(config.out):
+        with run_lock(config.out), _quiet_lightning():
             return _fit(module, config, data)
     finally:
         torch.set_num_threads(previous)
+
+
+# Lightning's info lines ("GPU available: False, used: False", "TPU available", tips to install
+# its cloud services, "max_epochs reached") say nothing a hetvit user can act on and bury the
+# epoch lines. They are logged at INFO; its warnings go through `warnings` and still show.
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero",
+                          "lightning.fabric.utilities.rank_zero",
+                          "lightning.pytorch.accelerators.cuda",
+                          "lightning.pytorch.trainer.connectors.accelerator_connector")
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Lightning's INFO chatter silenced for a run, the levels restored afterwards."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in LIGHTNING_INFO_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def _fit(module: BaseModule, config: TrainConfig, data: RunData) -> L.Trainer:
@@ -734,6 +759,8 @@ def load_checkpoint_model(path: str | os.PathLike) -> nn.Module:
         raise TrainingError(f"checkpoint not found: {path}")
     ckpt = read_run_checkpoint(path)
     params = ckpt.get("hyper_parameters", {})
+    if "model_name" not in params and "plan" in params:  # FinetuneModule's hyper-parameters
+        raise TrainingError(_finetune_checkpoint_message(path))
     if "model_name" not in params or "state_dict" not in ckpt:
         raise TrainingError(f"{path} is not a hetvit train checkpoint (no model_name in its "
                             "hyper-parameters, or no state_dict)")
@@ -748,6 +775,18 @@ def load_checkpoint_model(path: str | os.PathLike) -> nn.Module:
         raise TrainingError(f"{path}: its weights do not fit {params['model_name']} "
                             f"{params.get('model_kwargs')}: {str(err).splitlines()[0]}") from None
     return model.eval()
+
+
+def _finetune_checkpoint_message(path: Path) -> str:
+    """Where the model of a fine-tune run is: its ``last.ckpt`` holds the student's weights but
+    not the compressed architecture (the plan is applied to a teacher that is not saved)."""
+    run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    model = run / "model"
+    where = (f"use {model} (the run's model)" if model.is_dir() else
+             f"use RUN/model ({model}), written when the run ends; resume an unfinished run "
+             "with hetvit finetune --resume")
+    return (f"{path} is a hetvit finetune checkpoint, which holds the student's weights but not "
+            f"its compressed architecture: {where}")
 
 
 def read_run_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -40,6 +40,15 @@ def main() -> None:
     app()
 
 
+def flag(*names: str, **kwargs: Any) -> Any:
+    """A boolean option, which takes no value (``--json``, never ``--json true``).
+
+    typer labels a bool option ``<bool>`` in the help, which reads as if it wanted a value;
+    an empty metavar leaves the type column blank, as for any flag.
+    """
+    return typer.Option(*names, metavar="", **kwargs)
+
+
 # --- shared: clear errors, opening models, plans ------------------------------------------------
 USER_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, FileNotFoundError,
                                              RuntimeError, OSError)
@@ -73,9 +82,13 @@ class user_errors:  # noqa: N801 - used as a context manager, reads like a state
 
 
 def open_model(model: str | None, checkpoint: Path | None, overrides: dict | None = None,
-               quiet: bool = False) -> Any:
+               quiet: bool = False, model_flag: bool = True) -> Any:
     """The model a command works on: a hetvit checkpoint directory, a ``hetvit train``
-    Lightning checkpoint, or a timm name with an optional local weights file."""
+    Lightning checkpoint, or a timm name with an optional local weights file.
+
+    ``model_flag``: whether the command has ``--model`` (export does not), so that no error
+    advises a flag the command would refuse.
+    """
     import warnings
 
     from ..io import is_checkpoint, load
@@ -94,6 +107,10 @@ def open_model(model: str | None, checkpoint: Path | None, overrides: dict | Non
             from ..training import load_checkpoint_model
 
             return load_checkpoint_model(checkpoint)
+        if checkpoint is not None and not model_flag:
+            raise ValueError(f"{checkpoint} holds weights but not the architecture: give a "
+                             "hetvit checkpoint directory (make one with hetvit compress --model "
+                             "NAME --checkpoint FILE --plan PLAN, or hetvit.save(model, DIR))")
         if checkpoint is not None:
             raise ValueError(f"{checkpoint} holds weights but not the architecture: give its "
                              "timm name with --model NAME, or use a hetvit checkpoint directory")
@@ -112,9 +129,26 @@ def resolve_plan(plan: str, model: Any) -> Any:
     if plan in PRESETS:
         return Plan.preset(plan, model)
     if plan.endswith(".json") or Path(plan).exists():
-        return Plan.load(plan)
+        the_plan = Plan.load(plan)
+        _check_plan_file(the_plan, Path(plan), model)
+        return the_plan
     raise ValueError(f"--plan {plan!r} is neither a preset ({', '.join(PRESETS)}) nor a plan "
                      "JSON file")
+
+
+def _check_plan_file(plan: Any, path: Path, model: Any) -> None:
+    """Validate a plan read from ``path`` against ``model`` now, so that its error names the
+    file (the later check deep in a command does not know where the plan came from)."""
+    from ..plan import PlanError, token_grid
+    from ..surgery import describe, is_compressed
+
+    if is_compressed(model):
+        return  # compressing it is refused anyway, with its own message
+    arch = describe(model)
+    try:
+        plan.validate(arch["depth"], token_grid(arch), tuple(arch["img_size"]))
+    except PlanError as e:
+        raise PlanError(f"{path}: {e}") from None
 
 
 # --- option sets and helpers of the training and measuring commands --------------------------
@@ -224,7 +258,7 @@ def _run_options(
     cutmix: Annotated[float, typer.Option(
         help="CutMix Beta alpha (DeiT's recipe: 1.0; 0: off).")] = 0.0,
     class_map: ClassMapOpt = None,
-    skip_unknown: Annotated[bool, typer.Option(
+    skip_unknown: Annotated[bool, flag(
         help="Skip (with a warning) class folders the class map lacks instead of stopping."),
     ] = False,
     workers: Annotated[int, typer.Option(
@@ -240,7 +274,7 @@ def _run_options(
     precision: Annotated[str, typer.Option(
         help="32-true, bf16-mixed or 16-mixed (GPU only)."),
     ] = "32-true",
-    resume: Annotated[bool, typer.Option(
+    resume: Annotated[bool, flag(
         help="Continue the run in --out from its last.ckpt (weights, optimizer, schedule, "
         "epoch and step)."),
     ] = False,

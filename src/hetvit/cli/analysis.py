@@ -62,15 +62,16 @@ def analyze_command(
     from rich.table import Table
 
     from ..data import make_loader, make_transform, open_dataset, random_subset
-    from ..io import check_replaceable
+    from ..io import check_replaceable, check_writable
     from ..patterns import analyze
 
     console = Console(stderr=True)
     if num_images < 2:
         fail("--num-images must be at least 2 (the analysis compares images)")
-    if out is not None:
+    if out is not None:  # before the analysis, which takes minutes
         with user_errors():
             check_replaceable(out, "patterns.json")
+            check_writable(out)
     net, untrained = open_given_model(**source)
     with user_errors():
         dataset = open_dataset(data, make_transform(net, training=False))

@@ -14,12 +14,41 @@ from . import (
     _size_options,
     app,
     fail,
+    flag,
     open_model,
     resolve_plan,
     user_errors,
     with_options,
 )
 from .methods import _method_options, apply_method, pop_method_options
+
+MODEL_HELP = ("timm model name of a plain ViT with a fixed input size (DeiT, DeiT-3, ViT augreg; "
+              "hybrid CNN stems and attention-pooling heads are refused), e.g. "
+              "deit_small_patch16_224")
+ForceOpt = Annotated[bool, flag(
+    "--force", help="Overwrite --out even if it is a file this command did not write.")]
+
+
+def _is_plan_file(path: Path) -> bool:
+    """An earlier ``plan --out``: a file that reads as a plan."""
+    from ..plan import Plan, PlanError
+
+    try:
+        Plan.load(path)
+    except (PlanError, OSError, UnicodeDecodeError):
+        return False
+    return True
+
+
+def _is_bench_result(path: Path) -> bool:
+    """An earlier ``bench --out``: a JSON object with the keys bench writes."""
+    import json
+
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and {"model", "notes", "throughput", "settings"} <= set(data)
 
 
 def _timm_model(name: str, overrides: dict, weights: Path | None = None, meta: bool = False
@@ -47,17 +76,18 @@ def _timm_model(name: str, overrides: dict, weights: Path | None = None, meta: b
 @with_options(_size_options)
 def plan_command(
     model: Annotated[str, typer.Option(
-        "--model", help="timm model name, e.g. deit_small_patch16_224 (any timm ViT).")],
+        "--model", help=MODEL_HELP + ".")],
     preset: Annotated[str, typer.Option(
         "--preset", "--plan", help="fast, balanced or fastest (scaled to the model's depth "
         "and token grid), or a plan.json file to check against the model and show.")] = "fast",
-    as_json: Annotated[bool, typer.Option(
+    as_json: Annotated[bool, flag(
         "--json", help="Print the plan, its layers and GMACs as JSON instead of a table.")
     ] = False,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Also write the plan to this file (for --plan of compress, bench and "
-        "finetune).")
+        "finetune); an earlier plan there is replaced, another file only with --force.")
     ] = None,
+    force: ForceOpt = False,
     **sizes: Any,
 ) -> None:
     """Show a compression plan for a model, layer by layer, with its GMACs.
@@ -70,10 +100,14 @@ def plan_command(
     from rich.console import Console
     from rich.table import Table
 
+    from .. import io
     from ..flops import formula_macs, plan_layers
     from ..plan import token_grid
     from ..surgery import describe
 
+    if out is not None:
+        with user_errors():
+            io.check_file_replaceable(out, _is_plan_file, force)
     overrides = _overrides(sizes)
     net = _timm_model(model, overrides, meta=True)
     arch = describe(net)
@@ -84,7 +118,7 @@ def plan_command(
             the_plan = type(the_plan).from_dict({**the_plan.to_dict(),
                                                  "img_size": arch["img_size"]})
         if out is not None:
-            the_plan.save(out)
+            io.atomic_write_text(out, the_plan.to_json() + "\n")
     base, new = formula_macs(arch), formula_macs(arch, the_plan)
     rows = plan_layers(arch, the_plan)
     if as_json:
@@ -156,9 +190,9 @@ def compress(
         the_plan = resolve_plan(plan, source)
         loader = None
         if calibration is not None:
-            from ..data import make_loader, make_transform, open_dataset, random_subset
+            from ..data import make_loader, make_transform, open_images, random_subset
 
-            ds = open_dataset(calibration, make_transform(source))
+            ds = open_images(calibration, make_transform(source))  # labels unused
             loader = make_loader(random_subset(ds, num_images), batch_size=batch_size)
         student = do_compress(source.eval(), the_plan, calibration=loader,
                               aggregation_init=aggregation_init)
@@ -240,8 +274,8 @@ def _bench_models(model: str | None, checkpoint: Path | None, plan: str | None,
 @with_options(_size_options)
 def bench_command(
     model: Annotated[str | None, typer.Option(
-        "--model", help="timm model name (any timm ViT), e.g. deit_small_patch16_224. Random "
-        "weights unless --checkpoint FILE gives them.")] = None,
+        "--model", help=MODEL_HELP + ". Random weights unless --checkpoint FILE gives "
+        "them.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(
         "--checkpoint", help="Weights for --model (.pth/.safetensors/.ckpt), or a hetvit "
         "checkpoint directory: if compressed, it is timed against its source architecture "
@@ -251,7 +285,7 @@ def bench_command(
         "Default: fast (not allowed with an already compressed --checkpoint DIR).")] = None,
     batch_size: Annotated[int, typer.Option(
         "--batch-size", help="Images per call for the throughput measurement.")] = 32,
-    latency: Annotated[bool, typer.Option(
+    latency: Annotated[bool, flag(
         "--latency", help="Also measure batch-1 latency (median ms per image).")] = False,
     rounds: Annotated[int, typer.Option(
         help="Timed runs per model at --batch-size, alternating baseline and compressed; the "
@@ -263,7 +297,7 @@ def bench_command(
     min_time: Annotated[float, typer.Option(
         help="Seconds each timed run lasts at least (several calls when one is quicker).")
     ] = 1.0,
-    compile: Annotated[bool, typer.Option(
+    compile: Annotated[bool, flag(
         "--compile", help="Run both models under torch.compile.")] = False,
     dtype: Annotated[str, typer.Option(
         help="fp32, or bf16 (models and inputs cast to bfloat16).")] = "fp32",
@@ -272,11 +306,13 @@ def bench_command(
     runtime: Annotated[str, typer.Option(
         help="What runs the models: torch (eager, or compiled with --compile) or "
         "onnxruntime (both models exported to ONNX, fp32 on the CPU).")] = "torch",
-    as_json: Annotated[bool, typer.Option(
+    as_json: Annotated[bool, flag(
         "--json", help="Print the result as JSON (for machines) instead of the table.")
     ] = False,
     out: Annotated[Path | None, typer.Option(
-        "--out", help="Also write the result as JSON to this file.")] = None,
+        "--out", help="Also write the result as JSON to this file (an earlier bench result "
+        "there is replaced, another file only with --force).")] = None,
+    force: ForceOpt = False,
     **sizes: Any,
 ) -> None:
     """Time a model and its compressed version side by side in one process.
@@ -289,9 +325,13 @@ def bench_command(
 
     from rich.console import Console
 
+    from .. import io
     from ..bench import DTYPES, RUNTIMES, compare, render
 
     err = Console(stderr=True)
+    if out is not None:  # before the timing, which takes minutes
+        with user_errors():
+            io.check_file_replaceable(out, _is_bench_result, force)
     if dtype not in DTYPES:
         fail(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if runtime not in RUNTIMES:
@@ -322,7 +362,7 @@ def bench_command(
             **({"method": reduced} if reduced else {}), "notes": notes, **result.to_dict()}
     if out is not None:
         with user_errors():
-            out.write_text(json.dumps(data, indent=2) + "\n")
+            io.atomic_write_text(out, json.dumps(data, indent=2) + "\n")
     if as_json:
         print(json.dumps(data, indent=2))
     else:
@@ -344,11 +384,12 @@ def export_command(
         "train .ckpt file."),
     ],
     out: Annotated[Path, typer.Option(
-        "--out", help="The file to write, e.g. model.onnx (written only if the checks pass)."),
+        "--out", help="The file to write, e.g. model.onnx (written only if the checks pass; "
+        "an earlier export there is replaced, another file only with --force)."),
     ],
     fmt: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
     opset: Annotated[int, typer.Option(help="ONNX opset, 17 or newer.")] = 17,
-    check: Annotated[bool, typer.Option(
+    check: Annotated[bool, flag(
         help="Check the graph and compare onnxruntime with PyTorch (max |diff| and top-1) before "
         "writing --out."),
     ] = True,
@@ -359,6 +400,7 @@ def export_command(
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="Use at most this many of --images.")] = 64,
     atol: Annotated[float, typer.Option(help="Largest accepted |logit difference|.")] = 1e-4,
+    force: ForceOpt = False,
 ) -> None:
     """Export a model to ONNX (dynamic batch, static token shapes) and check it in onnxruntime.
 
@@ -367,7 +409,15 @@ def export_command(
     from rich.console import Console
     from rich.table import Table
 
-    from ..export import ExportError, ParityError, _onnxruntime, _temp_beside, export_onnx
+    from ..export import (
+        ExportError,
+        ParityError,
+        _onnxruntime,
+        _temp_beside,
+        export_onnx,
+        is_onnx_export,
+    )
+    from ..io import check_file_replaceable
     err = Console(stderr=True, soft_wrap=True)
 
     def fail(message: str, code: int = 2) -> None:
@@ -379,11 +429,12 @@ def export_command(
     try:
         if check:
             _onnxruntime()
+        check_file_replaceable(out, is_onnx_export, force)
         _temp_beside(out).unlink()  # is --out writable? (before the model is loaded)
-    except ExportError as e:
+    except (ExportError, OSError) as e:
         fail(str(e))
     try:
-        model = open_model(None, checkpoint)
+        model = open_model(None, checkpoint, model_flag=False)
         real = None
         if images is not None and check:
             from ..export import load_images

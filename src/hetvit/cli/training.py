@@ -21,6 +21,7 @@ from . import (
     _size_options,
     _train_config,
     app,
+    flag,
     open_given_model,
     open_model,
     resolve_plan,
@@ -112,7 +113,7 @@ def finetune(
     mix_epochs: Annotated[float, typer.Option(
         help="Curriculum: static layers run on lambda*dynamic + (1-lambda)*static, lambda "
         "going 1 -> 0 over this many epochs (0: off).")] = 0.0,
-    freeze_aggregation: Annotated[bool, typer.Option(
+    freeze_aggregation: Annotated[bool, flag(
         help="Keep the token aggregation at its start, pooling or k-means (ablation).")] = False,
     features: Annotated[float, typer.Option(
         help="Weight of feature distillation: at the end of every pyramid stage, the squared "
@@ -165,7 +166,7 @@ def evaluate_command(
         "--data", help="Images to evaluate: an ImageFolder directory or a .tar.gz of one."),
     ],
     class_map: ClassMapOpt = None,
-    skip_unknown: Annotated[bool, typer.Option(
+    skip_unknown: Annotated[bool, flag(
         help="Skip class folders the class map lacks instead of stopping."),
     ] = False,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 256,
@@ -174,7 +175,7 @@ def evaluate_command(
     limit: Annotated[int | None, typer.Option(
         min=1, help="Evaluate only the first N images (after a fixed shuffle): a quick estimate."),
     ] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")
+    as_json: Annotated[bool, flag("--json", help="Print JSON instead of a table.")
     ] = False,
     **source: Any,
 ) -> None:
