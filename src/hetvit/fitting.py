@@ -102,6 +102,12 @@ class FitRecord:
     steps: int
     seconds: float
     loss_per_pass: list[float] = field(default_factory=list)
+    threads: int = 1
+    cpu_seconds: float = 0.0
+    """CPU time of the fit's process (all threads): on a shared machine, the cost that wall
+    time ``seconds`` overstates."""
+    inputs: dict[str, Any] = field(default_factory=dict)
+    """Where the images and the start came from (the CLI fills it: images, calibration)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,7 +257,7 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
     x_all = collect_images(images, max_images)
     check_student(student, teacher)
     _check_images(student, x_all)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     param = next(student.parameters())
     x_all = x_all.to(param)
     model = copy.deepcopy(student)
@@ -297,5 +303,7 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
     model.eval()
     model.hetvit_fit = FitRecord(config=asdict(config), images=len(x_all), steps=step,
                                  seconds=round(time.perf_counter() - started, 1),
-                                 loss_per_pass=[round(v, 5) for v in losses])
+                                 loss_per_pass=[round(v, 5) for v in losses],
+                                 threads=torch.get_num_threads(),
+                                 cpu_seconds=round(time.process_time() - cpu_started, 1))
     return model

@@ -93,6 +93,10 @@ def fit_command(
                 bar.update(task, completed=step, total=total, loss=loss)
 
             fitted = fit(student, source, pool, config, progress=progress)
+        fitted.hetvit_fit.inputs = {
+            "images": str(images), "num_images": num_images,
+            "calibration_images": calibration_images, "aggregation_init": aggregation_init,
+            "plan": plan, "seed": seed}
         io.save(fitted, out)
     record = fitted.hetvit_fit
     console.print(f"fitted {fitted.hetvit_plan.describe()} on {record.images} images in "
