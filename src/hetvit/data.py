@@ -247,6 +247,21 @@ class ImageDataset(Dataset):
         return (self.transform(img) if self.transform is not None else img), target
 
 
+def dataset_root(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None,
+                 what: str = "data") -> Path:
+    """The directory holding the images of ``path``: itself, or its archive unpacked into the
+    cache (once per archive content)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{what} path not found: {path}")
+    if _is_archive(path):
+        return extract_archive(path, cache_dir)
+    if path.is_dir():
+        return path
+    kinds = ", ".join(ARCHIVE_SUFFIXES)
+    raise DataError(f"{path} is neither a directory nor a tar archive ({kinds})")
+
+
 def open_dataset(path: str | os.PathLike, transform: Callable | None = None,
                  class_map: ClassMapArg = None, skip_unknown: bool = False,
                  cache_dir: str | os.PathLike | None = None,
@@ -258,16 +273,7 @@ def open_dataset(path: str | os.PathLike, transform: Callable | None = None,
     With a map, a folder whose name the map lacks is an error, or, with ``skip_unknown``, is
     skipped with a warning; ``map_name`` says in those messages where the map came from.
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"data path not found: {path}")
-    if _is_archive(path):
-        top = extract_archive(path, cache_dir)
-    elif path.is_dir():
-        top = path
-    else:
-        kinds = ", ".join(ARCHIVE_SUFFIXES)
-        raise DataError(f"{path} is neither a directory nor a tar archive ({kinds})")
+    top = dataset_root(path, cache_dir)
     class_root = _find_class_root(top)
     folders = _visible_dirs(class_root)
     mapped = _resolve_class_map(class_map, top, class_root)
@@ -559,16 +565,7 @@ def open_images(path: str | os.PathLike, transform: Callable | None = None,
     What a fit needs: images of the model's domain, with or without class folders, whose names
     are never read (so no class map can be wrong).
     """
-    path = Path(path)
-    if not path.exists():
-        raise DataError(f"image path not found: {path}")
-    if _is_archive(path):
-        top = extract_archive(path, cache_dir)
-    elif path.is_dir():
-        top = path
-    else:
-        kinds = ", ".join(ARCHIVE_SUFFIXES)
-        raise DataError(f"{path} is neither a directory nor a tar archive ({kinds})")
+    top = dataset_root(path, cache_dir, what="image")
     files = sorted(p for p in top.rglob("*") if p.is_file() and p.suffix.lower() in
                    IMAGE_EXTENSIONS and not any(part.startswith(".") for part in
                                                 p.relative_to(top).parts))

@@ -92,7 +92,7 @@ def temp_prefix(name: str) -> str:
     return f".{name}.{_host_tag()}-{os.getpid()}."
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` runs on this host; our own pid counts (another thread's write)."""
     if pid == os.getpid():
         return True
@@ -113,7 +113,7 @@ def _temp_is_stale(path: Path, host: str | None, pid: int | None, now: float) ->
     A live pid is never stale, even if it was reused: keeping a dead write's file is harmless,
     removing a live write's file is not."""
     if host == _host_tag() and pid is not None:
-        return not _pid_alive(pid)
+        return not pid_alive(pid)
     try:
         return now - path.lstat().st_mtime > STALE_AFTER_S
     except FileNotFoundError:

@@ -46,6 +46,7 @@ from .data import (
     open_for_model,
     random_subset,
 )
+from .io import pid_alive
 
 __all__ = [
     "TrainConfig",
@@ -435,15 +436,8 @@ def lock_holder(path: Path) -> dict[str, Any] | None:
 
 
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():  # our own pid, not in _HELD_LOCKS: left by an earlier process
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
+    # our own pid, not in _HELD_LOCKS: a lock left by an earlier process that had our pid
+    return pid != os.getpid() and pid_alive(pid)
 
 
 def _locked_message(path: Path, holder: dict[str, Any]) -> str:
