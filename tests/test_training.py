@@ -391,3 +391,19 @@ def test_finetune_from_a_given_student_starts_from_its_weights(tmp_path):
     with pytest.raises(FitError, match="does not match the student's source"):
         finetune(teacher, None, config(tmp_path, "ft2", epochs=1), student=other)
     assert not (tmp_path / "ft2").exists()
+
+
+def test_validation_batches_mix_the_classes(tmp_path):
+    """`--limit-val-batches` must score a sample of every class, not the first folders: the
+    validation loader draws the images in a fixed random order."""
+    from hetvit.training import open_run_data
+
+    write_colours(tmp_path / "data", per_class=8)
+    cfg = config(tmp_path, "run", val_data=tmp_path / "data", batch_size=4)
+    data = open_run_data(module(), cfg)
+    first = next(iter(data.val_loader))[1]  # 8 images: class-sorted, it would be one class
+    assert len(set(first.tolist())) > 1
+    labels = torch.cat([y for _, y in data.val_loader]).tolist()
+    assert sorted(labels) == sorted(data.val_set.targets)  # every image, once
+    again = torch.cat([y for _, y in open_run_data(module(), cfg).val_loader]).tolist()
+    assert labels == again  # the same order every run
