@@ -372,7 +372,7 @@ def test_finetune_from_a_given_student_starts_from_its_weights(tmp_path):
     """`finetune(student=...)` (e.g. a fitted model) continues from it: at lr 0 the result is
     the student itself, and a student of another teacher is refused before anything is written."""
     import hetvit
-    from hetvit.fitting import FitError
+    from hetvit.fitting import FitError, FitRecord
     from hetvit.plan import Plan
     from hetvit.training import finetune
 
@@ -382,11 +382,13 @@ def test_finetune_from_a_given_student_starts_from_its_weights(tmp_path):
     with torch.no_grad():
         for p in student.parameters():
             p.add_(0.01 * torch.randn_like(p))  # not what compress alone would give
+    student.hetvit_fit = FitRecord(config={}, images=8, steps=1, seconds=0.0)
     path = finetune(teacher, None, config(tmp_path, "ft", epochs=1, lr=0.0, min_lr=0.0),
                     student=student)
     tuned = hetvit.load(path)
     assert tuned.hetvit_plan.pyramid == student.hetvit_plan.pyramid
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in tuned.state_dict().items())
+    assert not (path / "fit.json").exists()  # the fit made the start, not the fine-tuned model
     other = hetvit.compress(module(embed_dim=64).model, Plan(static=(0,)))
     with pytest.raises(FitError, match="does not match the student's source"):
         finetune(teacher, None, config(tmp_path, "ft2", epochs=1), student=other)

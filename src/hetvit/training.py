@@ -1095,6 +1095,7 @@ def finetune(teacher: nn.Module, plan: Any, config: TrainConfig, *, ce: float = 
         student = compress(teacher, plan, init="none")
     elif student is not None:
         student = copy.deepcopy(student)
+        student.__dict__.pop("hetvit_fit", None)  # the fit made the start, not this model
     else:
         calib = None
         if (plan.static or cluster) and calibration_images > 0:
