@@ -13,7 +13,7 @@ import torch
 
 import hetvit
 from hetvit.curves import read_epochs
-from hetvit.demo import STUDENT, TEACHER, find_assets, sample_indices
+from hetvit.demo import FITTED, STUDENT, TEACHER, find_assets, sample_indices
 from hetvit.plan import Plan
 from hetvit.surgery import describe
 
@@ -23,11 +23,11 @@ CIFAR_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-
 @pytest.fixture(scope="module")
 def models() -> tuple[torch.nn.Module, torch.nn.Module]:
     root = find_assets()
-    return hetvit.load(root / TEACHER), hetvit.load(root / STUDENT)
+    return hetvit.load(root / TEACHER), hetvit.load(root / STUDENT), hetvit.load(root / FITTED)
 
 
 def test_student_is_the_fast_compression_of_the_teacher(models):
-    teacher, student = models
+    teacher, student, _ = models
     assert student.hetvit_source == describe(teacher)
     fast = Plan.preset("fast", teacher)
     assert (student.hetvit_plan.static, student.hetvit_plan.pyramid) == (fast.static,
@@ -43,15 +43,23 @@ def test_teacher_run_record_is_committed_with_it():
 
 
 @pytest.mark.skipif(not CIFAR_TEST.exists(), reason="needs ../shared/data beside the repository")
-def test_both_models_are_trained(models):
+def test_the_models_are_trained(models):
     """Well above chance (10%) on the first 20 test images of every class."""
     from torch.utils.data import Subset
 
     from hetvit.data import make_loader, make_transform, open_dataset
     from hetvit.evaluate import evaluate
 
-    teacher, student = models
+    teacher = models[0]
     dataset = open_dataset(CIFAR_TEST, make_transform(teacher))
     loader = make_loader(Subset(dataset, sample_indices(dataset.targets, 20)), batch_size=100)
     for model in models:
         assert evaluate(model, loader)["top1"] > 0.6
+
+
+def test_fitted_model_is_a_label_free_fit_of_the_teacher(models):
+    teacher, _, fitted = models
+    assert fitted.hetvit_source == describe(teacher)
+    record = json.loads((find_assets() / FITTED / "fit.json").read_text())
+    assert record["images"] <= 2048 and record["steps"] > 0  # the issue's training-free budget
+    assert len(record["loss_per_pass"]) == record["config"]["passes"]
