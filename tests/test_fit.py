@@ -137,3 +137,14 @@ def test_cli_fit_on_no_images_fails_in_one_line_and_writes_nothing(vit, tmp_path
     assert result.exit_code == 2
     assert "no images found" in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+def test_cli_fit_checks_out_before_any_work(vit, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    hetvit.save(vit, teacher_dir)
+    (tmp_path / "file").write_text("not a directory")
+    result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
+                                      "--images", str(tmp_path / "missing"),
+                                      "--out", str(tmp_path / "file" / "out")])
+    assert result.exit_code == 2  # the --out error comes first: the images are not looked at
+    assert "is a file, not a directory" in result.output and "Traceback" not in result.output

@@ -76,6 +76,7 @@ def fit_command(
                              "--checkpoint FILE")
         config = FitConfig(passes=passes, batch_size=batch_size, lr=lr, lr_new=lr_new,
                            mixup=mixup, trainable=trainable, seed=seed)
+        io.check_writable(out)
         io.check_replaceable(out, io.SOURCE_FILE)
         source = open_model(model, teacher if teacher is not None else checkpoint).eval()
         the_plan = resolve_plan(plan, source)
