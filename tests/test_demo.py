@@ -356,3 +356,14 @@ def test_a_foreign_out_folder_is_refused_before_any_work(tmp_path, assets, cifar
     with pytest.raises(FileExistsError, match="refusing to replace"):
         _run(out, assets, cifar)
     assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+
+
+def test_the_demos_own_threads_do_not_make_the_machine_busy():
+    """The load average at the end counts the demo's own threads: only other work is busy."""
+    from hetvit.demo import speed_warnings
+
+    assert not speed_warnings({}, {}, (0.2, 2.1), cpus=2, own=2)
+    (busy,) = speed_warnings({}, {}, (0.2, 2.1), cpus=2, own=0)
+    assert "2.10 at the end" in busy
+    (busy,) = speed_warnings({}, {}, (1.5, 2.1), cpus=2, own=2)
+    assert "1.50 at the start" in busy and "end" not in busy.split(",")[0]
