@@ -122,6 +122,24 @@ def open_model(model: str | None, checkpoint: Path | None, overrides: dict | Non
         return load_model(model, checkpoint, **(overrides or {}))
 
 
+TeacherOpt = Annotated[Path | None, typer.Option(
+    help="The teacher: a hetvit checkpoint directory (e.g. from `hetvit train`: RUN/model) or a "
+    "`hetvit train` last.ckpt.")]
+TeacherModelOpt = Annotated[str | None, typer.Option(
+    help="Or the teacher as a timm model name, with --checkpoint for its weights.")]
+TeacherWeightsOpt = Annotated[Path | None, typer.Option(
+    help="Weights file for --model (.pth, .safetensors, or a `hetvit train` .ckpt).")]
+
+
+def open_teacher(teacher: Path | None, model: str | None, checkpoint: Path | None) -> Any:
+    """The model a compressing command starts from (`--teacher`, or `--model` with
+    `--checkpoint`), in eval mode."""
+    if teacher is None and model is None:
+        raise ValueError("give --teacher DIR (a hetvit checkpoint) or --model NAME "
+                         "--checkpoint FILE")
+    return open_model(model, teacher if teacher is not None else checkpoint).eval()
+
+
 def resolve_plan(plan: str, model: Any) -> Any:
     """``plan`` is a preset name (scaled to ``model``) or a plan JSON file."""
     from ..plan import PRESETS, Plan

@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from . import AggregationInitOpt, TorchThreadsOpt, app, open_model, resolve_plan, user_errors
+from . import (
+    AggregationInitOpt,
+    TeacherModelOpt,
+    TeacherOpt,
+    TeacherWeightsOpt,
+    TorchThreadsOpt,
+    app,
+    open_teacher,
+    resolve_plan,
+    user_errors,
+)
 
 
 @app.command("fit")
@@ -21,13 +31,9 @@ def fit_command(
         help="Directory to write the fitted checkpoint to, with fit.json (the fit's settings, "
         "images and time). An earlier checkpoint there is replaced; a folder of other files is "
         "refused.")],
-    teacher: Annotated[Path | None, typer.Option(
-        help="The model to compress: a hetvit checkpoint directory or a `hetvit train` .ckpt.",
-    )] = None,
-    model: Annotated[str | None, typer.Option(
-        help="Or the model as a timm name, with --checkpoint for its weights.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(
-        help="Weights file for --model (.pth, .safetensors or a `hetvit train` .ckpt).")] = None,
+    teacher: TeacherOpt = None,
+    model: TeacherModelOpt = None,
+    checkpoint: TeacherWeightsOpt = None,
     num_images: Annotated[int, typer.Option(
         min=1, help="Images to fit on, drawn at random (seeded) from --images.")] = 2048,
     calibration_images: Annotated[int, typer.Option(
@@ -71,14 +77,11 @@ def fit_command(
     if threads is not None:
         torch.set_num_threads(threads)
     with user_errors():
-        if teacher is None and model is None:
-            raise ValueError("give --teacher DIR (a hetvit checkpoint) or --model NAME "
-                             "--checkpoint FILE")
         config = FitConfig(passes=passes, batch_size=batch_size, lr=lr, lr_new=lr_new,
                            mixup=mixup, trainable=trainable, seed=seed)
         io.check_writable(out)
         io.check_replaceable(out, io.SOURCE_FILE)
-        source = open_model(model, teacher if teacher is not None else checkpoint).eval()
+        source = open_teacher(teacher, model, checkpoint)
         the_plan = resolve_plan(plan, source)
         dataset = open_images(images, make_transform(source))
         subset = random_subset(dataset, min(num_images, len(dataset)), seed=seed)

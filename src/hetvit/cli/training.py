@@ -13,6 +13,9 @@ from . import (
     DataOpt,
     MinLrOpt,
     OutOpt,
+    TeacherModelOpt,
+    TeacherOpt,
+    TeacherWeightsOpt,
     TorchThreadsOpt,
     ValDataOpt,
     _model_options,
@@ -24,6 +27,7 @@ from . import (
     flag,
     open_given_model,
     open_model,
+    open_teacher,
     resolve_plan,
     user_errors,
     with_options,
@@ -89,13 +93,9 @@ def finetune(
     student: Annotated[Path | None, typer.Option(
         help="Start from this compressed model of the teacher (a hetvit checkpoint directory, "
         "e.g. from `hetvit fit`) instead of compressing and calibrating it here.")] = None,
-    teacher: Annotated[Path | None, typer.Option(
-        help="The teacher: a hetvit checkpoint directory (e.g. from `hetvit train`: "
-        "RUN/model) or a `hetvit train` last.ckpt.")] = None,
-    model: Annotated[str | None, typer.Option(
-        help="Or the teacher as a timm model name, with --checkpoint for its weights.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(
-        help="Weights file for --model (.pth, .safetensors, or a `hetvit train` .ckpt).")] = None,
+    teacher: TeacherOpt = None,
+    model: TeacherModelOpt = None,
+    checkpoint: TeacherWeightsOpt = None,
     val_data: ValDataOpt = None,
     epochs: Annotated[int, typer.Option(
         min=1, help="Fine-tuning epochs (also sets the schedule).")] = 3,
@@ -140,10 +140,7 @@ def finetune(
     console = Console(stderr=True)
     config = _train_config({**locals(), **run})
     with user_errors():
-        if teacher is None and model is None:
-            raise ValueError("give --teacher DIR (a hetvit checkpoint) or --model NAME "
-                             "--checkpoint FILE")
-        source = open_model(model, teacher if teacher is not None else checkpoint)
+        source = open_teacher(teacher, model, checkpoint)
         if (plan is None) == (student is None):
             raise ValueError("give --plan (a preset or plan.json) or --student DIR (a "
                              "compressed model of the teacher, e.g. from hetvit fit)")
