@@ -59,7 +59,7 @@ class FitConfig:
         lr: peak learning rate of the inherited weights.
         lr_new: peak learning rate of the static logits and aggregation weights.
         temperature: distillation temperature (1: match the teacher's probabilities).
-        mixup: Beta(mixup, mixup) mixing of image pairs (0: off).
+        mixup: Beta(mixup, mixup) mixing of image pairs (0: off; 1: the measured default).
         flip: random horizontal flips.
         trainable: one of :data:`TRAINABLE`.
         warmup: fraction of the steps spent rising to the peak learning rate.
@@ -71,7 +71,7 @@ class FitConfig:
     lr: float = 3e-4
     lr_new: float = 5e-2
     temperature: float = 1.0
-    mixup: float = 0.0
+    mixup: float = 1.0
     flip: bool = True
     trainable: str = "all"
     warmup: float = 0.1
