@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .aggregation import TokenAggregation
 from .attention import StaticAttention
 from .data import image_batches
+from .losses import kd_loss
 
 __all__ = ["FitConfig", "FitRecord", "FitError", "fit", "collect_images", "check_student",
            "TRAINABLE"]
@@ -192,9 +192,7 @@ def param_groups(model: nn.Module, config: FitConfig) -> list[dict[str, Any]]:
         param.requires_grad_(keep)
         if keep:
             rest.append(param)
-    groups = [{"params": new, "lr": config.lr_new}]
-    if rest:
-        groups.append({"params": rest, "lr": config.lr})
+    groups = [{"params": new, "lr": config.lr_new}, {"params": rest, "lr": config.lr}]
     return [g for g in groups if g["params"]]
 
 
@@ -210,14 +208,6 @@ def augment(x: torch.Tensor, config: FitConfig, gen: torch.Generator) -> torch.T
         lam = beta.sample((b, 1, 1, 1)).to(x)  # torch's Beta takes no generator: seeded below
         x = lam * x + (1 - lam) * x[torch.randperm(b, generator=gen).to(x.device)]
     return x
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
-            ) -> torch.Tensor:
-    """Hinton distillation: ``T^2 KL(softmax(t/T) || softmax(s/T))``, averaged over the batch."""
-    t = temperature
-    return F.kl_div((student_logits / t).log_softmax(-1), (teacher_logits / t).log_softmax(-1),
-                    reduction="batchmean", log_target=True) * t * t
 
 
 def one_cycle(step: int, warmup: int, total: int) -> float:

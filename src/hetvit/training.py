@@ -47,6 +47,7 @@ from .data import (
     random_subset,
 )
 from .io import pid_alive
+from .losses import kd_loss
 
 __all__ = [
     "TrainConfig",
@@ -881,14 +882,6 @@ def stage_ends(plan: Any, depth: int) -> list[int]:
     """The last layer of every pyramid stage: where feature distillation compares tokens."""
     starts = [layer for layer, _ in plan.pyramid]
     return [nxt - 1 for nxt in starts[1:]] + [depth - 1] if starts else []
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
-            ) -> torch.Tensor:
-    """Hinton distillation: ``T^2 KL(softmax(t/T) || softmax(s/T))``, averaged over the batch."""
-    t = temperature
-    return F.kl_div((student_logits / t).log_softmax(-1), (teacher_logits / t).log_softmax(-1),
-                    reduction="batchmean", log_target=True) * t * t
 
 
 class FinetuneModule(BaseModule):
