@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .data import image_batches
+from .io import clean_stale_temps, current_umask, temp_prefix
 
 __all__ = ["export_onnx", "check_parity", "layer_matmuls", "ort_session", "ort_runner",
            "load_images", "is_onnx_export",
@@ -204,8 +205,6 @@ def _temp_beside(path: Path) -> Path:
             if not parent.is_dir():
                 raise ExportError(f"cannot write {path}: {parent} is a file, not a directory")
             break
-    from .io import clean_stale_temps, temp_prefix
-
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         clean_stale_temps(path.parent, path.name)  # those of killed exports to this path
@@ -274,18 +273,12 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = MIN_OPSE
                 result.parity.append(check_parity(model, session, images, atol, "real images"))
         if not result.passed:
             raise ParityError(_failure_message(result), result)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal mode
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; give it a normal mode
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return result
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _failure_message(result: ExportResult) -> str:

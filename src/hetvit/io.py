@@ -205,7 +205,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the result is not
+        os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it private; the result is not
         os.replace(tmp, path)
     except OSError as e:
         raise OSError(f"cannot write {path}: {e.strerror or e}") from None
@@ -215,7 +215,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
-def _umask() -> int:
+def current_umask() -> int:
+    """The process's umask (reading it means setting it: put back at once)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -237,7 +238,7 @@ def atomic_directory(directory: str | Path, marker: str) -> Iterator[Path]:
                                 dir=directory.parent))
     try:
         yield tmp
-        umask = _umask()
+        umask = current_umask()
         for f in tmp.rglob("*"):
             if f.is_file():
                 with open(f, "rb") as fh:
