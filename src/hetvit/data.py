@@ -40,6 +40,7 @@ __all__ = [
     "random_subset",
     "image_batches",
     "open_images",
+    "sample_images",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".gif", ".tif",
@@ -573,3 +574,12 @@ def open_images(path: str | os.PathLike, transform: Callable | None = None,
         raise DataError(f"no images found under {path} (looked for "
                         f"{', '.join(IMAGE_EXTENSIONS[:4])}, ... at any depth)")
     return ImageDataset([(p, 0) for p in files], ["image"], transform, root=top)
+
+
+def sample_images(path: str | os.PathLike, model: nn.Module, n: int, *, seed: int = 0,
+                  batch_size: int = 64) -> DataLoader:
+    """A loader of ``n`` images drawn at random (seeded) from the unlabeled images at ``path``
+    (:func:`open_images`), through ``model``'s eval transform: what calibration and fitting
+    read, whatever folders the images sit in."""
+    dataset = open_images(path, make_transform(model, training=False))
+    return make_loader(random_subset(dataset, min(n, len(dataset)), seed), batch_size=batch_size)

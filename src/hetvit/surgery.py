@@ -263,11 +263,9 @@ def _plan_for(model: nn.Module, plan: Any) -> tuple[Plan, Path | None]:
 def _calibration_loader(path: str | os.PathLike, model: nn.Module) -> Any:
     """Calibration images from a folder or an archive: :data:`CALIBRATION_IMAGES` of them at
     random (seeded), through ``model``'s eval transform, as ``hetvit compress`` reads them."""
-    from .data import make_loader, make_transform, open_images, random_subset
+    from .data import sample_images
 
-    dataset = open_images(path, make_transform(model, training=False))
-    return make_loader(random_subset(dataset, min(CALIBRATION_IMAGES, len(dataset))),
-                       batch_size=64)
+    return sample_images(path, model, CALIBRATION_IMAGES)
 
 
 def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any = None, *,

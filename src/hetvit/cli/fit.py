@@ -70,7 +70,7 @@ def fit_command(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .. import io
-    from ..data import make_loader, make_transform, open_images, random_subset
+    from ..data import sample_images
     from ..fitting import FitConfig, collect_images, fit
     from ..surgery import compress
 
@@ -84,9 +84,8 @@ def fit_command(
         io.check_replaceable(out, io.SOURCE_FILE)
         source = open_teacher(teacher, model, checkpoint)
         the_plan = resolve_plan(plan, source)
-        dataset = open_images(images, make_transform(source))
-        subset = random_subset(dataset, min(num_images, len(dataset)), seed=seed)
-        pool = collect_images(make_loader(subset, batch_size=256))
+        pool = collect_images(sample_images(images, source, num_images, seed=seed,
+                                            batch_size=256))
         student = compress(source, the_plan, calibration=pool[:calibration_images],
                            aggregation_init=aggregation_init)
         with Progress(TextColumn("fit"), BarColumn(), TextColumn("{task.completed}/"

@@ -190,10 +190,9 @@ def compress(
         the_plan = resolve_plan(plan, source)
         loader = None
         if calibration is not None:
-            from ..data import make_loader, make_transform, open_images, random_subset
+            from ..data import sample_images
 
-            ds = open_images(calibration, make_transform(source))  # labels unused
-            loader = make_loader(random_subset(ds, num_images), batch_size=batch_size)
+            loader = sample_images(calibration, source, num_images, batch_size=batch_size)
         student = do_compress(source.eval(), the_plan, calibration=loader,
                               aggregation_init=aggregation_init)
         io.save(student, out)
