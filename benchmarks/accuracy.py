@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from hetvit.surgery import preset as surgery_preset
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = Path(__file__).parent / "results"
@@ -114,14 +116,14 @@ def plan_file(spec: str, teacher: Path, runs: Path, test: Path, analysis_images:
         if spec == "recommended@fast":  # the same GMACs as the fast preset
             model = load(teacher)
             arch = describe(model)
-            fast = formula_macs(arch) / formula_macs(arch, Plan.preset("fast", model))
+            fast = formula_macs(arch) / formula_macs(arch, surgery_preset("fast", model))
             target = ["--recommend-speedup", f"{fast - 0.005:.2f}"]
         if not (analysis / "patterns.json").exists():
             hetvit("analyze", "--checkpoint", teacher, "--data", test, "--num-images",
                    analysis_images, *target, "--out", analysis)
         plan = Plan.from_dict(json.loads((analysis / "patterns.json").read_text())["plan"])
     else:
-        fast = Plan.preset("fast", load(teacher))
+        fast = surgery_preset("fast", load(teacher))
         keep = spec.split(":")[1]
         plan = Plan(static=fast.static if keep == "static" else (),
                     pyramid=fast.pyramid if keep == "pyramid" else (),

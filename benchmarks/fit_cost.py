@@ -26,7 +26,7 @@ def main() -> None:
         model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
         images = torch.randn(256, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         start = time.perf_counter()
-        student = hetvit.compress(model, hetvit.Plan.preset("fast", model),
+        student = hetvit.compress(model, hetvit.surgery.preset("fast", model),
                                   calibration=images[:32])
         calibration = time.perf_counter() - start
         fitted = hetvit.fit(student, model, images, hetvit.FitConfig(passes=1, batch_size=32))

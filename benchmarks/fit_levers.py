@@ -35,6 +35,7 @@ import hetvit
 from hetvit.aggregation import TokenAggregation
 from hetvit.attention import StaticAttention, attention_map
 from hetvit.plan import Plan
+from hetvit.surgery import preset as surgery_preset
 from hetvit.training import aggregation_path, kd_loss
 
 p = argparse.ArgumentParser()
@@ -113,7 +114,7 @@ def acc(m):
 if a.plan.startswith("{"):
     plan = Plan.from_dict(json.loads(a.plan))
 elif a.plan in ("fast", "balanced", "fastest"):
-    plan = Plan.preset(a.plan, teacher)
+    plan = surgery_preset(a.plan, teacher)
 else:  # "s0,1,2|3:32,6:16"
     st, py = a.plan.split("|")
     plan = Plan(

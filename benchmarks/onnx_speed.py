@@ -80,7 +80,7 @@ def main() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = timm.create_model(args.model, pretrained=False).eval()
-        plan = hetvit.Plan.preset(args.preset, base)
+        plan = hetvit.surgery.preset(args.preset, base)
         c, h, w = 3, *base.patch_embed.img_size
         fast = hetvit.compress(base, plan, calibration=torch.randn(8, c, h, w)).eval()
     print(f"model {args.model} (random weights), preset {args.preset}: {plan.describe()}")

@@ -43,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hetvit.surgery import preset as surgery_preset
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = Path(__file__).parent / "results"
@@ -136,7 +138,7 @@ def plan_named(spec: str, teacher: Any) -> Any:
     """A preset (scaled to the teacher) or a plan JSON file."""
     from hetvit.plan import Plan
 
-    return Plan.preset(spec, teacher) if spec in ("balanced", "fast", "fastest") \
+    return surgery_preset(spec, teacher) if spec in ("balanced", "fast", "fastest") \
         else Plan.load(spec)
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import timm
 
 from hetvit.bench import compare, compress_for_speed
-from hetvit.plan import Plan
+from hetvit.surgery import preset as surgery_preset
 
 MODELS = ["deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224"]
 PRESETS = ["balanced", "fast", "fastest"]
@@ -31,7 +31,7 @@ def measure(model_name: str, preset: str, args: argparse.Namespace) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random weights": intended
         baseline = timm.create_model(model_name, pretrained=False).eval()
-    compressed = compress_for_speed(baseline, Plan.preset(preset, baseline))
+    compressed = compress_for_speed(baseline, surgery_preset(preset, baseline))
     result = compare(baseline, compressed, batch_size=args.batch_size, rounds=args.rounds,
                      latency=True, latency_rounds=args.latency_rounds, threads=args.threads)
     return {"model": model_name, "preset": preset, "plan": compressed.hetvit_plan.describe(),

@@ -14,8 +14,7 @@ import torch
 import hetvit
 from hetvit.curves import read_epochs
 from hetvit.demo import FITTED, STUDENT, TEACHER, find_assets, sample_indices
-from hetvit.plan import Plan
-from hetvit.surgery import describe
+from hetvit.surgery import describe, preset
 
 CIFAR_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-test.tar.gz"
 
@@ -29,7 +28,7 @@ def models() -> tuple[torch.nn.Module, torch.nn.Module]:
 def test_student_is_the_fast_compression_of_the_teacher(models):
     teacher, student, _ = models
     assert student.hetvit_source == describe(teacher)
-    fast = Plan.preset("fast", teacher)
+    fast = preset("fast", teacher)
     assert (student.hetvit_plan.static, student.hetvit_plan.pyramid) == (fast.static,
                                                                         fast.pyramid)
 

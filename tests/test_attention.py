@@ -2,10 +2,13 @@ import pytest
 import torch
 
 import hetvit
-from hetvit.attention import StaticAttention, attention_map
+from hetvit.attention import StaticAttention
+from hetvit.hosts import HOSTS
 from hetvit.plan import Plan
 
 from .conftest import tiny_vit
+
+attention_map = HOSTS["timm"].attention_map
 
 
 def _attn_input(model, layer, x):
@@ -24,7 +27,7 @@ def test_static_map_of_one_input_reproduces_dynamic_attention(fused, images):
     attn = model.blocks[1].attn
     attn.fused_attn = fused
     x = _attn_input(model, 1, images[:1])
-    static = StaticAttention.from_attention(attn, num_tokens=x.shape[1]).eval()
+    static = StaticAttention.from_projections(HOSTS["timm"].projections(attn), x.shape[1]).eval()
     static.set_map(attention_map(attn, x)[0], eps=0.0)
     with torch.no_grad():
         torch.testing.assert_close(static(x), attn(x), atol=1e-5, rtol=0)

@@ -17,13 +17,15 @@ from typer.testing import CliRunner
 
 import hetvit
 from hetvit import baselines
-from hetvit.attention import attention_map
 from hetvit.baselines import BaselineError, evit, token_counts, tome
 from hetvit.baselines.tome import MergingBlock, _Sizes
 from hetvit.cli import app
 from hetvit.flops import count_macs
+from hetvit.hosts import HOSTS
 
 from .conftest import write_images
+
+attention_map = HOSTS["timm"].attention_map
 
 ARCH = dict(img_size=32, patch_size=4, embed_dim=64, depth=4, num_heads=4, num_classes=10)
 

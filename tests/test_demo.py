@@ -109,7 +109,7 @@ def _demo_run(root: Path, busy: bool, tome_r: int = TOME_R, slow_teacher_beside_
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(os, "getloadavg", lambda: (load, load, load))
         if slow_teacher_beside_tome:
-            mp.setattr(hetvit.bench, "compare", compare)
+            mp.setattr(hetvit.demo, "compare", compare)
         assets, cifar = _make_assets(root / "assets"), _make_cifar(root / "cifar")
         result = _run(root / "report", assets, cifar, tome_r=tome_r, log=logged.append)
     return result, assets, cifar, (root / "report" / "report.md").read_text(), logged
@@ -320,7 +320,7 @@ def test_failure_mid_run_leaves_no_report(tmp_path, assets, cifar, monkeypatch):
     def broken_compare(*a, **k):
         raise RuntimeError("benchmark failed")
 
-    monkeypatch.setattr(hetvit.bench, "compare", broken_compare)
+    monkeypatch.setattr(hetvit.demo, "compare", broken_compare)
     with pytest.raises(RuntimeError, match="benchmark failed"):
         _run(tmp_path / "report", assets, cifar)
     assert list(tmp_path.glob("*report*")) == []
@@ -349,7 +349,7 @@ def test_a_foreign_out_folder_is_refused_before_any_work(tmp_path, assets, cifar
     def no_analysis(*a, **k):
         raise AssertionError("the demo worked before checking --out")
 
-    monkeypatch.setattr(hetvit.patterns, "analyze", no_analysis)
+    monkeypatch.setattr(hetvit.demo, "analyze", no_analysis)
     out = tmp_path / "mine"
     out.mkdir()
     (out / "thesis.tex").write_text("mine\n")

@@ -3,7 +3,7 @@ import torch
 
 import hetvit
 from hetvit.aggregation import pooling_matrix
-from hetvit.attention import attention_map
+from hetvit.hosts import HOSTS
 from hetvit.plan import Plan
 from hetvit.training import (
     FinetuneModule,
@@ -18,6 +18,8 @@ from hetvit.training import (
 )
 
 from .conftest import tiny_vit
+
+attention_map = HOSTS["timm"].attention_map
 
 
 def _teacher_maps(module: FinetuneModule, x: torch.Tensor) -> dict[int, torch.Tensor]:

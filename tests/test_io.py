@@ -100,7 +100,7 @@ def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch, image
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
+    monkeypatch.setattr(hetvit.io, "save_file", boom)
     with pytest.raises(KeyboardInterrupt):
         hetvit.save(hetvit.compress(model, PLAN), tmp_path / "c")
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary left behind

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 import hetvit
-from hetvit.attention import attention_map
 from hetvit.flops import formula_macs
+from hetvit.hosts import HOSTS
 from hetvit.patterns import PYRAMID_GAP, PatternReport, analyze, token_ladder
 from hetvit.plan import Plan, token_grid
 from hetvit.surgery import describe
 
 from .conftest import tiny_vit
+
+attention_map = HOSTS["timm"].attention_map
 
 pytestmark = pytest.mark.filterwarnings("ignore:the model looks untrained")
 

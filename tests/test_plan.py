@@ -3,7 +3,7 @@ import timm
 
 from hetvit.flops import formula_macs
 from hetvit.plan import Plan, PlanError, preset_for
-from hetvit.surgery import describe
+from hetvit.surgery import describe, preset
 
 from .conftest import tiny_vit
 
@@ -26,13 +26,13 @@ def test_presets_for_224_models_get_faster_in_order(name):
     arch = describe(model)
     base = formula_macs(arch)
     speed = []
-    for preset in ("balanced", "fast", "fastest"):
-        plan = Plan.preset(preset, model)
+    for kind in ("balanced", "fast", "fastest"):
+        plan = preset(kind, model)
         plan.validate(12, (14, 14), (224, 224))
-        assert plan.img_size == (224, 224) and plan.label == preset
+        assert plan.img_size == (224, 224) and plan.label == kind
         speed.append(base / formula_macs(arch, plan))
     assert 1.5 < speed[0] < speed[1] < speed[2]
-    assert Plan.preset("fast", model).pyramid == ((3, 98), (6, 49), (9, 25))
+    assert preset("fast", model).pyramid == ((3, 98), (6, 49), (9, 25))
 
 
 def test_presets_scale_to_other_grids_and_depths():

@@ -320,7 +320,8 @@ def test_a_model_hetvit_cannot_compress_is_refused_before_anything_is_written(tm
 
 
 def test_the_api_refuses_degenerate_models(tmp_path):
-    from hetvit.surgery import UnsupportedModelError, create_timm_model
+    from hetvit.errors import UnsupportedModelError
+    from hetvit.hosts.timm import create_timm_model
 
     with pytest.raises(UnsupportedModelError, match="no blocks \\(depth 0\\)"):
         hetvit.compress(small_vit(depth=0), hetvit.Plan())
@@ -441,8 +442,9 @@ def _left(paths: dict[str, Path]) -> set[str]:
 def test_stale_temporaries_of_killed_writes_are_cleaned_and_live_ones_kept(tmp_path):
     import tarfile
 
-    from hetvit.data import extract_archive, sha256
+    from hetvit.data import extract_archive
     from hetvit.export import _temp_beside
+    from hetvit.files import sha256
 
     kept = {"live", "fresh", "other host", "unrelated"}
     dead = _dead_pid()
@@ -468,12 +470,12 @@ def test_compress_takes_a_preset_name_and_an_image_folder(tmp_path):
     write_images(tmp_path / "images", ["a", "b"], per_class=2)
     model = small_vit()
     student = hetvit.compress(model, "fast", calibration=tmp_path / "images")
-    assert student.hetvit_plan == hetvit.Plan.preset("fast", model)
+    assert student.hetvit_plan == hetvit.surgery.preset("fast", model)
     assert student.hetvit_plan.static  # and its static maps were calibrated from the images
-    with pytest.raises(TypeError, match=r"plan must be a hetvit.Plan, a preset name \(balanced, "
+    with pytest.raises(hetvit.errors.UsageError, match=r"plan must be a hetvit.Plan, a preset name \(balanced, "
                                         r"fast, fastest\) or a plan JSON file, not 'quick'"):
         hetvit.compress(model, "quick")
-    with pytest.raises(TypeError, match="not 3"):
+    with pytest.raises(hetvit.errors.UsageError, match="not 3"):
         hetvit.compress(model, 3)
 
 

@@ -8,8 +8,9 @@ from torch import nn
 import hetvit
 from hetvit.aggregation import TokenAggregation, pooling_matrix
 from hetvit.attention import StaticAttention
+from hetvit.errors import CheckpointError, UnsupportedModelError
 from hetvit.plan import Plan, PlanError
-from hetvit.surgery import UnsupportedModelError, describe, load_model
+from hetvit.surgery import describe, load_model
 
 from .conftest import tiny_vit, within_cluster_error
 
@@ -142,14 +143,14 @@ def test_load_model_reads_local_checkpoints(fmt, tmp_path, images):
 
 
 def test_load_model_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_model("deit_tiny_patch16_224", tmp_path / "nope.pth", **KW)
     other = timm.create_model("deit_tiny_patch16_224", **{**KW, "embed_dim": 64})
     torch.save(other.state_dict(), tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="does not fit the model"):
+    with pytest.raises(CheckpointError, match="does not fit the model"):
         load_model("deit_tiny_patch16_224", tmp_path / "other.pth", **KW)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot read checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read checkpoint"):
         load_model("deit_tiny_patch16_224", tmp_path / "junk.pth", **KW)
     with pytest.raises(UnsupportedModelError, match="unknown timm model"):
         load_model("no_such_vit", None)

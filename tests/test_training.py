@@ -364,7 +364,7 @@ def test_train_from_init_weights_starts_from_them(tmp_path):
             torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
         written = json.loads((tmp_path / out / "train_config.json").read_text())
         assert written["init"] == str(init)
-    with pytest.raises(ValueError, match="does not fit the model"):
+    with pytest.raises(hetvit.errors.CheckpointError, match="does not fit the model"):
         train(NAME, {**TINY, "embed_dim": 64}, config(tmp_path, "wide", epochs=1), init=first)
 
 

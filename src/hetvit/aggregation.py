@@ -11,7 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .plan import pool_grid
+from .cache import EvalCache
+from .errors import DataError, PlanError, UsageError
+from .grid import pool_grid
 
 __all__ = ["TokenAggregation", "pooling_matrix", "cluster_matrix", "clustering_cost"]
 
@@ -82,21 +84,22 @@ def cluster_matrix(gram: torch.Tensor, init: torch.Tensor, iters: int = 100) -> 
 class TokenAggregation(nn.Module):
     """Aggregate ``num_in`` patch tokens to ``num_out`` with ``P = softmax(W, -1)``.
 
-    Sits in a timm ``VisionTransformer.blocks`` sequence before the block it shrinks, so the
-    model's own ``forward_features`` runs it. In eval mode ``P`` is computed once and cached.
+    Sits in the host model's block sequence before the block it shrinks (see
+    :meth:`hetvit.hosts.base.Host.insert_stages`), so the model's own forward runs it. In
+    eval mode ``P`` is computed once and cached.
     """
 
     def __init__(self, num_in: int, num_out: int, num_prefix_tokens: int = 1,
                  grid_in: tuple[int, int] | None = None, eps: float = 1e-8) -> None:
         super().__init__()
         if not 1 <= num_out <= num_in:
-            raise ValueError(f"cannot aggregate {num_in} tokens to {num_out}")
+            raise PlanError(f"cannot aggregate {num_in} tokens to {num_out}")
         self.num_in, self.num_out = num_in, num_out
         self.num_prefix_tokens = num_prefix_tokens
         self.grid_in = grid_in or (1, num_in)
         pool, self.grid_out = pooling_matrix(self.grid_in, num_out)
         self.weight = nn.Parameter(torch.log(pool + eps))
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._cache = EvalCache()
 
     def matrix(self) -> torch.Tensor:
         """``P = softmax(W)``: ``M x N_p``, each row a convex combination of input tokens."""
@@ -105,7 +108,7 @@ class TokenAggregation(nn.Module):
     def set_matrix(self, p: torch.Tensor, eps: float = 1e-8) -> None:
         """Set ``W`` so that ``softmax(W)`` equals the row-stochastic ``p`` (up to ``eps``)."""
         if p.shape != self.weight.shape:
-            raise ValueError(f"matrix shape {tuple(p.shape)} != {tuple(self.weight.shape)}")
+            raise UsageError(f"matrix shape {tuple(p.shape)} != {tuple(self.weight.shape)}")
         with torch.no_grad():
             self.weight.copy_(torch.log(p.to(self.weight) + eps))
 
@@ -116,25 +119,24 @@ class TokenAggregation(nn.Module):
         slicing off the prefix, a product on the (non-contiguous) patch slice and a
         concatenation, which matters at batch 1 where the fixed cost per op is visible.
         """
-        key = (self.weight._version, self.weight.data_ptr(), self.weight.dtype,
-               self.weight.device)
-        if self._cache is None or self._cache[0] != key:
-            k = self.num_prefix_tokens
-            p = self.matrix().detach()
-            full = p.new_zeros(k + self.num_out, k + self.num_in)
-            full[:k, :k] = torch.eye(k, dtype=p.dtype, device=p.device)
-            full[k:, k:] = p
-            self._cache = (key, full)
-        return self._cache[1]
+        return self._cache.get(self.weight, self._extended)
+
+    def _extended(self) -> torch.Tensor:
+        k = self.num_prefix_tokens
+        p = self.matrix()
+        full = p.new_zeros(k + self.num_out, k + self.num_in)
+        full[:k, :k] = torch.eye(k, dtype=p.dtype, device=p.device)
+        full[k:, k:] = p
+        return full
 
     def train(self, mode: bool = True) -> TokenAggregation:
-        self._cache = None
+        self._cache.clear()
         return super().train(mode)
 
     def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
         k = self.num_prefix_tokens
         if x.shape[1] != k + self.num_in:
-            raise ValueError(f"token aggregation expects {k} prefix + {self.num_in} patch tokens, "
+            raise DataError(f"token aggregation expects {k} prefix + {self.num_in} patch tokens, "
                              f"got {x.shape[1]}: the model only runs at its plan's input size")
         if not self.training:
             return torch.matmul(self._full_matrix(), x)

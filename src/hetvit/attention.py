@@ -7,33 +7,32 @@ value projection, ``A @ V`` and the output projection: no q, no k, no ``q k^T``,
 
 from __future__ import annotations
 
-import copy
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["StaticAttention", "attention_map", "is_dynamic_attention"]
+from .cache import EvalCache
+from .errors import DataError, UsageError
+
+__all__ = ["StaticAttention", "Projections"]
 
 
-def is_dynamic_attention(module: nn.Module) -> bool:
-    """True for timm-style attention: a fused ``qkv`` Linear, ``num_heads`` and ``proj``."""
-    return (isinstance(getattr(module, "qkv", None), nn.Linear) and hasattr(module, "num_heads")
-            and isinstance(getattr(module, "proj", None), nn.Linear))
+@dataclass(frozen=True)
+class Projections:
+    """What a static attention inherits from the dynamic one it replaces.
 
-
-def attention_map(attn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The softmax attention map of a timm ``Attention`` for input ``x``: ``B x H x N x N``.
-
-    Computed from q and k directly, so it works whether timm fuses attention or not, and without
-    switching fusion off anywhere.
+    ``value`` maps tokens to values (``dim -> attn_dim``), ``output`` maps the heads' merged
+    output back (``attn_dim -> dim``); ``norm`` runs between them (timm's scale-norm) and
+    ``drop`` after. All are copies: the source model is never shared.
     """
-    b, n, _ = x.shape
-    h = attn.num_heads
-    d = attn.qkv.out_features // (3 * h)
-    qkv = attn.qkv(x).reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4)
-    q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    return ((q * d**-0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+
+    value: nn.Linear
+    output: nn.Linear
+    num_heads: int
+    norm: nn.Module
+    drop: nn.Module
 
 
 class StaticAttention(nn.Module):
@@ -55,7 +54,7 @@ class StaticAttention(nn.Module):
         super().__init__()
         attn_dim = attn_dim or dim
         if attn_dim % num_heads:
-            raise ValueError(f"attention width {attn_dim} is not divisible by {num_heads} heads")
+            raise UsageError(f"attention width {attn_dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
         self.head_dim = attn_dim // num_heads
         self.attn_dim = attn_dim
@@ -67,29 +66,16 @@ class StaticAttention(nn.Module):
         self.logits = nn.Parameter(torch.zeros(num_heads, num_tokens, num_tokens))
         self.guide: torch.Tensor | None = None
         self.mix: float = 0.0
-        self._cache: tuple[tuple, torch.Tensor] | None = None
+        self._cache = EvalCache()
 
     @classmethod
-    def from_attention(cls, attn: nn.Module, num_tokens: int) -> StaticAttention:
-        """A static attention that inherits ``v`` and ``proj`` from a timm ``Attention``."""
-        if not is_dynamic_attention(attn):
-            raise TypeError(f"cannot make static attention from {type(attn).__name__}: "
-                            "expected timm Attention with a fused qkv projection")
-        if getattr(attn, "gate", None) is not None:
-            raise TypeError("gated attention is not supported")
-        qkv: nn.Linear = attn.qkv
-        attn_dim = qkv.out_features // 3
-        new = cls(qkv.in_features, attn.num_heads, num_tokens, attn_dim=attn_dim,
-                  qkv_bias=qkv.bias is not None, proj_bias=attn.proj.bias is not None)
-        new = new.to(device=qkv.weight.device, dtype=qkv.weight.dtype)
-        with torch.no_grad():
-            new.v.weight.copy_(qkv.weight[2 * attn_dim:])
-            if qkv.bias is not None:
-                new.v.bias.copy_(qkv.bias[2 * attn_dim:])
-            new.proj.load_state_dict(attn.proj.state_dict())
-        # Scale-norm (an extra LayerNorm before proj) and dropout come along as they are.
-        new.norm = copy.deepcopy(getattr(attn, "norm", nn.Identity()))
-        new.proj_drop = copy.deepcopy(getattr(attn, "proj_drop", nn.Identity()))
+    def from_projections(cls, p: Projections, num_tokens: int) -> StaticAttention:
+        """A static attention over ``num_tokens`` tokens that inherits ``p`` (the value and
+        output projections of the dynamic attention it replaces, from the model's host)."""
+        new = cls(p.value.in_features, p.num_heads, num_tokens, attn_dim=p.value.out_features,
+                  qkv_bias=p.value.bias is not None, proj_bias=p.output.bias is not None)
+        new = new.to(device=p.value.weight.device, dtype=p.value.weight.dtype)
+        new.v, new.proj, new.norm, new.proj_drop = p.value, p.output, p.norm, p.drop
         return new
 
     # ----------------------------------------------------------------- the static map
@@ -100,7 +86,7 @@ class StaticAttention(nn.Module):
     def set_map(self, attn_map: torch.Tensor, eps: float = 1e-6) -> None:
         """Initialise the logits so that the static map equals ``attn_map`` (``H x N x N``)."""
         if attn_map.shape != self.logits.shape:
-            raise ValueError(f"map shape {tuple(attn_map.shape)} does not match the static "
+            raise UsageError(f"map shape {tuple(attn_map.shape)} does not match the static "
                              f"logits {tuple(self.logits.shape)}")
         with torch.no_grad():
             self.logits.copy_(torch.log(attn_map.to(self.logits) + eps))
@@ -108,14 +94,10 @@ class StaticAttention(nn.Module):
     def _map(self) -> torch.Tensor:
         if self.training:
             return self.static_map()
-        key = (self.logits._version, self.logits.data_ptr(), self.logits.dtype,
-               self.logits.device)
-        if self._cache is None or self._cache[0] != key:
-            self._cache = (key, self.static_map().detach())
-        return self._cache[1]
+        return self._cache.get(self.logits, self.static_map)
 
     def train(self, mode: bool = True) -> StaticAttention:
-        self._cache = None
+        self._cache.clear()
         return super().train(mode)
 
     # ----------------------------------------------------------------- forward
@@ -123,10 +105,10 @@ class StaticAttention(nn.Module):
                 is_causal: bool = False) -> torch.Tensor:
         b, n, _ = x.shape
         if n != self.num_tokens:
-            raise ValueError(f"static attention was built for {self.num_tokens} tokens but got "
+            raise DataError(f"static attention was built for {self.num_tokens} tokens but got "
                              f"{n}: the compressed model only runs at the input size of its plan")
         if attn_mask is not None or is_causal:
-            raise ValueError("static attention does not take attention masks")
+            raise UsageError("static attention does not take attention masks")
         a = self._map()
         if self.guide is not None and self.mix > 0:
             a = self.mix * self.guide + (1.0 - self.mix) * a

@@ -21,12 +21,20 @@ import os
 import platform
 import statistics
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from . import baselines
+from .errors import BenchError
+from .export import ort_runner
+from .flops import count_macs, formula_macs
+from .hosts import describe, input_size
+from .surgery import compress, plan_of
 
 __all__ = ["Settings", "Paired", "ModelInfo", "BenchResult", "compare", "model_info",
            "register_runtime", "RUNTIMES", "DTYPES", "render", "environment",
@@ -78,13 +86,11 @@ def _torch_runner(model: nn.Module, inputs: torch.Tensor, settings: Settings) ->
 
 def _onnxruntime_runner(model: nn.Module, inputs: torch.Tensor, settings: Settings) -> Runner:
     """Export to ONNX (fp32, CPU) and time the onnxruntime session on the same inputs."""
-    from .export import ort_runner
-
     if inputs.device.type != "cpu" or inputs.dtype != torch.float32:
-        raise ValueError("the onnxruntime runtime times fp32 on the CPU: use --dtype fp32 "
+        raise BenchError("the onnxruntime runtime times fp32 on the CPU: use --dtype fp32 "
                          "--device cpu")
     if settings.compile:
-        raise ValueError("--compile applies to the torch runtime, not onnxruntime")
+        raise BenchError("--compile applies to the torch runtime, not onnxruntime")
     run = ort_runner(model, inputs.shape[0], threads=torch.get_num_threads())
     array = inputs.numpy()
     return lambda: run(array)
@@ -291,7 +297,7 @@ def baseline_drift(results: list[BenchResult], tolerance: float = 0.1,
         return None
     names = labels if labels is not None else [r.compressed.plan for r in results]
     if len(names) != len(results):
-        raise ValueError(f"{len(names)} labels for {len(results)} results")
+        raise BenchError(f"{len(names)} labels for {len(results)} results")
     parts = []
     for what, _, _ in _measurements(results[0]):
         times = []
@@ -324,11 +330,7 @@ def compress_for_speed(model: nn.Module, plan: Any) -> nn.Module:
     Its static maps are calibrated on two random images: enough to give them realistic
     (non-uniform) values, and time does not depend on the values anyway.
     """
-    import warnings
-
-    from .surgery import compress
-
-    c, (h, w) = model.patch_embed.proj.in_channels, model.patch_embed.img_size
+    c, h, w = input_size(model)
     images = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # calibration notes on random data: irrelevant to time
@@ -337,12 +339,7 @@ def compress_for_speed(model: nn.Module, plan: Any) -> nn.Module:
 
 def model_info(model: nn.Module) -> ModelInfo:
     """GMACs (closed form and counted) and parameters of a timm ViT, compressed or not."""
-    from .flops import count_macs, formula_macs
-    from .surgery import describe, plan_of
-
     if getattr(model, "hetvit_baseline", None) is not None:  # ToMe, EViT: hetvit.baselines
-        from . import baselines
-
         return ModelInfo(gmacs=baselines.formula_macs(model) / 1e9,
                          gmacs_counted=(count_macs(model) + baselines.selection_macs(model)) / 1e9,
                          params=sum(p.numel() for p in model.parameters()),
@@ -455,18 +452,19 @@ def compare(baseline: nn.Module, compressed: nn.Module, batch_size: int = 32, *,
         seed: seed of the random input images.
     """
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+        raise BenchError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     if runtime not in RUNTIMES:
-        raise ValueError(f"unknown runtime {runtime!r}; available: {sorted(RUNTIMES)}")
+        raise BenchError(f"unknown runtime {runtime!r}; available: {sorted(RUNTIMES)}")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device")
+        raise BenchError("device 'cuda' was asked for but torch sees no CUDA device")
     if batch_size < 1 or rounds < 1 or warmup < 0:
-        raise ValueError("batch_size and rounds must be at least 1, warmup at least 0")
+        raise BenchError("batch_size and rounds must be at least 1, warmup at least 0")
     settings = Settings(batch_size=batch_size, dtype=dtype, device=device, compile=compile,
                         runtime=runtime)
-    sizes = [tuple(m.patch_embed.img_size) for m in (baseline, compressed)]
+    sizes = [input_size(m) for m in (baseline, compressed)]
     if sizes[0] != sizes[1]:
-        raise ValueError(f"the models take different input sizes: {sizes[0]} and {sizes[1]}")
+        raise BenchError(f"the models take different input sizes: {sizes[0][1:]} and "
+                         f"{sizes[1][1:]}")
 
     old_threads = torch.get_num_threads()
     if threads is not None:
@@ -476,11 +474,10 @@ def compare(baseline: nn.Module, compressed: nn.Module, batch_size: int = 32, *,
         env = environment(device)
         dev, dt = torch.device(device), DTYPES[dtype]
         models = [_prepare(m, dev, dt) for m in (baseline, compressed)]
-        chans = baseline.patch_embed.proj.in_channels
         gen = torch.Generator().manual_seed(seed)
 
         def measure(batch: int, n_rounds: int, what: str) -> Paired:
-            x = torch.randn(batch, chans, *sizes[0], generator=gen).to(device=dev, dtype=dt)
+            x = torch.randn(batch, *sizes[0], generator=gen).to(device=dev, dtype=dt)
             runners = [RUNTIMES[runtime](m, x, settings) for m in models]
             for r in runners:
                 for _ in range(warmup):

@@ -24,7 +24,11 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .io import class_names, clean_stale_temps, sha256, temp_prefix
+from .batches import image_batches
+from .errors import DataError
+from .files import clean_stale_temps, sha256, temp_prefix
+from .hosts import host_of
+from .labels import class_names
 
 __all__ = [
     "DataError",
@@ -51,8 +55,6 @@ CLASS_MAP_NAMES = ("synsets.txt", "class_map.txt", "classes.txt")
 ClassMapArg = str | os.PathLike | Sequence[str] | dict[str, int] | None
 
 
-class DataError(ValueError):
-    """A dataset that cannot be used as given (missing, empty, or inconsistent with its map)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,25 +377,10 @@ def open_for_model(path: str | os.PathLike, model: nn.Module, transform: Callabl
 
 
 def data_config(model: nn.Module) -> dict[str, Any]:
-    """timm's data config for ``model``, corrected to the size the model really takes.
-
-    A model created with an ``img_size`` override keeps the ``pretrained_cfg`` of its family
-    (e.g. 224 px, crop_pct 0.9), and feeding it 224 px would fail: the input size becomes the
-    model's. The family's ``crop_pct`` stays: it is part of the recipe the family was trained
-    with (random resized crops show objects larger than a whole image does, and the eval
-    centre crop matches that). Measured on the CIFAR-10 teacher, trained with crops of 60-100%
-    of the area: 77.3% top-1 on whole images, 79.3% at crop_pct 0.9 (3,000 test images).
-    """
-    from timm.data import resolve_model_data_config
-
-    cfg = dict(resolve_model_data_config(model))
-    patch_embed = getattr(model, "patch_embed", None)
-    size = getattr(patch_embed, "img_size", None)
-    if size is not None:
-        size = tuple(int(s) for s in size)
-        if tuple(cfg["input_size"][1:]) != size:
-            cfg["input_size"] = (cfg["input_size"][0], *size)
-    return cfg
+    """The eval preprocessing of ``model`` (timm's data-config keys: ``input_size``,
+    ``mean``, ``std``, ``interpolation``, ``crop_pct``), from its host
+    (:meth:`hetvit.hosts.base.Host.data_config`)."""
+    return host_of(model).data_config(model)
 
 
 def make_transform(model: nn.Module, training: bool = False, scale: tuple[float, float] = (
@@ -509,24 +496,6 @@ def collate_skipping(batch: list[Any]) -> Any:
     if not batch:
         return None
     return torch.utils.data.default_collate(batch)
-
-
-def image_batches(images: Any, batch_size: int | None = None) -> Iterator[torch.Tensor]:
-    """The image tensors of ``images``: a B x C x H x W tensor (split into ``batch_size``
-    chunks if given) or any iterable of batches, e.g. a DataLoader of ``(images, labels)``.
-
-    A loader's batch whose images were all unreadable (``None``, see :func:`collate_skipping`)
-    is passed over: its images were already warned about and counted.
-    """
-    if isinstance(images, torch.Tensor):
-        if images.ndim != 4:
-            raise ValueError(f"images must be a B x C x H x W tensor, got shape "
-                             f"{tuple(images.shape)}")
-        yield from (images.split(batch_size) if batch_size else (images,))
-        return
-    for item in images:
-        if item is not None:
-            yield item[0] if isinstance(item, (tuple, list)) else item
 
 
 def random_subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:

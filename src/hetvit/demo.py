@@ -18,12 +18,28 @@ import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from torch import nn
+from torch.utils.data import Subset
+
+from .baselines import tome
+from .bench import baseline_drift, baseline_unsteady, compare
+from .data import make_loader, make_transform, open_dataset, random_subset
+from .errors import DemoError
+from .evaluate import evaluate
+from .files import atomic_directory, check_replaceable
+from .fitting import FitConfig
+from .flops import formula_macs, plan_layers
+from .hosts import describe
+from .io import FIT_FILE, CheckpointError, load
+from .patterns import analyze
+from .surgery import plan_of, source_mismatch
 
 __all__ = ["DemoError", "DemoResult", "run", "find_assets", "find_images", "sample_indices",
            "check_source", "fit_record", "fit_command", "speed_warnings", "TOME_R"]
@@ -43,8 +59,6 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
                    "ship", "truck"]
 
 
-class DemoError(RuntimeError):
-    """A demo input is missing or damaged; the message says which and how to restore it."""
 
 
 @dataclass
@@ -106,7 +120,6 @@ def _restore_hint(path: Path) -> str:
 
 def load_model(directory: Path) -> nn.Module:
     """A committed model, with an error that names the broken file and how to restore it."""
-    from .io import CheckpointError, load
 
     try:
         return load(directory)
@@ -118,9 +131,7 @@ def check_source(directory: Path, model: nn.Module, teacher: nn.Module, teacher_
                  ) -> None:
     """Refuse a compressed model that was not made from the teacher: its accuracy and speed
     beside the teacher would compare two unrelated networks."""
-    from .surgery import describe
-
-    if getattr(model, "hetvit_source", None) != describe(teacher):
+    if source_mismatch(model, teacher):
         raise DemoError(f"{directory} was not compressed from {teacher_dir}: their "
                         "architectures differ; restore both with: git checkout -- assets")
 
@@ -128,7 +139,6 @@ def check_source(directory: Path, model: nn.Module, teacher: nn.Module, teacher_
 def fit_record(directory: Path) -> dict[str, Any]:
     """The fitted model's ``fit.json`` (settings, images, seconds): the report says how the
     model was made from it, so a model without one is not the demo's fitted model."""
-    from .io import FIT_FILE
 
     path = directory / FIT_FILE
     try:
@@ -170,8 +180,6 @@ COLORS = ("#8c8c8c", "#2a7ab9", "#e08a1e", "#4a9a4a")
 def _summary_plot(path: Path, result: DemoResult) -> None:
     """Top-1 per model, and each model's speed and cost relative to the teacher, grouped by
     measure: one bar per model in every group, so four models stay apart at a glance."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     keys = list(result.accuracy)
     names = [result.names[k] for k in keys]
@@ -234,9 +242,7 @@ def fit_command(record: dict[str, Any], plan: Any) -> str:
     """The ``hetvit fit`` command that remakes the fitted model, from its ``fit.json``: the
     settings that differ from the defaults, and the images it used. Settings that have no
     flag (``fit()`` in Python only) are named in a trailing comment."""
-    from dataclasses import asdict
 
-    from .fitting import FitConfig
 
     defaults = asdict(FitConfig())
     plan_arg = plan.label or f"assets/{FITTED}/plan.json"
@@ -271,7 +277,6 @@ def speed_warnings(bench: dict[str, Any], names: dict[str, str],
     ``own``: the threads the demo itself ran on. The load average at the end counts them, so
     they are taken off it: only other work makes the machine busy.
     """
-    from .bench import baseline_drift, baseline_unsteady
 
     cpus = cpus or os.cpu_count() or 1
     found = []
@@ -447,16 +452,7 @@ def run(out: str | os.PathLike = "demo-report", *, assets: str | os.PathLike | N
     ``warning: ...`` line per reason the speed figures are unreliable (also in the report and
     ``result.warnings``).
     """
-    from torch.utils.data import Subset
 
-    from .baselines import tome
-    from .bench import compare
-    from .data import make_loader, make_transform, open_dataset, random_subset
-    from .evaluate import evaluate
-    from .flops import formula_macs, plan_layers
-    from .io import atomic_directory, check_replaceable
-    from .patterns import analyze
-    from .surgery import describe, plan_of
 
     start = time.perf_counter()
     load_start = _load_average()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -30,8 +29,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .data import image_batches
-from .io import clean_stale_temps, current_umask, temp_prefix
+from .attention import StaticAttention
+from .batches import image_batches
+from .data import IMAGE_EXTENSIONS, make_transform, open_images
+from .errors import DataError, ExportError, UnsupportedModelError
+from .files import clean_stale_temps, current_umask, temp_prefix
+from .hosts import describe, host_of
+from .modes import eval_mode
+from .surgery import plan_of
 
 __all__ = ["export_onnx", "check_parity", "layer_matmuls", "ort_session", "ort_runner",
            "load_images", "is_onnx_export",
@@ -41,8 +46,6 @@ MIN_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
-class ExportError(RuntimeError):
-    """The model cannot be exported, or the output cannot be written."""
 
 
 @dataclass
@@ -127,12 +130,10 @@ def _onnx() -> Any:
 
 # ----------------------------------------------------------------------------- export
 def _input_shape(model: nn.Module) -> tuple[int, int, int]:
-    embed = getattr(model, "patch_embed", None)
-    if embed is None or getattr(embed, "img_size", None) is None:
-        raise ExportError(f"{type(model).__name__} has no fixed input size (patch_embed.img_size);"
-                          " hetvit exports timm VisionTransformers")
-    h, w = (int(s) for s in embed.img_size)
-    return int(embed.proj.in_channels), h, w
+    try:
+        return host_of(model).input_size(describe(model))
+    except UnsupportedModelError as e:
+        raise ExportError(f"cannot export {type(model).__name__}: {e}") from None
 
 
 @contextlib.contextmanager
@@ -143,19 +144,15 @@ def _inference_mode(model: nn.Module) -> Iterator[None]:
     tracing records as constants; a guide left over from fine-tuning would bake one batch of
     teacher attention into the graph.
     """
-    from .attention import StaticAttention
-
-    was_training = model.training
     guides = [(m, m.guide, m.mix) for m in model.modules() if isinstance(m, StaticAttention)]
-    model.eval()
     for m, _, _ in guides:
         m.guide, m.mix = None, 0.0
     try:
-        yield
+        with eval_mode(model):
+            yield
     finally:
         for m, guide, mix in guides:
             m.guide, m.mix = guide, mix
-        model.train(was_training)
 
 
 def _write_onnx(model: nn.Module, path: Path, opset: int, batch_size: int) -> None:
@@ -259,8 +256,6 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = MIN_OPSE
             _write_onnx(model, tmp, opset, batch_size)
         except Exception as e:
             raise ExportError(f"ONNX export of {type(model).__name__} failed: {e}") from e
-        from .surgery import plan_of
-
         result = ExportResult(path=path, opset=opset, static_layers=plan_of(model).static)
         result.matmuls = layer_matmuls(model, tmp)
         if check:
@@ -292,42 +287,30 @@ def _failure_message(result: ExportResult) -> str:
 
 
 # ----------------------------------------------------------------------------- graph check
-_BLOCK = re.compile(r"/blocks\.(\d+)/")
-
-
 def layer_matmuls(model: nn.Module, onnx_path: str | os.PathLike) -> dict[int, int]:
     """Per transformer layer, the MatMuls of ``onnx_path`` whose two inputs depend on the image.
 
     A dynamic attention layer has two (``q k^T`` and ``A V``); a static layer none, because
     its map is a constant and its projections multiply by weights. Layers are numbered as in
-    the plan (aggregation steps in ``model.blocks`` are skipped). Relies on the module-scoped
-    node names of the TorchScript exporter.
+    the plan; the host tells which layer a node's scoped name belongs to
+    (:meth:`hetvit.hosts.base.Host.layer_of_node`).
     """
-    from .aggregation import TokenAggregation
-
     onnx = _onnx()
+    host = host_of(model)
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
     dynamic = {i.name for i in graph.input}
     dynamic -= {i.name for i in graph.initializer}
-    counts: dict[int, int] = {}
+    counts = dict.fromkeys(range(len(host.layers(model))), 0)
     for node in graph.node:  # ONNX graphs are topologically sorted
         if any(name in dynamic for name in node.input):
             dynamic.update(node.output)
             if node.op_type == "MatMul" and all(name in dynamic for name in node.input):
-                match = _BLOCK.search(node.name)
-                if not match:
+                layer = host.layer_of_node(model, node.name)
+                if layer is None:
                     raise ExportError(f"graph check: cannot tell which layer the image x image "
                                       f"MatMul {node.name!r} belongs to")
-                seq = int(match.group(1))
-                counts[seq] = counts.get(seq, 0) + 1
-    result: dict[int, int] = {}
-    layer = 0
-    for seq, blk in enumerate(model.blocks):
-        if isinstance(blk, TokenAggregation):
-            continue
-        result[layer] = counts.get(seq, 0)
-        layer += 1
-    return result
+                counts[layer] += 1
+    return counts
 
 
 # ----------------------------------------------------------------------------- onnxruntime
@@ -417,8 +400,6 @@ def load_images(path: str | os.PathLike, model: nn.Module, limit: int = 64) -> t
     files. Images are taken evenly across the set, so a class-sorted folder gives many classes.
     """
     from PIL import Image
-
-    from .data import IMAGE_EXTENSIONS, DataError, make_transform, open_images
 
     path = Path(path)
     transform = make_transform(model, training=False)

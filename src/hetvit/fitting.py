@@ -34,8 +34,12 @@ from torch import nn
 
 from .aggregation import TokenAggregation
 from .attention import StaticAttention
-from .data import image_batches
+from .batches import image_batches
+from .errors import FitError
+from .hosts import input_size
 from .losses import kd_loss
+from .modes import eval_mode
+from .surgery import is_compressed, source_mismatch
 
 __all__ = ["FitConfig", "FitRecord", "FitError", "fit", "collect_images", "check_student",
            "TRAINABLE"]
@@ -45,8 +49,6 @@ TRAINABLE = ("all", "norms", "new")
 few percent of the weights: cheap to store as a delta); or the new parameters alone."""
 
 
-class FitError(ValueError):
-    """A fit that cannot run on what it was given (no images, wrong size, wrong teacher)."""
 
 
 @dataclass(frozen=True)
@@ -134,28 +136,22 @@ def collect_images(images: Any, limit: int | None = None) -> torch.Tensor:
 
 def check_student(student: nn.Module, teacher: nn.Module) -> None:
     """Refuse a student that is not a compressed model of ``teacher``'s architecture."""
-    from .surgery import describe, is_compressed
-
     if not is_compressed(student):
         raise FitError("the student is not a compressed model: make it with hetvit.compress "
                        "from the teacher first")
     if is_compressed(teacher):
         raise FitError("the teacher is itself compressed: give the model the student was "
                        "compressed from")
-    source, arch = student.hetvit_source, describe(teacher)
-    differ = sorted(k for k in set(source) | set(arch)
-                    if k != "name" and source.get(k) != arch.get(k))
+    differ = source_mismatch(student, teacher)
     if differ:
-        shown = ", ".join(f"{k}: student's source {source.get(k)!r}, teacher {arch.get(k)!r}"
-                          for k in differ[:3])
-        raise FitError(f"the teacher does not match the student's source model ({shown})")
+        raise FitError(f"the teacher does not match the student's source model "
+                       f"({', '.join(differ[:3])})")
 
 
 def _check_images(student: nn.Module, images: torch.Tensor) -> None:
-    arch = student.hetvit_source
     if images.ndim != 4:
         raise FitError(f"images must be B x C x H x W, got shape {tuple(images.shape)}")
-    want = (int(arch["in_chans"]), *map(int, arch["img_size"]))
+    want = input_size(student)
     if tuple(images.shape[1:]) != want:
         raise FitError(f"the images are {tuple(images.shape[1:])} (C x H x W) but the model "
                        f"takes {want}: resize them with the model's eval transform")
@@ -251,8 +247,6 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
     param = next(student.parameters())
     x_all = x_all.to(param)
     model = copy.deepcopy(student)
-    teacher_was_training = teacher.training
-    teacher.eval()
     groups = param_groups(model, config)
     for g in groups:
         g["weight_decay"] = 0.0
@@ -267,27 +261,27 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
     losses: list[float] = []
     step = 0
     model.train()
-    try:
-        for _ in range(config.passes):
-            order = torch.randperm(len(x_all), generator=gen)
-            running = 0.0
-            for i in range(0, len(x_all), config.batch_size):
-                x = augment(x_all[order[i:i + config.batch_size].to(x_all.device)], config, gen)
-                with torch.no_grad():
-                    target = teacher(x)
-                loss = kd_loss(model(x), target, config.temperature)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                step += 1
-                running += loss.item()
-                if progress is not None:
-                    progress(step, total, loss.item())
-            losses.append(running / steps_per_pass)
-    finally:
-        torch.set_rng_state(rng_state)
-        teacher.train(teacher_was_training)
+    with eval_mode(teacher):
+        try:
+            for _ in range(config.passes):
+                order = torch.randperm(len(x_all), generator=gen)
+                running = 0.0
+                for i in range(0, len(x_all), config.batch_size):
+                    x = augment(x_all[order[i:i + config.batch_size].to(x_all.device)], config, gen)
+                    with torch.no_grad():
+                        target = teacher(x)
+                    loss = kd_loss(model(x), target, config.temperature)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    step += 1
+                    running += loss.item()
+                    if progress is not None:
+                        progress(step, total, loss.item())
+                losses.append(running / steps_per_pass)
+        finally:
+            torch.set_rng_state(rng_state)
     for p in model.parameters():
         p.requires_grad_(True)
     model.eval()

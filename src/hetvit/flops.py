@@ -15,8 +15,11 @@ import torch
 from torch import nn
 
 from .aggregation import TokenAggregation
-from .attention import StaticAttention, is_dynamic_attention
-from .plan import Plan, pool_grid, token_grid
+from .attention import StaticAttention
+from .grid import pool_grid, token_grid
+from .hosts import describe, host_for, host_of
+from .modes import eval_mode
+from .plan import Plan
 
 __all__ = ["formula_macs", "count_macs", "block_macs", "plan_layers"]
 
@@ -35,8 +38,8 @@ def block_macs(n: int, dim: int, hidden: int, static: bool) -> int:
 
 
 def formula_macs(arch: dict[str, Any], plan: Plan | None = None) -> int:
-    """MACs per image of the architecture ``arch`` (see ``surgery.describe``) under ``plan``:
-    patch embedding, every stage and block of :func:`plan_layers`, and the head(s)."""
+    """MACs per image of the architecture ``arch`` (:func:`hetvit.hosts.describe`) under
+    ``plan``: patch embedding, every stage and block of :func:`plan_layers`, and the head(s)."""
     rows, cols = token_grid(arch)
     ph, pw = arch["patch_size"]
     stem = rows * cols * arch["in_chans"] * ph * pw * arch["embed_dim"]
@@ -76,28 +79,27 @@ def count_macs(model: nn.Module, img_size: tuple[int, int] | None = None) -> int
         nonlocal total
         total += mod.num_out * mod.num_in * args[0].shape[-1]
 
+    host = host_of(model)
+    chans, *size = host.input_size(describe(model))  # before the hooks: describe runs the stem
+    attentions = {id(host.attention(b)) for b in host.layers(model)}
     hooks = []
     for mod in model.modules():
         if isinstance(mod, nn.Linear):
             hooks.append(mod.register_forward_hook(linear))
         elif isinstance(mod, nn.Conv2d):
             hooks.append(mod.register_forward_hook(conv))
-        elif isinstance(mod, StaticAttention) or is_dynamic_attention(mod):
+        elif id(mod) in attentions:
             hooks.append(mod.register_forward_hook(attention))
         elif isinstance(mod, TokenAggregation):
             hooks.append(mod.register_forward_hook(aggregate))
-    if img_size is None:
-        img_size = tuple(model.patch_embed.img_size)
     param = next(model.parameters())
-    was_training = model.training
-    model.eval()
     try:
-        model(torch.zeros(1, model.patch_embed.proj.in_channels, *img_size, dtype=param.dtype,
-                          device=param.device))
+        with eval_mode(model):
+            model(torch.zeros(1, chans, *(img_size or size), dtype=param.dtype,
+                              device=param.device))
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     return total
 
 
@@ -108,9 +110,7 @@ def plan_layers(arch: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
     ``tokens`` (patch tokens after the row; ``tokens_in`` for a stage), ``grid`` and ``macs``
     (a stage costs ``M N D``: every new token is a weighted sum of the ``N`` old ones).
     """
-    from .surgery import num_prefix_tokens
-
-    dim, prefix = arch["embed_dim"], num_prefix_tokens(arch)
+    dim, prefix = arch["embed_dim"], host_for(arch).prefix_tokens(arch)
     hidden = round(arch["mlp_ratio"] * dim)
     grid = token_grid(arch)
     n, stages, rows = grid[0] * grid[1], dict(plan.pyramid), []

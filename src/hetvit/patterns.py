@@ -55,11 +55,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .attention import attention_map
-from .data import image_batches
+from .batches import image_batches
+from .capture import attention_maps, module_inputs
+from .files import atomic_directory
 from .flops import formula_macs
-from .io import atomic_directory
-from .plan import Plan, pool_grid, token_grid
+from .grid import pool_grid, token_grid
+from .hosts import describe, host_of
+from .modes import eval_mode
+from .plan import Plan
+from .surgery import is_compressed
 
 __all__ = ["analyze", "PatternReport", "token_ladder"]
 
@@ -218,12 +222,10 @@ def analyze(model: nn.Module, images: Any, *, num_images: int | None = None,
         examples: how many single images' maps to keep for the plots.
         progress: show a progress bar.
 
-    Every layer's maps come from its q and k (:func:`hetvit.attention.attention_map`) in a
-    forward-pre hook on its ``attn``, so fused attention stays on; statistics are accumulated
+    Every layer's maps come from its q and k (:func:`hetvit.capture.attention_maps`) in a
+    forward-pre hook on its attention, so fused attention stays on; statistics are accumulated
     per batch and no map outlives its batch (bar ``examples``).
     """
-    from .surgery import describe, is_compressed, num_prefix_tokens
-
     if is_compressed(model):
         raise ValueError("this model is already compressed: analyse its source model, whose "
                          "attention is still dynamic in every layer")
@@ -234,44 +236,34 @@ def analyze(model: nn.Module, images: Any, *, num_images: int | None = None,
         warnings.warn("the model looks untrained (every LayerNorm is at its initial value): "
                       "attention patterns of random weights mean nothing; load trained weights",
                       stacklevel=2)
-    prefix = num_prefix_tokens(arch)
-    blocks = list(model.blocks)
+    host = host_of(model)
+    prefix = host.prefix_tokens(arch)
+    blocks = host.layers(model)
     stats = [_LayerStats(examples) for _ in blocks]
     budget = math.inf if rank_images is None else rank_images
     limit = math.inf if num_images is None else num_images
 
-    hooks = []
-    for i, blk in enumerate(blocks):
-        def tokens_hook(mod: nn.Module, args: tuple, i: int = i) -> None:
-            stats[i].add_tokens(args[0], prefix)
+    def add_tokens(i: int, x: torch.Tensor) -> None:
+        stats[i].add_tokens(x, prefix)
 
-        def attn_hook(mod: nn.Module, args: tuple, i: int = i) -> None:
-            stats[i].add_maps(attention_map(mod, args[0]), budget)
-
-        hooks.append(blk.register_forward_pre_hook(tokens_hook))
-        hooks.append(blk.attn.register_forward_pre_hook(attn_hook))
+    def add_maps(i: int, attn_map: torch.Tensor) -> None:
+        stats[i].add_maps(attn_map, budget)
 
     param = next(model.parameters())
-    was_training = model.training
-    model.eval()
     seen = 0
     bar = _Progress(progress, _expected_images(images, num_images))
-    try:
-        with torch.no_grad(), bar as advance:
-            for x in image_batches(images, batch_size):
-                if seen >= limit:
-                    break
-                if seen + x.shape[0] > limit:
-                    x = x[: int(limit - seen)]
-                if not x.shape[0]:
-                    continue
-                model.forward_features(x.to(device=param.device, dtype=param.dtype))
-                seen += x.shape[0]
-                advance(x.shape[0])
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
+    with (module_inputs(blocks, add_tokens), attention_maps(model, range(len(blocks)), add_maps),
+          eval_mode(model), torch.no_grad(), bar as advance):
+        for x in image_batches(images, batch_size):
+            if seen >= limit:
+                break
+            if seen + x.shape[0] > limit:
+                x = x[: int(limit - seen)]
+            if not x.shape[0]:
+                continue
+            host.features(model, x.to(device=param.device, dtype=param.dtype))
+            seen += x.shape[0]
+            advance(x.shape[0])
     if seen < 2:
         raise ValueError(f"need at least 2 images to compare attention across images, got {seen}")
     return PatternReport.from_stats(arch, stats, seen)

@@ -9,15 +9,17 @@ from __future__ import annotations
 import json
 import math
 import operator
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Plan", "PlanError", "PRESETS", "token_grid", "pool_grid"]
+from .errors import PlanError
+from .grid import pool_grid, token_grid
+
+__all__ = ["Plan", "PlanError", "PRESETS", "preset_for"]
 
 
-class PlanError(ValueError):
-    """A plan that cannot be applied to the model it was given."""
 
 
 @dataclass(frozen=True)
@@ -107,15 +109,17 @@ class Plan:
 
     # ----------------------------------------------------------------- presets
     @classmethod
-    def preset(cls, name: str, model: Any) -> Plan:
-        """The preset ``name`` scaled to ``model``'s depth and token grid.
+    def preset(cls, name: str, arch: Mapping[str, Any]) -> Plan:
+        """The preset ``name`` scaled to architecture ``arch``'s depth and token grid.
 
-        ``model`` is a timm ``VisionTransformer`` (or anything :func:`hetvit.surgery.describe`
-        accepts).
+        ``arch`` is a description (:func:`hetvit.surgery.describe`); for a model,
+        :func:`hetvit.surgery.preset` does both steps. A plan stays pure data: it never
+        looks inside a model.
         """
-        from .surgery import describe
-
-        arch = describe(model)
+        if not isinstance(arch, Mapping):
+            raise PlanError(f"Plan.preset takes an architecture description, not a "
+                            f"{type(arch).__name__}: use hetvit.surgery.preset({name!r}, model) "
+                            f"or Plan.preset({name!r}, hetvit.surgery.describe(model))")
         return preset_for(name, depth=arch["depth"], grid=token_grid(arch),
                           img_size=tuple(arch["img_size"]), source={"name": arch.get("name")})
 
@@ -188,34 +192,6 @@ def _whole(value: Any, what: str) -> int:
     if not number.is_integer():
         raise PlanError(f"{what} {value!r} is not a whole number")
     return int(number)
-
-
-def token_grid(arch: dict[str, Any]) -> tuple[int, int]:
-    """Patch token grid ``(rows, cols)`` of an architecture description."""
-    h, w = arch["img_size"]
-    ph, pw = arch["patch_size"]
-    return h // ph, w // pw
-
-
-def pool_grid(grid: tuple[int, int], m: int) -> tuple[int, int] | None:
-    """The ``(rows, cols)`` grid of ``m`` tokens that best keeps the shape of ``grid``.
-
-    Returns None when ``m`` has no factorisation that fits inside ``grid`` (then aggregation
-    pools the raster sequence in 1-D).
-    """
-    h, w = grid
-    best, best_cost = None, math.inf
-    for r in range(h, 0, -1):  # on a tie, keep more rows: 14x14 -> 14x7
-        if m % r:
-            continue
-        c = m // r
-        if c > w:
-            continue
-        # Prefer grids whose windows are close to equal along both axes.
-        cost = abs(math.log((h / r) / (w / c)))
-        if cost < best_cost - 1e-12:
-            best, best_cost = (r, c), cost
-    return best
 
 
 # A preset is a rule, written for a 12-block model and scaled to other depths:

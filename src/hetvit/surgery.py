@@ -1,8 +1,8 @@
-"""Surgery: put DGSSA and GLAD into a timm ``VisionTransformer``.
+"""Surgery: put DGSSA and GLAD into a ViT, through its host (see :mod:`hetvit.hosts`).
 
-The compressed model stays a timm ``VisionTransformer``: static layers swap their ``attn``
-module, and aggregation stages are inserted into ``blocks``. So ``forward_features``,
-``forward_head``, ``pretrained_cfg`` and everything built on them keep working.
+The compressed model stays a model of its library: static layers swap their attention
+module, and aggregation stages are inserted into the block sequence, by the host. So the
+library's own forward, heads and configs keep working.
 """
 
 from __future__ import annotations
@@ -16,178 +16,42 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.layers import LayerScale
-from timm.models.deit import VisionTransformerDistilled
-from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from .aggregation import TokenAggregation, cluster_matrix
-from .attention import StaticAttention, attention_map, is_dynamic_attention, warn_uniform
-from .data import image_batches
-from .plan import Plan, PlanError, token_grid
+from .attention import StaticAttention, warn_uniform
+from .batches import image_batches
+from .capture import StopForward, attention_maps, module_inputs
+from .data import sample_images
+from .errors import DataError, PlanError, UsageError
+from .grid import token_grid
+from .hosts import describe, host_for, host_of
+from .hosts.timm import create_timm_model
+from .modes import eval_mode
+from .plan import PRESETS, Plan
+from .weights import read_state_dict
 
-__all__ = ["compress", "describe", "build_model", "load_model", "create_timm_model",
-           "UnsupportedModelError", "is_compressed", "plan_of"]
-
-EXAMPLE_MODELS = ("deit_tiny_patch16_224", "deit_small_patch16_224", "deit_base_patch16_224",
-                  "deit_small_distilled_patch16_224", "vit_base_patch16_224",
-                  "deit3_small_patch16_224")
-SUPPORTED = ("timm VisionTransformer models with a fixed input size: DeiT (tiny/small/base and "
-             "the distilled variants), ViT (augreg) and DeiT-3 (LayerScale)")
-
-
-class UnsupportedModelError(TypeError):
-    """The model is not a ViT that hetvit knows how to compress."""
+__all__ = ["compress", "describe", "build_model", "load_model", "load_weights",
+           "is_compressed", "plan_of", "preset", "num_prefix_tokens", "source_mismatch"]
 
 
 # ----------------------------------------------------------------------------- describe / build
-def _check_supported(model: nn.Module) -> None:
-    if not isinstance(model, VisionTransformer):
-        raise UnsupportedModelError(f"{type(model).__name__} is not supported: hetvit compresses "
-                                    f"{SUPPORTED}")
-    if getattr(model, "dynamic_img_size", False):
-        raise UnsupportedModelError("this ViT takes a dynamic image size; static attention and "
-                                    "token aggregation need a fixed token count. Create the model "
-                                    "with dynamic_img_size=False.")
-    if getattr(model, "attn_pool", None) is not None:
-        raise UnsupportedModelError(f"ViTs with an attention-pooling head are not supported: "
-                                    f"hetvit compresses {SUPPORTED}")
-    if len(model.blocks) == 0:
-        raise UnsupportedModelError("the model has no blocks (depth 0): there is no attention to "
-                                    "compress")
-    _check_patch_grid(model)
-    for i, blk in enumerate(model.blocks):
-        if isinstance(blk, TokenAggregation):
-            continue
-        attn = getattr(blk, "attn", None)
-        if not (isinstance(attn, StaticAttention) or is_dynamic_attention(attn)):
-            raise UnsupportedModelError(f"block {i} ({type(blk).__name__}) has no timm-style "
-                                        f"attention; hetvit compresses {SUPPORTED}")
-
-
-def _check_patch_grid(model: VisionTransformer) -> None:
-    """Refuse a patch embedding whose tokens are not the ``img_size / patch_size`` grid.
-
-    Plans, pooling windows and GMACs all follow that grid, so it must be what the embedding
-    really outputs: one zero image (on the model's device, so a meta model costs nothing)
-    goes through it and its tokens are counted. A hybrid ViT (a CNN stem, e.g. timm's
-    ``vit_tiny_r_s16_p8_224``) gives a coarser grid than its patch size says, and a patch
-    larger than the image gives none.
-    """
-    embed = model.patch_embed
-    if getattr(embed, "backbone", None) is not None:
-        raise UnsupportedModelError(f"hybrid ViTs are not supported: the tokens come from a CNN "
-                                    f"stem ({type(embed.backbone).__name__}), not from patches; "
-                                    f"hetvit compresses {SUPPORTED}")
-    (h, w), (ph, pw) = embed.img_size, embed.patch_size
-    if ph > h or pw > w:
-        raise UnsupportedModelError(f"the patch ({ph}x{pw}) is larger than the image ({h}x{w}): "
-                                    "the model has no patch tokens")
-    param = next(embed.parameters())
-    with torch.no_grad():
-        tokens = embed(torch.zeros(1, embed.proj.in_channels, h, w, device=param.device,
-                                   dtype=param.dtype))
-    found = tokens.shape[1] * (tokens.shape[2] if tokens.ndim == 4 else 1)  # NLC or NHWC
-    if found != (h // ph) * (w // pw):
-        raise UnsupportedModelError(f"the patch embedding gives {found} tokens, not the "
-                                    f"{h // ph}x{w // pw} grid of its {h}x{w} input and "
-                                    f"{ph}x{pw} patches; hetvit compresses {SUPPORTED}")
-
-
-def describe(model: nn.Module) -> dict[str, Any]:
-    """The architecture of a timm ViT as keyword arguments that rebuild it.
-
-    For a compressed model this is its source model's architecture.
-    """
-    if getattr(model, "hetvit_source", None) is not None:
-        return copy.deepcopy(model.hetvit_source)
-    _check_supported(model)
-    blk = model.blocks[0]
-    attn = blk.attn
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    arch: dict[str, Any] = {
-        "name": cfg.get("architecture"),
-        "distilled": isinstance(model, VisionTransformerDistilled),
-        "img_size": list(model.patch_embed.img_size),
-        "patch_size": list(model.patch_embed.patch_size),
-        "in_chans": model.patch_embed.proj.in_channels,
-        "num_classes": model.num_classes,
-        "global_pool": model.global_pool,
-        "embed_dim": model.embed_dim,
-        "depth": len(model.blocks),
-        "num_heads": attn.num_heads,
-        "mlp_ratio": blk.mlp.fc1.out_features / model.embed_dim,
-        "qkv_bias": attn.qkv.bias is not None,
-        "qk_norm": not isinstance(attn.q_norm, nn.Identity),
-        "init_values": 1.0 if isinstance(blk.ls1, LayerScale) else None,
-        "class_token": model.cls_token is not None,
-        "reg_tokens": getattr(model, "num_reg_tokens", 0),
-        "no_embed_class": model.no_embed_class,
-        "pre_norm": not isinstance(model.norm_pre, nn.Identity),
-        "fc_norm": not isinstance(model.fc_norm, nn.Identity),
-    }
-    return arch
-
-
 def num_prefix_tokens(arch: dict[str, Any]) -> int:
-    return int(arch["class_token"]) + int(arch["reg_tokens"]) + int(arch["distilled"])
+    """Tokens before the patches (cls, distillation, registers) in architecture ``arch``."""
+    return host_for(arch).prefix_tokens(arch)
 
 
-_ARCH_KWARGS = ("img_size", "patch_size", "in_chans", "num_classes", "global_pool", "embed_dim",
-                "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values",
-                "class_token", "reg_tokens", "no_embed_class", "pre_norm", "fc_norm")
+def build_model(arch: dict[str, Any]) -> nn.Module:
+    """An uninitialised model of architecture ``arch`` (from :func:`describe`)."""
+    return host_for(arch).build(arch)
 
 
-def build_model(arch: dict[str, Any]) -> VisionTransformer:
-    """An uninitialised model of architecture ``arch`` (from :func:`describe`).
-
-    A timm model name is rebuilt through ``timm.create_model`` so that what the description
-    does not hold (activation, norm layers, pretrained_cfg) comes from timm itself.
-    """
-    kwargs = {k: arch[k] for k in _ARCH_KWARGS if k in arch}
-    kwargs["img_size"] = tuple(kwargs["img_size"])
-    kwargs["patch_size"] = tuple(kwargs["patch_size"])[0]
-    name = arch.get("name")
-    if name:
-        return create_timm_model(name, **kwargs)
-    kwargs["weight_init"] = "skip"
-    cls = VisionTransformerDistilled if arch.get("distilled") else VisionTransformer
-    return cls(**kwargs)
-
-
-def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(name, pretrained=False, **kwargs)`` with one-line errors.
-
-    An unknown name gets the closest timm names and what hetvit supports; impossible settings
-    (a width the heads do not divide, say: timm asserts) say which settings. Both are
-    :class:`UnsupportedModelError`.
-    """
-    import difflib
-
-    import timm
-
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
-        raise UnsupportedModelError(f"unknown timm model {name!r}.{hint} hetvit supports "
-                                    f"{SUPPORTED}, e.g. {', '.join(EXAMPLE_MODELS)}.")
-    try:
-        return timm.create_model(name, pretrained=False, **kwargs)
-    except (AssertionError, TypeError, ValueError, RuntimeError, ZeroDivisionError) as e:
-        settings = ", ".join(f"{k}={v}" for k, v in kwargs.items())
-        raise UnsupportedModelError(f"timm cannot build {name} with {settings or 'defaults'}: "
-                                    f"{e or type(e).__name__}") from e
-
-
-def load_model(name: str, checkpoint: str | Path | None = None, **overrides: Any
-               ) -> VisionTransformer:
+def load_model(name: str, checkpoint: str | Path | None = None, **overrides: Any) -> nn.Module:
     """A timm model by name, with weights from a local checkpoint file if one is given.
 
-    Reads official DeiT ``.pth`` files (state dict under ``model``), Lightning ``.ckpt`` files
-    (under ``state_dict``) and timm ``.pth`` / ``.safetensors`` files. Without a checkpoint the
+    Reads every file :func:`hetvit.weights.read_state_dict` reads. Without a checkpoint the
     weights are random, and a warning says so.
     """
-
     model = create_timm_model(name, **overrides)
     if checkpoint is None:
         warnings.warn(f"{name}: no checkpoint given, the weights are random (speed does not "
@@ -198,40 +62,29 @@ def load_model(name: str, checkpoint: str | Path | None = None, **overrides: Any
 
 
 def load_weights(model: nn.Module, checkpoint: str | Path) -> None:
-    """Load a state dict file into ``model`` with clear errors for a wrong or broken file."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """Load a weights file into ``model`` with clear errors for a wrong or broken file."""
+    host_of(model).load_weights(model, read_state_dict(checkpoint), Path(checkpoint))
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path}: {e}") from e
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    if not isinstance(state, dict):
-        raise ValueError(f"checkpoint {path} holds no state dict")
-    prefix = "model."
-    if state and all(k.startswith(prefix) for k in state):
-        state = {k[len(prefix):]: v for k, v in state.items()}
-    try:
-        result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"checkpoint {path} does not fit the model: {e}") from e
-    if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"checkpoint {path} does not fit the model: missing "
-                         f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+
+def preset(name: str, model: nn.Module) -> Plan:
+    """The preset ``name`` scaled to ``model`` (:meth:`hetvit.Plan.preset` takes its
+    architecture)."""
+    return Plan.preset(name, describe(model))
 
 
 # ----------------------------------------------------------------------------- compress
 def is_compressed(model: nn.Module) -> bool:
     return getattr(model, "hetvit_plan", None) is not None
+
+
+def source_mismatch(student: nn.Module, teacher: nn.Module) -> list[str]:
+    """How the architecture ``student`` was compressed from differs from ``teacher``'s, one
+    ``"key: student's source X, teacher Y"`` a difference (the timm name aside, which a
+    rebuilt model may lack); empty when ``teacher`` is the student's source architecture."""
+    source, arch = describe(student), describe(teacher)
+    return [f"{k}: student's source {source.get(k)!r}, teacher {arch.get(k)!r}"
+            for k in sorted(set(source) | set(arch))
+            if k != "name" and source.get(k) != arch.get(k)]
 
 
 def plan_of(model: nn.Module) -> Plan:
@@ -245,43 +98,34 @@ CALIBRATION_IMAGES = 256  # drawn at random from a calibration folder or archive
 
 def _plan_for(model: nn.Module, plan: Any) -> tuple[Plan, Path | None]:
     """``plan`` as a :class:`Plan`, and the file it came from: a preset name is scaled to
-    ``model``, a path is loaded. Anything else is a ``TypeError`` saying what to pass (not an
-    ``AttributeError`` from deep inside)."""
-    from .plan import PRESETS
-
+    ``model``, a path is loaded. Anything else is a :class:`UsageError` saying what to pass
+    (not an ``AttributeError`` from deep inside)."""
     if isinstance(plan, Plan):
         return plan, None
     if isinstance(plan, str) and plan in PRESETS:
-        return Plan.preset(plan, model), None
+        return preset(plan, model), None
     if isinstance(plan, str | os.PathLike) and (str(plan).endswith(".json") or
                                                  Path(plan).exists()):
         return Plan.load(plan), Path(plan)
-    raise TypeError(f"plan must be a hetvit.Plan, a preset name ({', '.join(PRESETS)}) or a "
-                    f"plan JSON file, not {plan!r}")
-
-
-def _calibration_loader(path: str | os.PathLike, model: nn.Module) -> Any:
-    """Calibration images from a folder or an archive: :data:`CALIBRATION_IMAGES` of them at
-    random (seeded), through ``model``'s eval transform, as ``hetvit compress`` reads them."""
-    from .data import sample_images
-
-    return sample_images(path, model, CALIBRATION_IMAGES)
+    raise UsageError(f"plan must be a hetvit.Plan, a preset name ({', '.join(PRESETS)}) or a "
+                     f"plan JSON file, not {plan!r}")
 
 
 def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any = None, *,
              max_batches: int | None = None, init: str = "calibrate",
-             aggregation_init: str = "pool") -> VisionTransformer:
+             aggregation_init: str = "pool") -> nn.Module:
     """A compressed copy of ``model``: static attention and token aggregation as ``plan`` says.
 
     Args:
-        model: a timm ``VisionTransformer`` (see :data:`SUPPORTED`); it is not modified.
+        model: a ViT of a supported host (:func:`hetvit.hosts.supported`); it is not
+            modified.
         plan: where to put static layers and pyramid stages, validated against ``model``: a
             :class:`Plan`, a preset name (``"fast"``, scaled to ``model``) or a plan JSON file.
         calibration: images to initialise the static maps from the layers' mean dynamic
             attention: a tensor ``B x C x H x W``, an iterable of tensors or
             ``(images, labels)`` batches (a DataLoader), or the path of an image folder or
-            archive (256 random images, through ``model``'s eval transform). Without it the
-            maps start uniform.
+            archive (:data:`CALIBRATION_IMAGES` random images, through ``model``'s eval
+            transform). Without it the maps start uniform.
         max_batches: use at most this many calibration batches.
         init: ``"calibrate"`` (default), or ``"none"`` to leave the new parameters at their
             defaults (for loading saved weights into the structure).
@@ -291,43 +135,43 @@ def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any 
             stage by stage, before the static maps are calibrated through the result.
     """
     if aggregation_init not in AGGREGATION_INITS:
-        raise ValueError(f"aggregation_init must be one of {AGGREGATION_INITS}, not "
+        raise UsageError(f"aggregation_init must be one of {AGGREGATION_INITS}, not "
                          f"{aggregation_init!r}")
     plan, plan_file = _plan_for(model, plan)
     cluster = aggregation_init == "cluster" and init == "calibrate" and bool(plan.pyramid)
     if cluster and calibration is None:
-        raise ValueError("aggregation_init='cluster' groups tokens by what calibration images "
+        raise UsageError("aggregation_init='cluster' groups tokens by what calibration images "
                          "show: give calibration images")
     if is_compressed(model):
         raise PlanError("this model is already compressed; compress its source model instead")
+    host = host_of(model)
     arch = describe(model)
     grid = token_grid(arch)
-    prefix = num_prefix_tokens(arch)
+    prefix = host.prefix_tokens(arch)
     try:
         plan.validate(arch["depth"], grid, tuple(arch["img_size"]))
     except PlanError as e:
         raise PlanError(f"{plan_file}: {e}" if plan_file else str(e)) from None
     if isinstance(calibration, str | os.PathLike):
-        calibration = _calibration_loader(calibration, model)
+        calibration = sample_images(calibration, model, CALIBRATION_IMAGES)
     if plan.img_size is None:
         plan = Plan(plan.static, plan.pyramid, tuple(arch["img_size"]), plan.source, plan.label)
     if not plan.source.get("name") and arch.get("name"):
         plan = plan.with_source(name=arch["name"])
 
     new = copy.deepcopy(model)
-    stages = dict(plan.pyramid)
-    blocks: list[nn.Module] = []
+    layers = host.layers(new)
+    device = next(new.parameters())
+    stages: dict[int, TokenAggregation] = {}
     n, cur_grid = grid[0] * grid[1], grid
     tokens_at: dict[int, int] = {}
-    for i, blk in enumerate(new.blocks):
-        if i in stages:
-            agg = TokenAggregation(n, stages[i], prefix, cur_grid)
-            agg.to(next(blk.parameters()))
-            blocks.append(agg)
-            n, cur_grid = stages[i], agg.grid_out
+    pyramid = dict(plan.pyramid)
+    for i in range(len(layers)):
+        if i in pyramid:
+            stages[i] = TokenAggregation(n, pyramid[i], prefix, cur_grid).to(device)
+            n, cur_grid = pyramid[i], stages[i].grid_out
         tokens_at[i] = prefix + n
-        blocks.append(blk)
-    new.blocks = nn.Sequential(*blocks)
+    host.insert_stages(new, stages)
 
     if calibration is not None and iter(calibration) is calibration:
         calibration = list(calibration)  # a one-shot iterator; calibration may take several passes
@@ -336,15 +180,14 @@ def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any 
     maps: dict[int, torch.Tensor | None] = dict.fromkeys(plan.static)
     if init == "calibrate" and plan.static and calibration is not None:
         maps = _calibrate(new, plan.static, calibration, max_batches)
-    layer_blocks = [b for b in new.blocks if not isinstance(b, TokenAggregation)]
     for i in plan.static:
-        blk = layer_blocks[i]
-        static = StaticAttention.from_attention(blk.attn, tokens_at[i])
+        static = StaticAttention.from_projections(host.projections(host.attention(layers[i])),
+                                                  tokens_at[i])
         if maps[i] is not None:
             static.set_map(maps[i])
         elif init == "calibrate":
             warn_uniform(i)
-        blk.attn = static
+        host.set_attention(layers[i], static)
 
     new.hetvit_plan = plan
     new.hetvit_source = arch
@@ -353,33 +196,27 @@ def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any 
 
 
 @torch.no_grad()
-def _calibrate(model: VisionTransformer, layers: Iterable[int], calibration: Any,
+def _calibrate(model: nn.Module, layers: Iterable[int], calibration: Any,
                max_batches: int | None) -> dict[int, torch.Tensor | None]:
     """Mean dynamic attention map of each layer in ``layers`` over the calibration images.
 
     Aggregation stages are already in place and attention is still dynamic, so each map has the
     token count the static layer will see.
     """
-    layer_blocks = [b for b in model.blocks if not isinstance(b, TokenAggregation)]
     sums: dict[int, torch.Tensor] = {}
-    hooks = []
-    for i in layers:
-        def hook(mod: nn.Module, args: tuple, i: int = i) -> None:
-            m = attention_map(mod, args[0]).sum(0)
-            sums[i] = m if i not in sums else sums[i] + m
-        hooks.append(layer_blocks[i].attn.register_forward_pre_hook(hook))
-    count = _run_calibration(model, calibration, max_batches, hooks)
+
+    def add(i: int, attn_map: torch.Tensor) -> None:
+        sums[i] = attn_map.sum(0) if i not in sums else sums[i] + attn_map.sum(0)
+
+    with attention_maps(model, layers, add):
+        count = _run_images(model, calibration, max_batches)
     if count == 0:
         return dict.fromkeys(layers)
     return {i: sums[i] / count for i in layers}
 
 
-class _StopForward(Exception):
-    """Raised by a hook once it has what it needs, to skip the rest of the forward pass."""
-
-
 @torch.no_grad()
-def _cluster_stages(model: VisionTransformer, prefix: int, calibration: Any,
+def _cluster_stages(model: nn.Module, prefix: int, calibration: Any,
                     max_batches: int | None) -> None:
     """Start every aggregation stage from k-means of the patch tokens it receives.
 
@@ -388,43 +225,34 @@ def _cluster_stages(model: VisionTransformer, prefix: int, calibration: Any,
     block's attention sees, up to its affine), so the clusters are tokens that are alike
     across images; only their Gram matrix is accumulated.
     """
-    for agg in [b for b in model.blocks if isinstance(b, TokenAggregation)]:
+    for agg in host_of(model).stages(model):
         gram = torch.zeros(agg.num_in, agg.num_in, dtype=torch.float64)
 
-        def hook(mod: nn.Module, args: tuple, gram: torch.Tensor = gram) -> None:
-            x = args[0][:, prefix:].double()
+        def add(_: int, x: torch.Tensor, gram: torch.Tensor = gram) -> None:
+            x = x[:, prefix:].double()
             x = F.layer_norm(x, x.shape[-1:])
             gram.add_(torch.einsum("bnd,bmd->nm", x, x).cpu())
-            raise _StopForward
+            raise StopForward
 
-        hooks = [agg.register_forward_pre_hook(hook)]
-        count = _run_calibration(model, calibration, max_batches, hooks)
+        with module_inputs([agg], add):
+            count = _run_images(model, calibration, max_batches)
         if count == 0:
-            raise ValueError("aggregation_init='cluster': the calibration set holds no images")
+            raise DataError("aggregation_init='cluster': the calibration set holds no images")
         agg.set_matrix(cluster_matrix(gram, agg.matrix().detach().cpu()))
 
 
-def _run_calibration(model: VisionTransformer, calibration: Any, max_batches: int | None,
-                     hooks: list[torch.utils.hooks.RemovableHandle]) -> int:
-    """Run the calibration images through ``model`` in eval mode, then remove ``hooks``.
-
-    Returns the number of images run.
-    """
-    was_training = model.training
-    model.eval()
+def _run_images(model: nn.Module, images: Any, max_batches: int | None) -> int:
+    """Run ``images`` through ``model``'s features in eval mode; the number of images run."""
+    host = host_of(model)
     count = 0
     param = next(model.parameters())
-    try:
-        for b, x in enumerate(image_batches(calibration)):
+    with eval_mode(model):
+        for b, x in enumerate(image_batches(images)):
             if max_batches is not None and b >= max_batches:
                 break
             try:
-                model.forward_features(x.to(param))
-            except _StopForward:
+                host.features(model, x.to(param))
+            except StopForward:
                 pass
             count += x.shape[0]
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
     return count

@@ -36,7 +36,6 @@ import torch.nn.functional as F
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from .attention import attention_map
 from .data import (
     DataError,
     ImageDataset,
@@ -46,7 +45,8 @@ from .data import (
     open_for_model,
     random_subset,
 )
-from .io import pid_alive
+from .files import pid_alive
+from .hosts import host_of
 from .losses import kd_loss
 
 __all__ = [
@@ -91,7 +91,7 @@ def create_model(model_name: str, model_kwargs: dict[str, Any] | None = None) ->
     ``crop_pct``, see :func:`hetvit.data.data_config`).
     """
     from .data import data_config
-    from .surgery import create_timm_model
+    from .hosts.timm import create_timm_model
 
     model = create_timm_model(model_name, **(model_kwargs or {}))
     cfg = data_config(model)
@@ -391,7 +391,8 @@ def check_run_directory(out: Path, marker: str | None = None) -> None:
     that is refused before any work. A live lock (another run on the directory) is refused
     here too, so that a second run stops before hours of work rather than at the first write.
     """
-    from .io import SOURCE_FILE, check_replaceable
+    from .files import check_replaceable
+    from .io import SOURCE_FILE
 
     if not out.exists():
         return
@@ -512,7 +513,7 @@ def open_run_data(module: BaseModule, config: TrainConfig) -> RunData:
     validation images are put in a fixed random order, so that ``--limit-val-batches`` sees
     every class instead of the first folders.
     """
-    from .io import class_names
+    from .labels import class_names
 
     model = module.model
     last = Path(config.out) / "checkpoints" / CHECKPOINT_NAME
@@ -988,7 +989,8 @@ class FinetuneModule(BaseModule):
             for i in self.static_layers:
                 attn = self.teacher.blocks[i].attn
                 hooks.append(attn.register_forward_pre_hook(
-                    lambda m, a, i=i: maps.__setitem__(i, attention_map(m, a[0]))))
+                    lambda m, a, i=i: maps.__setitem__(
+                        i, host_of(self.teacher).attention_map(m, a[0]))))
         with capture_outputs([self.teacher.blocks[i] for i in self.feature_layers]) as tokens:
             try:
                 logits = self.teacher(images)

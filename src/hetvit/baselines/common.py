@@ -17,18 +17,35 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from .. import flops
+from ..errors import BaselineError, UnsupportedModelError
+from ..grid import token_grid
+from ..hosts import describe, host_for, host_of
+from ..plan import Plan
+from ..surgery import is_compressed
+
 __all__ = ["BaselineError", "TokenAttention", "check_model", "baseline_of", "is_baseline",
-           "token_counts", "formula_macs", "selection_macs", "describe_baseline"]
+           "token_counts", "formula_macs", "selection_macs", "describe_baseline", "replace_layers",
+           "patch_tokens"]
 
 
-class BaselineError(ValueError):
-    """A baseline setting that cannot work, or a model a baseline cannot run on."""
+
+
+def replace_layers(model: nn.Module, new: dict[int, nn.Module]) -> None:
+    """Swap the blocks of plan layers ``new`` (a baseline model holds no aggregation)."""
+    host = host_of(model)
+    host.set_sequence(model, [new.get(i, b) for i, b in enumerate(host.layers(model))])
+
+
+def patch_tokens(arch: dict[str, Any]) -> tuple[int, int]:
+    """``(prefix, patches)``: the token counts entering the first block."""
+    rows, cols = token_grid(arch)
+    return host_for(arch).prefix_tokens(arch), rows * cols
 
 
 def check_model(model: nn.Module, method: str) -> dict[str, Any]:
-    """The architecture of ``model`` (``surgery.describe``), or :class:`BaselineError`."""
-    from ..surgery import UnsupportedModelError, describe, is_compressed
-
+    """The architecture of ``model`` (:func:`hetvit.hosts.describe`), or
+    :class:`BaselineError`. The baselines rewrite timm's ``Block``, so only the timm host."""
     if is_compressed(model):
         raise BaselineError(f"{method}: this model is already compressed by hetvit; apply the "
                             "baseline to its uncompressed source model")
@@ -39,11 +56,14 @@ def check_model(model: nn.Module, method: str) -> dict[str, Any]:
         arch = describe(model)
     except UnsupportedModelError as e:
         raise BaselineError(f"{method}: {e}") from e
-    if not arch["class_token"] or model.global_pool != "token":
+    if arch["host"] != "timm":
+        raise BaselineError(f"{method} is written for timm's ViT blocks, not for "
+                            f"{arch['host']} models")
+    if not arch["class_token"] or arch["global_pool"] != "token":
         raise BaselineError(f"{method} needs a ViT classified from its cls token "
-                            f"(global_pool='token'), not global_pool={model.global_pool!r}: "
+                            f"(global_pool='token'), not global_pool={arch['global_pool']!r}: "
                             "a plain mean over merged or pruned tokens is not the model's pool")
-    for i, blk in enumerate(model.blocks):
+    for i, blk in enumerate(host_of(model).layers(model)):
         if type(blk) is not Block or getattr(blk.attn, "gate", None) is not None:
             raise BaselineError(f"{method}: block {i} is a {type(blk).__name__}; only timm's "
                                 "plain pre-norm Block (ungated attention) is supported")
@@ -127,12 +147,9 @@ def token_counts(model: nn.Module) -> list[int]:
     d = baseline_of(model)
     if d is not None:
         return list(d["tokens"])
-    from ..plan import token_grid
-    from ..surgery import describe, num_prefix_tokens
-
     arch = describe(model)
     rows, cols = token_grid(arch)
-    return [num_prefix_tokens(arch) + rows * cols] * arch["depth"]
+    return [host_for(arch).prefix_tokens(arch) + rows * cols] * arch["depth"]
 
 
 def selection_macs(model: nn.Module) -> int:
@@ -145,9 +162,10 @@ def selection_macs(model: nn.Module) -> int:
     d = baseline_of(model)
     if d is None:
         return 0
-    first = model.blocks[0].attn
-    head_dim, attn_dim, dim = first.head_dim, first.attn_dim, model.embed_dim
-    prefix, tokens = model.num_prefix_tokens, d["tokens"]
+    arch = describe(model)
+    first = host_of(model).layers(model)[0].attn
+    head_dim, attn_dim, dim = first.head_dim, first.attn_dim, arch["embed_dim"]
+    prefix, tokens = host_for(arch).prefix_tokens(arch), d["tokens"]
     total = 0
     for i, n in enumerate(tokens):
         after = tokens[i + 1] if i + 1 < len(tokens) else d["tokens_out"]
@@ -168,10 +186,6 @@ def formula_macs(model: nn.Module) -> int:
     (``4 n D^2``), ``q k^T`` and ``A V`` (``2 n^2 D``) on ``n``, the MLP (``2 m D D_h``) on
     ``m``, plus :func:`selection_macs`; patch embedding and head as for the full model.
     """
-    from .. import flops
-    from ..plan import Plan
-    from ..surgery import describe
-
     arch = describe(model)
     outside = flops.formula_macs(arch) - sum(r["macs"] for r in flops.plan_layers(arch, Plan()))
     d = baseline_of(model)

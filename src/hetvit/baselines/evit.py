@@ -22,7 +22,8 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .common import BaselineError, ReducingBlock, check_model
+from ..hosts import host_of
+from .common import BaselineError, ReducingBlock, check_model, patch_tokens, replace_layers
 
 __all__ = ["evit", "prune_tokens", "PruningBlock", "kept_tokens"]
 
@@ -89,7 +90,8 @@ def evit(model: nn.Module, keep_rate: float = 0.7, layers: Sequence[int] = (3, 6
     (:func:`hetvit.baselines.token_counts`).
     """
     arch = check_model(model, "evit")
-    depth, prefix = arch["depth"], model.num_prefix_tokens
+    depth = arch["depth"]
+    prefix, patches = patch_tokens(arch)
     if isinstance(keep_rate, bool) or not isinstance(keep_rate, int | float) or not (
             0 < keep_rate <= 1):
         raise BaselineError(f"evit: keep_rate must be in (0, 1], got {keep_rate!r}")
@@ -104,15 +106,16 @@ def evit(model: nn.Module, keep_rate: float = 0.7, layers: Sequence[int] = (3, 6
         raise BaselineError(f"evit: layers repeat: {layers}")
     layers = sorted(layers)
     new = copy.deepcopy(model)
-    n = model.patch_embed.num_patches + prefix
-    tokens = []
+    n = patches + prefix
+    tokens, blocks, pruning = [], host_of(new).layers(new), {}
     for i in range(depth):
         tokens.append(n)
         if i in layers:
             keep = kept_tokens(keep_rate, n - prefix)
             if keep < n - prefix - 1:  # fusing a single token into itself would change nothing
-                new.blocks[i] = PruningBlock(new.blocks[i], keep, prefix)
+                pruning[i] = PruningBlock(blocks[i], keep, prefix)
                 n = prefix + keep + 1
+    replace_layers(new, pruning)
     new.hetvit_baseline = {"method": "evit", "keep_rate": float(keep_rate), "layers": layers,
                            "tokens": tokens, "tokens_out": n}
     return new

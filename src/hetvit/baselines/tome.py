@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
-from .common import BaselineError, ReducingBlock, check_model
+from ..hosts import host_of
+from .common import BaselineError, ReducingBlock, check_model, patch_tokens, replace_layers
 
 __all__ = ["tome", "tome_schedule", "bipartite_merge", "MergingBlock", "SCHEDULES"]
 
@@ -158,9 +159,10 @@ def tome(model: nn.Module, r: int | Sequence[int] = 6, schedule: str = "constant
     tokens entering each block (:func:`hetvit.baselines.token_counts`).
     """
     arch = check_model(model, "tome")
-    depth, prefix = arch["depth"], model.num_prefix_tokens
+    depth = arch["depth"]
+    prefix, patches = patch_tokens(arch)
     asked = tome_schedule(r, depth, schedule)
-    n = model.patch_embed.num_patches + prefix
+    n = patches + prefix
     per_layer, tokens = [], []
     for want in asked:
         tokens.append(n)
@@ -169,10 +171,10 @@ def tome(model: nn.Module, r: int | Sequence[int] = 6, schedule: str = "constant
     new = copy.deepcopy(model)
     first = next((i for i, v in enumerate(per_layer) if v), depth)
     sizes = _Sizes()
-    for i in range(first, depth):
-        if per_layer[i] or prop_attn:
-            new.blocks[i] = MergingBlock(new.blocks[i], per_layer[i], sizes, prefix, prop_attn,
+    blocks = host_of(new).layers(new)
+    replace_layers(new, {i: MergingBlock(blocks[i], per_layer[i], sizes, prefix, prop_attn,
                                          first=i == first)
+                         for i in range(first, depth) if per_layer[i] or prop_attn})
     new.hetvit_baseline = {
         "method": "tome",
         "r": list(r) if isinstance(r, Sequence) else r,

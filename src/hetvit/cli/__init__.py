@@ -143,9 +143,10 @@ def open_teacher(teacher: Path | None, model: str | None, checkpoint: Path | Non
 def resolve_plan(plan: str, model: Any) -> Any:
     """``plan`` is a preset name (scaled to ``model``) or a plan JSON file."""
     from ..plan import PRESETS, Plan
+    from ..surgery import preset
 
     if plan in PRESETS:
-        return Plan.preset(plan, model)
+        return preset(plan, model)
     if plan.endswith(".json") or Path(plan).exists():
         the_plan = Plan.load(plan)
         _check_plan_file(the_plan, Path(plan), model)
@@ -157,8 +158,10 @@ def resolve_plan(plan: str, model: Any) -> Any:
 def _check_plan_file(plan: Any, path: Path, model: Any) -> None:
     """Validate a plan read from ``path`` against ``model`` now, so that its error names the
     file (the later check deep in a command does not know where the plan came from)."""
-    from ..plan import PlanError, token_grid
-    from ..surgery import describe, is_compressed
+    from ..grid import token_grid
+    from ..hosts import describe
+    from ..plan import PlanError
+    from ..surgery import is_compressed
 
     if is_compressed(model):
         return  # compressing it is refused anyway, with its own message

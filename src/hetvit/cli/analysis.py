@@ -62,7 +62,7 @@ def analyze_command(
     from rich.table import Table
 
     from ..data import make_loader, make_transform, open_dataset, random_subset
-    from ..io import check_replaceable, check_writable
+    from ..files import check_replaceable, check_writable
     from ..patterns import analyze
 
     console = Console(stderr=True)

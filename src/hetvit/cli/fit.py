@@ -69,7 +69,7 @@ def fit_command(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .. import io
+    from .. import files, io
     from ..data import sample_images
     from ..fitting import FitConfig, collect_images, fit
     from ..surgery import compress
@@ -80,8 +80,8 @@ def fit_command(
     with user_errors():
         config = FitConfig(passes=passes, batch_size=batch_size, lr=lr, lr_new=lr_new,
                            mixup=mixup, trainable=trainable, seed=seed)
-        io.check_writable(out)
-        io.check_replaceable(out, io.SOURCE_FILE)
+        files.check_writable(out)
+        files.check_replaceable(out, io.SOURCE_FILE)
         source = open_teacher(teacher, model, checkpoint)
         the_plan = resolve_plan(plan, source)
         pool = collect_images(sample_images(images, source, num_images, seed=seed,

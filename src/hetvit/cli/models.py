@@ -59,7 +59,9 @@ def _timm_model(name: str, overrides: dict, weights: Path | None = None, meta: b
 
     import torch
 
-    from ..surgery import create_timm_model, describe, load_model
+    from ..hosts import describe
+    from ..hosts.timm import create_timm_model
+    from ..surgery import load_model
 
     with user_errors(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random weights": said once, by the caller
@@ -100,14 +102,14 @@ def plan_command(
     from rich.console import Console
     from rich.table import Table
 
-    from .. import io
+    from .. import files
     from ..flops import formula_macs, plan_layers
-    from ..plan import token_grid
-    from ..surgery import describe
+    from ..grid import token_grid
+    from ..hosts import describe
 
     if out is not None:
         with user_errors():
-            io.check_file_replaceable(out, _is_plan_file, force)
+            files.check_file_replaceable(out, _is_plan_file, force)
     overrides = _overrides(sizes)
     net = _timm_model(model, overrides, meta=True)
     arch = describe(net)
@@ -118,7 +120,7 @@ def plan_command(
             the_plan = type(the_plan).from_dict({**the_plan.to_dict(),
                                                  "img_size": arch["img_size"]})
         if out is not None:
-            io.atomic_write_text(out, the_plan.to_json() + "\n")
+            files.atomic_write_text(out, the_plan.to_json() + "\n")
     base, new = formula_macs(arch), formula_macs(arch, the_plan)
     rows = plan_layers(arch, the_plan)
     if as_json:
@@ -178,14 +180,14 @@ def compress(
     """
     from rich.console import Console
 
-    from .. import io
+    from .. import files, io
     from ..flops import formula_macs
+    from ..hosts import describe
     from ..surgery import compress as do_compress
-    from ..surgery import describe
 
     console = Console()
     with user_errors():
-        io.check_replaceable(out, io.SOURCE_FILE)
+        files.check_replaceable(out, io.SOURCE_FILE)
         source = open_model(model, checkpoint)
         the_plan = resolve_plan(plan, source)
         loader = None
@@ -218,8 +220,9 @@ def _bench_models(model: str | None, checkpoint: Path | None, plan: str | None,
     if method["method"] is not None and plan is not None:
         fail(f"--method {method['method']} runs instead of a plan: drop --plan")
     from ..bench import compress_for_speed
+    from ..hosts import describe
     from ..io import is_checkpoint, load
-    from ..surgery import build_model, describe, is_compressed
+    from ..surgery import build_model, is_compressed
 
     notes: list[str] = []
     if checkpoint is not None and not checkpoint.exists():
@@ -324,13 +327,13 @@ def bench_command(
 
     from rich.console import Console
 
-    from .. import io
+    from .. import files
     from ..bench import DTYPES, RUNTIMES, compare, render
 
     err = Console(stderr=True)
     if out is not None:  # before the timing, which takes minutes
         with user_errors():
-            io.check_file_replaceable(out, _is_bench_result, force)
+            files.check_file_replaceable(out, _is_bench_result, force)
     if dtype not in DTYPES:
         fail(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if runtime not in RUNTIMES:
@@ -361,7 +364,7 @@ def bench_command(
             **({"method": reduced} if reduced else {}), "notes": notes, **result.to_dict()}
     if out is not None:
         with user_errors():
-            io.atomic_write_text(out, json.dumps(data, indent=2) + "\n")
+            files.atomic_write_text(out, json.dumps(data, indent=2) + "\n")
     if as_json:
         print(json.dumps(data, indent=2))
     else:
@@ -416,7 +419,7 @@ def export_command(
         export_onnx,
         is_onnx_export,
     )
-    from ..io import check_file_replaceable
+    from ..files import check_file_replaceable
     err = Console(stderr=True, soft_wrap=True)
 
     def fail(message: str, code: int = 2) -> None:
