@@ -1,10 +1,12 @@
-"""Attention-pattern analysis: metrics on constructed layers, streaming exactness, recommend."""
+"""Attention-pattern analysis: metrics on constructed layers, streaming exactness, the plan
+recommended from them and its reasons, the saved report."""
 
 from __future__ import annotations
 
 import json
 import math
 import warnings
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,9 +14,12 @@ import torch
 
 import hetvit
 from hetvit.flops import formula_macs
+from hetvit.grid import token_grid
 from hetvit.hosts import HOSTS
-from hetvit.patterns import PYRAMID_GAP, PatternReport, analyze, token_ladder
-from hetvit.plan import Plan, token_grid
+from hetvit.patterns import PatternReport, analyze
+from hetvit.plan import Plan
+from hetvit.recommend import PYRAMID_GAP, Recommendation, explain_plan, recommend, token_ladder
+from hetvit.render import save_report
 from hetvit.surgery import describe
 
 from .conftest import tiny_vit
@@ -226,27 +231,29 @@ RANK = [0.9, 0.9, 0.8, 0.6, 0.45, 0.3, 0.2, 0.2]
 
 def test_recommend_static_is_the_leading_run_and_respects_max_static():
     report = synthetic_report(SIM, RANK)
-    plan = report.recommend(similarity=0.9)
-    assert plan.static == (0, 1, 2)
-    assert report.recommendation["passed_similarity"] == [0, 1, 2, 4]
-    assert report.recommendation["leading_run"] == 3
-    assert report.recommend(max_static=2).static == (0, 1)
-    assert report.recommend(max_static=0).static == ()
-    assert report.recommend(similarity=0.98).static == (0,)
-    assert report.recommend(similarity=0.995).static == ()  # head 1 passes, head 0 does not
-    assert report.recommend(similarity=0.9, max_static=10).static == (0, 1, 2)
+    rec = recommend(report, similarity=0.9)
+    assert rec.plan.static == (0, 1, 2)
+    assert rec.passed_similarity == [0, 1, 2, 4]
+    assert rec.leading_run == 3
+    assert recommend(report, max_static=2).plan.static == (0, 1)
+    assert recommend(report, max_static=0).plan.static == ()
+    assert recommend(report, similarity=0.98).plan.static == (0,)
+    # head 1 passes, head 0 does not
+    assert recommend(report, similarity=0.995).plan.static == ()
+    assert recommend(report, similarity=0.9, max_static=10).plan.static == (0, 1, 2)
 
 
 def test_recommend_pyramid_follows_rank_and_the_token_grid():
     report = synthetic_report(SIM, RANK)
-    plan = report.recommend()
+    rec = recommend(report)
+    plan = rec.plan
     arch = report.arch
     grid = token_grid(arch)
     ladder = token_ladder(grid)
     assert ladder == [64, 32, 16, 9, 4]
     plan.validate(arch["depth"], grid, tuple(arch["img_size"]))
     assert plan.label == "recommended"
-    need = report.recommendation["rank_need"]
+    need = [c.need for c in rec.layers]
     for layer, m in plan.pyramid:
         assert layer >= len(plan.static) and m in ladder
         assert m >= need[layer] * 64  # margin 1: at least the rank need
@@ -258,25 +265,30 @@ def test_recommend_pyramid_follows_rank_and_the_token_grid():
 def test_recommend_builds_a_pyramid_even_where_the_rank_collapses():
     """Rank 0.05 everywhere asks for 4 tokens at once; the plan steps down the ladder instead."""
     report = synthetic_report([0.5] * 8, [0.05] * 8)
-    assert report.recommend().pyramid == ((1, 32), (3, 16), (5, 9), (7, 4))
+    rec = recommend(report)
+    assert rec.plan.pyramid == ((1, 32), (3, 16), (5, 9), (7, 4))
+    reasons = {c.layer: c.reason for c in rec.layers}
+    assert "one ladder step down from 64 at a time" in reasons[1]
+    assert f"the earliest layer at least {PYRAMID_GAP} layers after the stage at layer 1" \
+        in reasons[3]
 
 
 @pytest.mark.parametrize("target", [1.2, 1.6, 2.2])
 def test_recommend_reaches_the_speed_target(target):
     report = synthetic_report(SIM, RANK)
-    plan = report.recommend(speedup=target, max_static=2)
+    rec = recommend(report, speedup=target, max_static=2)
+    plan = rec.plan
     assert plan.static == (0, 1)
     base = formula_macs(report.arch)
     achieved = base / formula_macs(report.arch, plan)
     assert achieved >= target
-    rec = report.recommendation
-    assert rec["target_reached"] is True
-    assert rec["speedup"] == pytest.approx(achieved)
+    assert rec.target_reached is True
+    assert rec.speedup == pytest.approx(achieved)
     # The most conservative plan that reaches the target: a slightly larger margin misses it.
-    first = Plan(static=plan.static, pyramid=rec["pyramid_before_delay"],
+    first = Plan(static=plan.static, pyramid=rec.pyramid_before_delay,
                  img_size=plan.img_size, source=plan.source, label=plan.label)
-    if rec["margin"] is not None:
-        looser = report._plan(2, np.array(rec["rank_need"]), rec["margin"] * 1.1)
+    if rec.margin is not None:
+        looser = recommend(report, max_static=2, margin=rec.margin * 1.1).plan
         assert base / formula_macs(report.arch, looser) < target or looser == first
     # Then its stages sit as late as the target allows: no stage can move one layer later
     # (past the last layer: dropped) without missing the target.
@@ -291,28 +303,128 @@ def test_recommend_reaches_the_speed_target(target):
         assert base / formula_macs(report.arch, moved) < target, (plan.pyramid, later)
 
 
+def test_recommend_says_where_a_stage_was_moved_from():
+    report = synthetic_report([0.5] * 8, [0.05] * 8)
+    rec = recommend(report, speedup=2.0)
+    # The margin's plan puts the second stage at layer 3; it moves to 6 while 2x still holds.
+    assert rec.pyramid_before_delay == ((1, 32), (3, 16))
+    assert rec.plan.pyramid == ((1, 32), (6, 16))
+    assert "moved later from layer 3" in rec.layers[6].reason
+    assert "2.00x target still holds" in rec.layers[6].reason
+    assert "moved" not in rec.layers[1].reason
+    assert "stages moved later to come closer to the target: 1:32 3:16 -> 1:32 6:16" in str(rec)
+
+
 def test_recommend_warns_when_the_target_is_out_of_reach():
     report = synthetic_report(SIM, RANK)
     with pytest.warns(UserWarning, match="out of reach"):
-        plan = report.recommend(speedup=50.0)
-    assert report.recommendation["target_reached"] is False
+        rec = recommend(report, speedup=50.0)
+    assert rec.target_reached is False
     # the fastest plan: one ladder step every PYRAMID_GAP layers from the end of the static run
-    assert plan.pyramid == ((3, 32), (5, 16), (7, 9))
-    text = report.explain()
+    assert rec.plan.pyramid == ((3, 32), (5, 16), (7, 9))
+    text = rec.explain()
     assert "NOT reached" in text and "GMACs: baseline" in text
+
+
+def test_recommend_rejects_bad_settings():
+    report = synthetic_report(SIM, RANK)
+    with pytest.raises(ValueError, match="rank must be one of"):
+        recommend(report, rank="rank50")
+    with pytest.raises(ValueError, match="speedup must be positive"):
+        recommend(report, speedup=0)
+    with pytest.raises(ValueError, match="max_static must be >= 0"):
+        recommend(report, max_static=-1)
 
 
 def test_explain_covers_every_layer_and_any_plan():
     report = synthetic_report(SIM, RANK)
-    plan = report.recommend()
-    text = report.explain(plan)
+    text = recommend(report).explain()
     assert len([ln for ln in text.splitlines() if ln.strip()[:1].isdigit()]) == 8
     assert "stage -> 32 tokens" in text
     preset = Plan(static=(0, 1, 2, 3, 4), pyramid=((2, 16),))
-    other = report.explain(preset)
+    other = explain_plan(report, preset)
     assert "kept < need" in other  # the preset keeps fewer tokens than layer 2's rank needs
     base, macs = formula_macs(report.arch), formula_macs(report.arch, preset)
     assert f"({base / macs:.2f}x)" in other
+    assert "recommended with" not in other and "why:" not in other  # nothing to justify
+
+
+# --------------------------------------------------------------------------- Recommendation
+def test_input_independent_early_layers_are_recommended_static_with_the_reason():
+    """q = k = 0 in layers 0 and 1 makes their maps uniform for every image (similarity 1);
+    large random q, k in layers 2 and 3 make theirs image-dependent."""
+    model = tiny_vit()
+    zero_qk(model, 0)
+    zero_qk(model, 1)
+    sharpen_qk(model, 2, seed=1)
+    sharpen_qk(model, 3, seed=2)
+    torch.manual_seed(7)
+    images = torch.randn(8, 3, 32, 32)
+    report = analyze(model, images, progress=False)
+    rec = recommend(report)
+    assert rec.plan.static == (0, 1)
+    assert rec.leading_run == 2 and rec.passed_similarity == [0, 1]
+    for c in rec.layers[:2]:
+        assert c.static and c.passes and c.similarity == pytest.approx(1.0, abs=1e-9)
+        assert c.reason.startswith("static: worst-head similarity 1.0000 >= 0.900, in the "
+                                   "leading run from layer 0")
+    for c in rec.layers[2:]:
+        assert not c.static and not c.passes
+        assert c.reason.startswith(f"dynamic: worst-head similarity {c.similarity:.4f} < 0.900")
+    assert rec.first_stage_layer == 2
+    assert all(layer >= 2 for layer, _ in rec.plan.pyramid)
+
+    # The plan fits the model it was measured on, and compresses it.
+    arch = describe(model)
+    rec.plan.validate(arch["depth"], token_grid(arch), tuple(arch["img_size"]))
+    student = hetvit.compress(model, rec.plan, calibration=images)
+    assert student(images).shape == (8, 10)
+
+    # Every static layer and every stage layer is named, with its reason, in the explanation.
+    text = str(rec)
+    assert text == rec.explain()
+    chosen = {*rec.plan.static, *(layer for layer, _ in rec.plan.pyramid)}
+    for layer in chosen:
+        assert f"  layer {layer}: {rec.layers[layer].reason}" in text.splitlines()
+    assert "\n  layer 0: static:" in text and "\n  layer 1: static:" in text
+
+
+def test_max_static_and_a_broken_run_are_stated_as_reasons():
+    report = synthetic_report(SIM, RANK)
+    rec = recommend(report, max_static=1)
+    assert rec.plan.static == (0,)
+    # layers 1 and 2 pass but the cap stops them; layer 4 passes but layer 3 broke the run
+    assert "max_static=1 caps the static run" in rec.layers[1].reason
+    assert "max_static=1 caps the static run" in rec.layers[2].reason
+    assert "layer 3 before it fails" in rec.layers[4].reason
+    assert rec.layers[3].reason.startswith("dynamic: worst-head similarity 0.5000 < 0.900")
+
+
+def test_recommendation_is_a_frozen_consistent_value():
+    report = synthetic_report(SIM, RANK)
+    rec = recommend(report, speedup=1.6)
+    with pytest.raises(AttributeError):
+        rec.plan = Plan()
+    assert recommend(report, speedup=1.6) == rec  # the policy is deterministic
+    d = rec.to_dict()
+    assert Plan.from_dict(d["plan"]) == rec.plan
+    assert d["static"] == list(rec.plan.static)
+    assert d["worst_head_similarity"] == pytest.approx(report.similarity.min(axis=1).tolist())
+    assert d["rank_need"] == pytest.approx(
+        np.maximum.accumulate(report.rank90.max(axis=1)[::-1])[::-1].tolist())
+    assert d["gmacs_baseline"] == pytest.approx(formula_macs(report.arch) / 1e9)
+    assert d["speedup"] == pytest.approx(
+        formula_macs(report.arch) / formula_macs(report.arch, rec.plan))
+    # layers that contradict the plan are refused
+    wrong = list(rec.layers)
+    wrong[5] = replace(wrong[5], static=True)
+    with pytest.raises(ValueError, match="marked static"):
+        replace(rec, layers=tuple(wrong))
+    with pytest.raises(ValueError, match="pyramid"):
+        replace(rec, plan=replace(rec.plan, pyramid=()))
+    with pytest.raises(ValueError, match="one LayerChoice per layer"):
+        replace(rec, layers=rec.layers[1:])
+    assert isinstance(rec, Recommendation)
 
 
 # --------------------------------------------------------------------------- output
@@ -321,24 +433,49 @@ def test_save_writes_json_markdown_and_plots_atomically(tmp_path):
     sharpen_qk(model, 3)
     torch.manual_seed(6)
     report = analyze(model, torch.randn(4, 3, 32, 32), progress=False)
-    plan = report.recommend(speedup=1.3)
+    rec = recommend(report, speedup=1.3)
     (tmp_path / "patterns").mkdir()
     (tmp_path / "patterns" / "stale.txt").write_text("from an older run")
     with pytest.raises(FileExistsError):  # not a report: refused, left alone
-        report.save(tmp_path / "patterns")
+        save_report(report, rec, tmp_path / "patterns")
     assert [p.name for p in (tmp_path / "patterns").iterdir()] == ["stale.txt"]
     (tmp_path / "patterns" / "patterns.json").write_text("{}")  # an older report
-    out = report.save(tmp_path / "patterns")  # replaces the old directory as a whole
+    out = save_report(report, rec, tmp_path / "patterns")  # replaces the old directory whole
     names = sorted(p.name for p in out.iterdir())
     assert names == ["heatmaps.png", "maps.png", "patterns.json", "patterns.md", "rank.png",
                      "similarity.png", "spectra.png"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["patterns"]  # no temp dir left
     data = json.loads((out / "patterns.json").read_text())
-    assert Plan.from_dict(data["plan"]) == plan
+    assert Plan.from_dict(data["plan"]) == rec.plan
+    assert data["recommendation"] == json.loads(json.dumps(rec.to_dict()))
+    assert data["explanation"] == rec.explain()
     assert np.allclose(data["similarity"], report.similarity, atol=1e-6)
-    assert "## Recommended plan" in (out / "patterns.md").read_text()
+    md = (out / "patterns.md").read_text()
+    assert "## Recommended plan" in md and rec.explain() in md
     loaded = PatternReport.load(out)
-    assert loaded.recommend(speedup=1.3) == plan
+    assert recommend(loaded, speedup=1.3).plan == rec.plan
+
+
+def test_report_round_trips_through_json_and_refuses_bad_shapes(tmp_path):
+    report = synthetic_report(SIM, RANK)
+    back = PatternReport.from_dict(json.loads(json.dumps(report.to_dict())))
+    for name in ("similarity", "js", "static_kl", "effective_rank", "rank90", "rank99",
+                 "redundancy", "spectra"):
+        np.testing.assert_allclose(getattr(back, name), getattr(report, name), atol=1e-6)
+    assert back.arch == report.arch and back.mean_maps is None
+    path = report.save_json(tmp_path / "r.json", note="extra")
+    assert json.loads(path.read_text())["note"] == "extra"
+    np.testing.assert_allclose(PatternReport.load(path).rank90, report.rank90, atol=1e-6)
+    with pytest.raises(ValueError, match="missing similarity"):
+        PatternReport.from_dict({k: v for k, v in report.to_dict().items()
+                                 if k != "similarity"})
+    with pytest.raises(ValueError, match="redundancy must have one value per layer"):
+        replace(report, redundancy=np.zeros(3))
+    with pytest.raises(ValueError, match="rank90 has shape"):
+        replace(report, rank90=report.rank90[:, :1])
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+        PatternReport.load(tmp_path / "bad.json")
 
 
 # --------------------------------------------------------------------------- CLI
@@ -377,6 +514,7 @@ def test_cli_analyze_checkpoint_writes_report(tmp_path):
     plan = Plan.from_dict(report["plan"])
     assert plan.static == (0,)
     assert report["recommendation"]["target_reached"] is True
+    assert "why:" in result.output and "  layer 0: static: worst-head similarity" in result.output
 
 
 def test_cli_analyze_warns_without_weights(tmp_path):

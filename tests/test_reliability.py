@@ -472,8 +472,9 @@ def test_compress_takes_a_preset_name_and_an_image_folder(tmp_path):
     student = hetvit.compress(model, "fast", calibration=tmp_path / "images")
     assert student.hetvit_plan == hetvit.surgery.preset("fast", model)
     assert student.hetvit_plan.static  # and its static maps were calibrated from the images
-    with pytest.raises(hetvit.errors.UsageError, match=r"plan must be a hetvit.Plan, a preset name \(balanced, "
-                                        r"fast, fastest\) or a plan JSON file, not 'quick'"):
+    with pytest.raises(hetvit.errors.UsageError,
+                       match=r"plan must be a hetvit.Plan, a preset name \(balanced, "
+                             r"fast, fastest\) or a plan JSON file, not 'quick'"):
         hetvit.compress(model, "quick")
     with pytest.raises(hetvit.errors.UsageError, match="not 3"):
         hetvit.compress(model, 3)

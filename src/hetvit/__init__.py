@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 __all__ = ["Plan", "PlanError", "compress", "fit", "FitConfig", "load", "save", "analyze",
            "export_onnx", "__version__"]
 _SUBMODULES = ("aggregation", "attention", "baselines", "bench", "data", "demo", "evaluate",
-               "export", "fitting", "flops", "io", "patterns", "plan", "surgery", "training")
+               "export", "fitting", "flops", "io", "patterns", "plan", "recommend", "render",
+               "surgery", "training")
 
 
 def __getattr__(name: str):

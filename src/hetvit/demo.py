@@ -39,6 +39,8 @@ from .flops import formula_macs, plan_layers
 from .hosts import describe
 from .io import FIT_FILE, CheckpointError, load
 from .patterns import analyze
+from .recommend import recommend
+from .render import save_report
 from .surgery import plan_of, source_mismatch
 
 __all__ = ["DemoError", "DemoResult", "run", "find_assets", "find_images", "sample_indices",
@@ -212,18 +214,17 @@ def _summary_plot(path: Path, result: DemoResult) -> None:
     fig.savefig(path, dpi=100)
 
 
-def _pattern_lines(report: Any) -> list[str]:
+def _pattern_lines(report: Any, recommendation: Any) -> list[str]:
     """The measured facts behind the method, as numbers: what was seen, not what was hoped."""
     sim = report.similarity.mean(axis=1)
     rank = report.effective_rank.mean(axis=1)
-    rec = report.recommendation
     last = len(sim) - 1
-    passed = rec["passed_similarity"]
+    passed = recommendation.passed_similarity
     return [
         f"- cross-image cosine similarity (mean over heads): {sim[0]:.2f} at layer 0, "
         f"{sim[last]:.2f} at layer {last}; highest {sim.max():.2f} (layer {sim.argmax()}), "
         f"lowest {sim.min():.2f} (layer {sim.argmin()}). Layers whose worst head reaches the "
-        f"{rec['similarity_threshold']:.2f} needed for static attention: "
+        f"{recommendation.similarity_threshold:.2f} needed for static attention: "
         f"{', '.join(map(str, passed)) if passed else 'none'}.",
         f"- effective rank (fraction of the {report.num_tokens} tokens, mean over heads): "
         f"{rank[0]:.2f} at layer 0, {rank[last]:.2f} at layer {last}; highest "
@@ -357,7 +358,7 @@ def _by_hand_lines(result: DemoResult, images: Path, n_analysed: int, fit_line: 
 
 def _markdown(result: DemoResult, teacher_arch: dict, images: Path, n_eval: int, n_analysed: int,
               analysis_md: str, plan_rows: list[dict], base_macs: int, plan_macs: int,
-              patterns: Any, fit_line: str, fitted_plan: Any) -> str:
+              patterns: Any, recommendation: Any, fit_line: str, fitted_plan: Any) -> str:
     acc = result.accuracy
     h, w = teacher_arch["img_size"]
     label = result.plan.label or "fast"
@@ -408,7 +409,8 @@ def _markdown(result: DemoResult, teacher_arch: dict, images: Path, n_eval: int,
               f"## The teacher's attention patterns ({n_analysed} images)", "",
               "The method rests on two findings for DeiT on ImageNet: early layers attend "
               "alike for every image (high cross-image similarity), late layers have low-rank "
-              "attention. Measured on this teacher:", "", *_pattern_lines(patterns), "",
+              "attention. Measured on this teacher:", "",
+              *_pattern_lines(patterns, recommendation), "",
               "The plan `hetvit analyze` recommends from these measurements:", "",
               f"`{result.recommended.describe()}`", "",
               f"Details, definitions and every plot: [analysis/patterns.md]({analysis_md}).", "",
@@ -490,8 +492,9 @@ def run(out: str | os.PathLike = "demo-report", *, assets: str | os.PathLike | N
             t = time.perf_counter()
             log(f"[1/4] analysing the teacher's attention on {n_analysed} images")
             report = analyze(teacher, analysis_loader, progress=progress)
-            recommended = report.recommend()
-            report.save(tmp / "analysis", plan=recommended)
+            recommendation = recommend(report)
+            recommended = recommendation.plan
+            save_report(report, recommendation, tmp / "analysis")
             steps["analysis"] = time.perf_counter() - t
 
             t = time.perf_counter()
@@ -526,7 +529,7 @@ def run(out: str | os.PathLike = "demo-report", *, assets: str | os.PathLike | N
             (tmp / "report.md").write_text(_markdown(
                 result, arch, image_path, len(chosen), n_analysed, "analysis/patterns.md",
                 plan_layers(arch, plan), formula_macs(arch), formula_macs(arch, plan),
-                report, fit_command(record, fitted_plan), fitted_plan))
+                report, recommendation, fit_command(record, fitted_plan), fitted_plan))
     finally:
         torch.set_num_threads(previous)
     for warning in result.warnings:

@@ -3,7 +3,8 @@
 The method rests on two measurable claims (see DESIGN.md): early layers attend alike for every
 image (so a static map can replace them, DGSSA) and late layers have low-rank attention (so their
 tokens can be aggregated, GLAD). :func:`analyze` measures both per layer and head over a stream of
-images, and :meth:`PatternReport.recommend` turns the measurements into a :class:`~hetvit.Plan`.
+images into a :class:`PatternReport`; :func:`hetvit.recommend.recommend` turns the measurements
+into a :class:`~hetvit.Plan` and :mod:`hetvit.render` draws them.
 
 Everything is accumulated batch by batch, so 1,000 images through DeiT-Small (12 x 6 maps of
 197 x 197 per image) never sit in memory together. The metrics, per layer ``l`` and head ``h``,
@@ -47,27 +48,32 @@ import json
 import math
 import os
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from torch import nn
 
 from .batches import image_batches
 from .capture import attention_maps, module_inputs
-from .files import atomic_directory
-from .flops import formula_macs
-from .grid import pool_grid, token_grid
+from .files import atomic_write_text
 from .hosts import describe, host_of
 from .modes import eval_mode
-from .plan import Plan
 from .surgery import is_compressed
 
-__all__ = ["analyze", "PatternReport", "token_ladder"]
+__all__ = ["analyze", "PatternReport", "DEFINITIONS", "looks_untrained"]
 
-RANK_METRICS = ("rank90", "rank99", "effective_rank")
 DEFINITIONS = {
     "similarity": "mean cosine similarity of the flattened maps of two different images "
                   "(exact: (||sum u_i||^2 - n) / (n(n-1)), u_i = A_i / ||A_i||)",
@@ -279,16 +285,6 @@ class _Progress:
     def __enter__(self) -> Any:
         if not self.enabled:
             return lambda n: None
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
-
         self.bar = Progress(TextColumn("analysing attention"), BarColumn(), MofNCompleteColumn(),
                             TimeElapsedColumn(), TimeRemainingColumn(),
                             console=Console(stderr=True), transient=True)
@@ -300,31 +296,13 @@ class _Progress:
         if self.bar is not None:
             self.bar.__exit__(*exc)
 
-
-# ----------------------------------------------------------------------------- token ladder
-PYRAMID_GAP = 2  # fewest layers between two recommended stages (the presets use 2-3)
-
-
-def token_ladder(grid: tuple[int, int]) -> list[int]:
-    """Patch-token counts a pyramid may use, largest first, each a regular grid.
-
-    The full grid, then half along one axis, then about 1/4, 1/8 and 1/16 of the tokens with
-    the grid's aspect (14x14: 196, 98 (14x7), 49 (7x7), 25 (5x5), 16 (4x4)), as the presets do,
-    so aggregation pools regular windows.
-    """
-    h, w = grid
-    sizes = [h * w, h * math.ceil(w / 2)]
-    for keep in (1 / 4, 1 / 8, 1 / 16):
-        sizes.append(max(1, round(h * math.sqrt(keep))) * max(1, round(w * math.sqrt(keep))))
-    ladder: list[int] = []
-    for m in sizes:
-        if (not ladder or m < ladder[-1]) and (m == h * w or pool_grid(grid, m) is not None):
-            ladder.append(m)
-    return ladder
-
-
 # ----------------------------------------------------------------------------- the report
-@dataclass
+ARRAYS = ("similarity", "js", "static_kl", "effective_rank", "rank90", "rank99", "redundancy",
+          "spectra")
+"""The measurements a report holds and saves (the maps it keeps for the plots are not saved)."""
+
+
+@dataclass(frozen=True, eq=False)
 class PatternReport:
     """Attention patterns per layer (rows) and head (columns); see the module docstring.
 
@@ -333,6 +311,9 @@ class PatternReport:
     (``layers x heads x N x N``), ``examples`` (``layers x images x heads x N x N``) and
     ``spectra`` (``layers x heads x N``, mean of ``s / sum(s)``) feed the plots; the maps are
     not saved, so a report loaded from ``patterns.json`` has none.
+
+    The report is measurement only: :func:`hetvit.recommend.recommend` reads a plan from it
+    and :mod:`hetvit.render` draws it, so it holds for any plan read from it.
     """
 
     arch: dict[str, Any]
@@ -348,7 +329,21 @@ class PatternReport:
     spectra: np.ndarray
     mean_maps: np.ndarray | None = None
     examples: np.ndarray | None = None
-    recommendation: dict[str, Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        layers_heads = np.shape(self.similarity)
+        if len(layers_heads) != 2:
+            raise ValueError(f"similarity must be layers x heads, got shape {layers_heads}")
+        for name in ("js", "static_kl", "effective_rank", "rank90", "rank99"):
+            if np.shape(getattr(self, name)) != layers_heads:
+                raise ValueError(f"{name} has shape {np.shape(getattr(self, name))}, not "
+                                 f"similarity's {layers_heads} (layers x heads)")
+        if np.shape(self.redundancy) != layers_heads[:1]:
+            raise ValueError(f"redundancy must have one value per layer ({layers_heads[0]}), "
+                             f"got shape {np.shape(self.redundancy)}")
+        if np.ndim(self.spectra) != 3 or np.shape(self.spectra)[:2] != layers_heads:
+            raise ValueError(f"spectra must be layers x heads x N, got shape "
+                             f"{np.shape(self.spectra)}")
 
     @classmethod
     def from_stats(cls, arch: dict[str, Any], stats: list[_LayerStats], n: int) -> PatternReport:
@@ -394,200 +389,6 @@ class PatternReport:
         """``N``: the tokens of every map, prefix tokens included."""
         return self.spectra.shape[-1]
 
-    # ----------------------------------------------------------------- recommend
-    def recommend(self, speedup: float | None = None, max_static: int | None = None, *,
-                  similarity: float = 0.9, rank: str = "rank90", margin: float = 1.0) -> Plan:
-        """A plan from the measured patterns; :attr:`recommendation` and :meth:`explain` say why.
-
-        **Static layers** are the leading run of layers, from layer 0, whose worst head has
-        ``similarity >= similarity`` (capped at ``max_static``). The worst head decides because a
-        static layer drops q and k for all its heads. The run stops at the first layer that
-        fails: a layer after it is not made static even if it passes, because
-
-        - each layer was measured with every earlier layer dynamic. In a leading run the earlier
-          layers are themselves nearly image-independent, so making them static changes the
-          later ones' inputs little and the measurement still holds; behind a dynamic layer it
-          need not.
-        - a deep layer can pass for a shallow reason: most of its mass on the cls token or a
-          few sink tokens, identical for every image, while what depends on the image hides in
-          small entries that cosine similarity hardly weighs. Such layers are the low-rank ones
-          the pyramid is for.
-        - pyramid stages come after the static layers (below), so static maps keep the token
-          count they were measured with; a static layer past a stage would need a map that was
-          never measured.
-        - one boundary is one knob (``max_static``) with a monotone cost/accuracy trade-off.
-
-        **Pyramid stages** come after the static run (stage layers ``>= max(1, static count)``),
-        so every static map keeps the token count it was measured with. The worst head's
-        ``rank`` (``"rank90"``, ``"rank99"`` or ``"effective_rank"``, a fraction of ``N``)
-        says how many tokens a layer needs. Aggregation before layer ``l`` serves every later
-        layer too, so layer ``l`` needs the most any layer from ``l`` on needs. From the first
-        stage layer on, each layer runs on the smallest :func:`token_ladder` size ``M`` with
-        ``M >= margin * need(l) * N_patches``, and a stage goes wherever that size drops, but
-        as a pyramid: one step of the ladder per stage (at most about halving the tokens) and
-        stages at least :data:`PYRAMID_GAP` layers apart. A rank measures what a layer's
-        attention mixes, not what the tokens carry through the residual stream, so one deep
-        cut at the first low-rank layer would throw away what later layers still need.
-
-        **A speed target** (``speedup``: baseline GMACs / plan GMACs, from
-        :func:`hetvit.flops.formula_macs`) keeps the static layers as found and tunes
-        ``margin``: the largest margin (the most tokens kept) that reaches the target wins. If
-        none does, the fastest plan is returned with a warning. The ladder moves in whole steps,
-        so that plan can overshoot the target by a lot (2.7x for 2.4x asked); its stages are then
-        moved to later layers, one layer at a time, for as long as the target still holds. A
-        later stage only gives layers more tokens than their rank needs, never fewer.
-        """
-        if rank not in RANK_METRICS:
-            raise ValueError(f"rank must be one of {RANK_METRICS}, got {rank!r}")
-        if speedup is not None and speedup <= 0:
-            raise ValueError(f"speedup must be positive, got {speedup}")
-        if max_static is not None and max_static < 0:
-            raise ValueError(f"max_static must be >= 0, got {max_static}")
-        worst_sim = self.similarity.min(axis=1)
-        passed = [i for i in range(self.depth) if worst_sim[i] >= similarity]
-        run = 0
-        while run < self.depth and worst_sim[run] >= similarity:
-            run += 1
-        n_static = run if max_static is None else min(run, max_static)
-        need = np.maximum.accumulate(getattr(self, rank).max(axis=1)[::-1])[::-1]
-
-        base = formula_macs(self.arch)
-        if speedup is None:
-            chosen = margin
-            plan = undelayed = self._plan(n_static, need, margin)
-        else:
-            candidates = [math.inf, *np.geomspace(16, 1 / 64, 97).tolist()]
-            plans = [(m, self._plan(n_static, need, m)) for m in candidates]
-            fits = [(m, p) for m, p in plans if base / formula_macs(self.arch, p) >= speedup]
-            chosen, undelayed = fits[0] if fits else plans[-1]
-            plan = self._delay(undelayed, base, speedup) if fits else undelayed
-        macs = formula_macs(self.arch, plan)
-        reached = None if speedup is None else base / macs >= speedup - 1e-9
-        self.recommendation = {
-            "plan": plan.to_dict(),
-            "similarity_threshold": similarity,
-            "worst_head_similarity": worst_sim.tolist(),
-            "passed_similarity": passed,
-            "leading_run": run,
-            "max_static": max_static,
-            "static": list(plan.static),
-            "rank_metric": rank,
-            "worst_head_rank": getattr(self, rank).max(axis=1).tolist(),
-            "rank_need": need.tolist(),
-            "margin": None if math.isinf(chosen) else chosen,
-            "pyramid_before_delay": [list(stage) for stage in undelayed.pyramid],
-            "first_stage_layer": max(1, n_static),
-            "gmacs_baseline": base / 1e9,
-            "gmacs_plan": macs / 1e9,
-            "speedup": base / macs,
-            "target_speedup": speedup,
-            "target_reached": reached,
-        }
-        if reached is False:
-            warnings.warn(f"a {speedup:.2f}x GMAC speedup is out of reach of the measured "
-                          f"patterns: the fastest plan gives {base / macs:.2f}x with {n_static} "
-                          f"static layers (lower `similarity` to allow more, or use a preset)",
-                          stacklevel=2)
-        return plan
-
-    def _delay(self, plan: Plan, base: float, speedup: float) -> Plan:
-        """``plan`` with its stages moved as late as the target allows (see :meth:`recommend`).
-
-        Each step tries moving every stage one layer later (the last one past the end drops
-        it; stages keep :data:`PYRAMID_GAP` apart) and takes the move that keeps the most GMACs
-        while the speedup stays ``>= speedup``; it stops when no move does.
-        """
-        while True:
-            stages = list(plan.pyramid)
-            moves = []
-            for i, (at, m) in enumerate(stages):
-                if i + 1 < len(stages) and stages[i + 1][0] - (at + 1) < PYRAMID_GAP:
-                    continue
-                later = stages[:i] + ([(at + 1, m)] if at + 1 < self.depth else []) + stages[i + 1:]
-                moved = replace(plan, pyramid=tuple(later))
-                gain = base / formula_macs(self.arch, moved)
-                if gain >= speedup:
-                    moves.append((gain, moved))
-            if not moves:
-                return plan
-            plan = min(moves, key=lambda move: move[0])[1]
-
-    def _plan(self, n_static: int, need: np.ndarray, margin: float) -> Plan:
-        grid = token_grid(self.arch)
-        ladder = token_ladder(grid)
-        n_patches = ladder[0]
-        stages: list[tuple[int, int]] = []
-        cur = n_patches
-        last = -PYRAMID_GAP
-        for layer in range(max(1, n_static), self.depth):
-            want = margin * need[layer] * n_patches
-            m = min((s for s in ladder if s >= want), default=n_patches)
-            if m < cur and layer - last >= PYRAMID_GAP:
-                m = max(m, ladder[ladder.index(cur) + 1])  # one step of the ladder at a time
-                stages.append((layer, m))
-                cur, last = m, layer
-        return Plan(static=tuple(range(n_static)), pyramid=tuple(stages),
-                    img_size=tuple(self.arch["img_size"]), source={"name": self.arch.get("name")},
-                    label="recommended")
-
-    # ----------------------------------------------------------------- explain
-    def explain(self, plan: Plan | None = None) -> str:
-        """Why each layer of ``plan`` (default: the last recommendation) is what it is.
-
-        Works for any plan, a preset included: it shows each layer's worst-head similarity
-        against the threshold, its rank need against the tokens the plan gives it, and the
-        plan's predicted GMACs against the baseline.
-        """
-        rec = self.recommendation or {}
-        if plan is None:
-            if not rec:
-                plan = self.recommend()
-                rec = self.recommendation or {}
-            else:
-                plan = Plan.from_dict(rec["plan"])
-        threshold = rec.get("similarity_threshold", 0.9)
-        rank = rec.get("rank_metric", "rank90")
-        worst_sim = self.similarity.min(axis=1)
-        worst_rank = getattr(self, rank).max(axis=1)
-        need = np.maximum.accumulate(worst_rank[::-1])[::-1]
-        n_patches = token_grid(self.arch)[0] * token_grid(self.arch)[1]
-        lines = [f"plan: {plan.describe()}",
-                 f"static rule: worst-head cosine similarity >= {threshold:.3f}, leading run "
-                 f"from layer 0; pyramid rule: tokens kept >= margin x worst-head {rank} of "
-                 f"this and every later layer (fractions of N = {self.num_tokens}), one grid "
-                 f"step per stage, stages >= {PYRAMID_GAP} layers apart"]
-        if rec.get("plan") == plan.to_dict():
-            m = rec["margin"]
-            lines.append(f"recommended with {rec['leading_run']} leading layers passing the "
-                         f"similarity threshold (max_static={rec['max_static']}), margin "
-                         f"{'inf (no pyramid)' if m is None else f'{m:.3g}'}"
-                         + (f", target {rec['target_speedup']:.2f}x "
-                            f"{'reached' if rec['target_reached'] else 'NOT reached'}"
-                            if rec["target_speedup"] is not None else ""))
-            before = [tuple(stage) for stage in rec.get("pyramid_before_delay", plan.pyramid)]
-            if before != list(plan.pyramid):
-                lines.append("stages moved later to come closer to the target: "
-                             + " ".join(f"{at}:{m}" for at, m in before) + " -> "
-                             + " ".join(f"{at}:{m}" for at, m in plan.pyramid))
-        lines.append(f"{'layer':>5}  {'sim(min)':>8}  {'pass':>4}  {rank + '(max)':>14}  "
-                     f"{'need':>6}  {'kept':>6}  role")
-        stages = dict(plan.pyramid)
-        for layer in range(self.depth):
-            kept = plan.tokens_before(layer, n_patches) / n_patches
-            role = "static" if layer in plan.static else "dynamic"
-            if layer in stages:
-                role += f", stage -> {stages[layer]} tokens"
-            ok = "yes" if worst_sim[layer] >= threshold else "no"
-            warn = "  (kept < need)" if kept + 1e-9 < need[layer] else ""
-            lines.append(f"{layer:>5}  {worst_sim[layer]:>8.4f}  {ok:>4}  "
-                         f"{worst_rank[layer]:>14.4f}  {need[layer]:>6.3f}  {kept:>6.3f}  "
-                         f"{role}{warn}")
-        base = formula_macs(self.arch)
-        macs = formula_macs(self.arch, plan)
-        lines.append(f"GMACs: baseline {base / 1e9:.4f}, plan {macs / 1e9:.4f} "
-                     f"({base / macs:.2f}x)")
-        return "\n".join(lines)
-
     # ----------------------------------------------------------------- (de)serialisation
     def summary(self) -> list[dict[str, float]]:
         """One row per layer: means over heads, and the worst head where the plan uses it."""
@@ -608,6 +409,8 @@ class PatternReport:
         return rows
 
     def to_dict(self) -> dict[str, Any]:
+        """The measurements as JSON-ready data (rounded to 6 decimals), with their definitions
+        and a per-layer summary; the maps are left out."""
         def arr(a: np.ndarray) -> Any:
             return np.round(a.astype(np.float64), 6).tolist()
 
@@ -619,16 +422,24 @@ class PatternReport:
             "num_tokens": self.num_tokens,
             "definitions": DEFINITIONS,
             "summary": self.summary(),
-            "similarity": arr(self.similarity),
-            "js": arr(self.js),
-            "static_kl": arr(self.static_kl),
-            "effective_rank": arr(self.effective_rank),
-            "rank90": arr(self.rank90),
-            "rank99": arr(self.rank99),
-            "redundancy": arr(self.redundancy),
-            "spectra": arr(self.spectra),
-            "recommendation": self.recommendation,
+            **{name: arr(getattr(self, name)) for name in ARRAYS},
         }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PatternReport:
+        """A report from :meth:`to_dict`'s data (other keys, such as a plan, are ignored)."""
+        missing = [k for k in ("arch", "num_images", "rank_images", *ARRAYS) if k not in d]
+        if missing:
+            raise ValueError(f"not a pattern report: missing {', '.join(missing)}")
+        return cls(arch=d["arch"], num_images=d["num_images"], rank_images=d["rank_images"],
+                   **{k: np.asarray(d[k], dtype=np.float64) for k in ARRAYS})
+
+    def save_json(self, path: str | os.PathLike, **extra: Any) -> Path:
+        """Write :meth:`to_dict`, then ``extra`` (a plan, its explanation ...), to ``path``.
+
+        Written through a temporary renamed into place, so a reader never sees half a file.
+        """
+        return atomic_write_text(path, json.dumps({**self.to_dict(), **extra}, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> PatternReport:
@@ -638,147 +449,17 @@ class PatternReport:
             p = p / "patterns.json"
         if not p.is_file():
             raise FileNotFoundError(f"no patterns.json at {path}")
-        d = json.loads(p.read_text())
-        a = {k: np.asarray(d[k], dtype=np.float64) for k in
-             ("similarity", "js", "static_kl", "effective_rank", "rank90", "rank99",
-              "redundancy", "spectra")}
-        return cls(arch=d["arch"], num_images=d["num_images"], rank_images=d["rank_images"],
-                   recommendation=d.get("recommendation"), **a)
-
-    def save(self, directory: str | os.PathLike, plan: Plan | None = None) -> Path:
-        """Write ``patterns.json``, ``patterns.md`` and the plots to ``directory``, atomically.
-
-        Everything goes to a temporary directory beside it that is renamed into place, so a
-        reader never sees half a report; an earlier report at ``directory`` is replaced, a
-        folder of other files is refused. The plan shown is ``plan``, else the last
-        recommendation, else :meth:`recommend`'s default.
-        """
-        directory = Path(directory)
-        if plan is None:
-            plan = (Plan.from_dict(self.recommendation["plan"]) if self.recommendation
-                    else self.recommend())
-        explanation = self.explain(plan)
-        with atomic_directory(directory, "patterns.json") as tmp:
-            data = self.to_dict()
-            data["plan"] = plan.to_dict()
-            data["explanation"] = explanation
-            (tmp / "patterns.json").write_text(json.dumps(data, indent=1) + "\n")
-            plots = _plots(self, tmp)
-            (tmp / "patterns.md").write_text(self._markdown(plan, explanation, plots))
-        return directory
-
-    def _markdown(self, plan: Plan, explanation: str, plots: list[str]) -> str:
-        name = self.arch.get("name") or "ViT"
-        out = [f"# Attention patterns: {name}", "",
-               f"{self.num_images} images ({self.rank_images} for the rank metrics), "
-               f"{self.depth} layers x {self.num_heads} heads, N = {self.num_tokens} tokens.", "",
-               "| layer | similarity (mean / min head) | JS (bits) | static KL (nats) | "
-               "eff. rank | rank90 (mean / max head) | rank99 | redundancy |",
-               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in self.summary():
-            out.append(f"| {r['layer']} | {r['similarity']:.3f} / {r['similarity_min']:.3f} | "
-                       f"{r['js']:.4f} | {r['static_kl']:.4f} | {r['effective_rank']:.3f} | "
-                       f"{r['rank90']:.3f} / {r['rank90_max']:.3f} | {r['rank99']:.3f} | "
-                       f"{r['redundancy']:.3f} |")
-        out += ["", "## Recommended plan", "", "```json", plan.to_json(), "```", "", "```",
-                explanation, "```", "", "## Definitions", ""]
-        out += [f"- **{k}**: {v}" for k, v in DEFINITIONS.items()]
-        out += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-        return "\n".join(out) + "\n"
+        try:
+            d = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{p}: {e}") from None
 
 
 def _rank_frac(total: torch.Tensor | None, s: _LayerStats) -> np.ndarray:
     n_tokens = s.map_sum.shape[-1]
     return (total / s.rank_n / n_tokens).cpu().numpy()
-
-
-# ----------------------------------------------------------------------------- plots
-def _plots(report: PatternReport, directory: Path) -> list[str]:
-    """Write the PNG plots; returns their file names.
-
-    Uses matplotlib's object API with the Agg canvas, so no global backend is switched.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
-
-    written: list[str] = []
-    layers = np.arange(report.depth)
-
-    def save(fig: Figure, name: str) -> None:
-        FigureCanvasAgg(fig)
-        fig.savefig(directory / name, dpi=100)
-        written.append(name)
-
-    def band(ax: Any, values: np.ndarray, label: str) -> None:
-        ax.plot(layers, values.mean(1), marker="o", label=f"{label} (mean over heads)")
-        ax.fill_between(layers, values.min(1), values.max(1), alpha=0.2)
-
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    band(ax1, report.similarity, "cosine similarity")
-    ax1.set(xlabel="layer", ylabel="cross-image cosine similarity", title="similarity per layer")
-    band(ax2, report.js, "JS divergence (bits)")
-    band(ax2, report.static_kl, "KL to mean map (nats)")
-    ax2.set(xlabel="layer", ylabel="divergence", title="divergence between images")
-    for ax in (ax1, ax2):
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    save(fig, "similarity.png")
-
-    fig = Figure(figsize=(6, 3.6), layout="constrained")
-    ax = fig.subplots()
-    band(ax, report.effective_rank, "effective rank")
-    band(ax, report.rank90, "rank90")
-    band(ax, report.rank99, "rank99")
-    ax.plot(layers, report.redundancy, marker="s", ls="--", label="token redundancy")
-    ax.set(xlabel="layer", ylabel="fraction of N", title="rank per layer (band: spread of heads)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    save(fig, "rank.png")
-
-    metrics = [("similarity", report.similarity), ("js (bits)", report.js),
-               ("effective rank / N", report.effective_rank), ("rank90 / N", report.rank90)]
-    fig = Figure(figsize=(4 * len(metrics), 0.35 * report.depth + 2), layout="constrained")
-    for ax, (title, values) in zip(fig.subplots(1, len(metrics)), metrics, strict=True):
-        im = ax.imshow(values, aspect="auto", cmap="viridis")
-        ax.set(xlabel="head", ylabel="layer", title=title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        fig.colorbar(im, ax=ax)
-    save(fig, "heatmaps.png")
-
-    if report.mean_maps is not None and report.examples is not None:
-        shown = sorted({*range(min(3, report.depth)), report.depth - 1})
-        n_ex = report.examples.shape[1]
-        fig = Figure(figsize=(3 * (1 + n_ex), 3 * len(shown)), layout="constrained")
-        axes = np.atleast_2d(fig.subplots(len(shown), 1 + n_ex))
-        for row, layer in zip(axes, shown, strict=True):
-            maps = [report.mean_maps[layer].mean(0)] + [e.mean(0) for e in
-                                                        report.examples[layer]]
-            vmax = float(np.percentile(np.stack(maps), 99.5))
-            for j, (ax, m) in enumerate(zip(row, maps, strict=True)):
-                ax.imshow(m, cmap="magma", vmin=0, vmax=vmax)
-                ax.set_xticks([])
-                ax.set_yticks([])
-                what = "mean over images" if j == 0 else f"image {j}"
-                ax.set_title(f"layer {layer}: {what}", fontsize=9)
-        fig.suptitle("attention maps (averaged over heads; rows query, columns key)")
-        save(fig, "maps.png")
-
-    fig = Figure(figsize=(10, 3.6), layout="constrained")
-    picks = [0, report.depth - 1] if report.depth > 1 else [0]
-    for ax, layer in zip(np.atleast_1d(fig.subplots(1, len(picks))), picks, strict=True):
-        k = np.arange(1, report.num_tokens + 1)
-        for h in range(report.num_heads):
-            ax.semilogy(k, np.maximum(report.spectra[layer, h], 1e-12), label=f"head {h}")
-        ax.set(xlabel="singular value index", ylabel="s_k / sum(s)",
-               title=f"layer {layer} spectrum (mean over images)")
-        ax.grid(alpha=0.3)
-        if report.num_heads <= 12:
-            ax.legend(fontsize=6)
-    save(fig, "spectra.png")
-    return written
 

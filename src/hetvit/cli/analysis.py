@@ -64,6 +64,8 @@ def analyze_command(
     from ..data import make_loader, make_transform, open_dataset, random_subset
     from ..files import check_replaceable, check_writable
     from ..patterns import analyze
+    from ..recommend import recommend
+    from ..render import save_report
 
     console = Console(stderr=True)
     if num_images < 2:
@@ -81,7 +83,9 @@ def analyze_command(
             if untrained:
                 warnings.filterwarnings("ignore", message="the model looks untrained")
             report = analyze(net, loader, num_images=num_images, rank_images=rank_images)
-        plan = report.recommend(recommend_speedup, max_static, similarity=similarity)
+        recommendation = recommend(report, recommend_speedup, max_static,
+                                   similarity=similarity)
+    plan = recommendation.plan
 
     name = report.arch.get("name") or str(source["checkpoint"] or source["model"])
     table = Table(title=f"attention patterns: {name}, {report.num_images} images, "
@@ -103,11 +107,11 @@ def analyze_command(
             "rank90_max", "rank99", "redundancy")), role)
     stdout = Console()
     stdout.print(table)
-    stdout.print(report.explain(plan), highlight=False)
+    stdout.print(recommendation.explain(), highlight=False)
     stdout.print(json.dumps(plan.to_dict()), highlight=False)
     if out is not None:
         with user_errors():
-            target = report.save(out, plan)
+            target = save_report(report, recommendation, out)
         console.print(f"report written to {target}")
 
 
