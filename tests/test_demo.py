@@ -305,9 +305,9 @@ def test_cli_prints_every_model_and_the_warnings_under_the_table(tmp_path, asset
 
 def test_the_committed_fitted_model_belongs_to_the_committed_teacher():
     """The demo's real inputs: the fitted model is a student of the teacher, with its record."""
-    from hetvit.demo import REPO, check_source, fit_record
+    from hetvit.demo import check_source, find_assets, fit_record
 
-    root = REPO / "assets"
+    root = find_assets()  # the suite runs in the clone: its assets/
     teacher = hetvit.load(root / TEACHER)
     check_source(root / FITTED, hetvit.load(root / FITTED), teacher, root / TEACHER)
     record = fit_record(root / FITTED)
@@ -367,3 +367,16 @@ def test_the_demos_own_threads_do_not_make_the_machine_busy():
     assert "2.10 at the end" in busy
     (busy,) = speed_warnings({}, {}, (1.5, 2.1), cpus=2, own=2)
     assert "1.50 at the start" in busy and "end" not in busy.split(",")[0]
+
+
+def test_assets_are_found_in_the_clone_the_demo_runs_in(tmp_path, monkeypatch):
+    """Not through the package's own path alone (a wheel install has no assets beside it): the
+    working directory's assets/ come first, and a missing folder is a one-line error."""
+    from hetvit.demo import DemoError, find_assets
+
+    monkeypatch.delenv("HETVIT_ASSETS", raising=False)
+    (tmp_path / "clone" / "assets").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "clone")
+    assert find_assets() == tmp_path / "clone" / "assets"
+    with pytest.raises(DemoError, match="give --assets DIR"):
+        find_assets(tmp_path / "nowhere")

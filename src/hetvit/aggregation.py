@@ -53,7 +53,7 @@ def clustering_cost(gram: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 def cluster_matrix(gram: torch.Tensor, init: torch.Tensor, iters: int = 100) -> torch.Tensor:
     """Group ``N`` tokens into ``M`` clusters by k-means on their Gram matrix, from ``init``.
 
-    The data-driven start for GLAD (DESIGN.md): tokens that carry the same content across
+    The data-driven start for GLAD: tokens that carry the same content across
     images are the redundant ones, so they should be averaged into one new token, wherever they
     lie on the grid. k-means starts from the centroids of ``init`` (the spatial pooling, so it
     can only lower the pooling's within-cluster error, and cluster ``m`` stays near pooling

@@ -505,7 +505,7 @@ def random_subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:
     would bias a calibration or an analysis towards a few classes.
     """
     if n < 0:  # a slice would quietly take all but the last -n
-        raise ValueError(f"the number of images must be at least 0, got {n}")
+        raise DataError(f"the number of images must be at least 0, got {n}")
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
     return Subset(dataset, order[:n].tolist())
 

@@ -46,7 +46,6 @@ from .surgery import plan_of, source_mismatch
 __all__ = ["DemoError", "DemoResult", "run", "find_assets", "find_images", "sample_indices",
            "check_source", "fit_record", "fit_command", "speed_warnings", "TOME_R"]
 
-REPO = Path(__file__).resolve().parents[2]
 TEACHER, STUDENT, FITTED = "cifar10-teacher", "cifar10-fast", "cifar10-fitted"
 TOME_R = 8
 """ToMe's tokens merged per block in the demo's token-merging row: the constant-r setting
@@ -88,36 +87,53 @@ class DemoResult:
     tome_r: int = TOME_R
 
 
+def _clones() -> list[Path]:
+    """Where a hetvit clone may be: the working directory, then the source tree of an editable
+    install (the package's ``__file__`` two levels up, only when that is a clone: a wheel's
+    ``site-packages`` has no ``pyproject.toml``)."""
+    source = Path(__file__).resolve().parents[2]
+    found = [Path.cwd()]
+    if (source / "pyproject.toml").is_file() and source != Path.cwd():
+        found.append(source)
+    return found
+
+
 def find_assets(assets: str | os.PathLike | None = None) -> Path:
-    """The directory holding the committed models: ``assets``, ``$HETVIT_ASSETS`` or the
-    repository's ``assets/``."""
-    path = Path(assets or os.environ.get("HETVIT_ASSETS") or REPO / "assets")
-    if not path.is_dir():
-        raise DemoError(f"the demo models were not found: {path} is not a directory. They "
-                        "are committed in the repository's assets/ folder: run the demo from a "
-                        "clone of it (restore a deleted folder with: git checkout -- assets), "
-                        "or give --assets DIR.")
-    return path
+    """The directory holding the committed models: ``assets``, ``$HETVIT_ASSETS``, or the
+    ``assets/`` folder of the clone the demo runs in (:func:`_clones`)."""
+    given = assets or os.environ.get("HETVIT_ASSETS")
+    tried = [Path(given)] if given else [clone / "assets" for clone in _clones()]
+    for path in tried:
+        if path.is_dir():
+            return path
+    raise DemoError(f"the demo models were not found: {tried[0]} is not a directory. They are "
+                    "committed in the hetvit repository's assets/ folder: run the demo from a "
+                    "clone of it (restore a deleted folder with: git checkout -- assets), or "
+                    "give --assets DIR.")
 
 
 def find_images(images: str | os.PathLike | None = None) -> Path:
     """CIFAR-10 test images: ``images``, ``$HETVIT_DEMO_IMAGES`` or
-    ``../shared/data/cifar10-test.tar.gz`` beside the repository."""
+    ``../shared/data/cifar10-test.tar.gz`` beside the clone the demo runs in."""
     given = images or os.environ.get("HETVIT_DEMO_IMAGES")
-    path = Path(given) if given else REPO.parent / "shared" / "data" / "cifar10-test.tar.gz"
-    if not path.exists():
-        raise DemoError(f"CIFAR-10 test images not found at {path}. Give --images PATH: the "
-                        "cifar10-test.tar.gz archive or an ImageFolder directory with the ten "
-                        f"class folders ({', '.join(CIFAR10_CLASSES)}).")
-    return path
+    tried = [Path(given)] if given else [clone.parent / "shared" / "data" / "cifar10-test.tar.gz"
+                                         for clone in _clones()]
+    for path in tried:
+        if path.exists():
+            return path
+    raise DemoError(f"CIFAR-10 test images not found at {tried[0]}. Give --images PATH: the "
+                    "cifar10-test.tar.gz archive or an ImageFolder directory with the ten "
+                    f"class folders ({', '.join(CIFAR10_CLASSES)}).")
 
 
 def _restore_hint(path: Path) -> str:
-    try:
-        rel = path.resolve().relative_to(REPO)
-    except ValueError:
-        return f"restore {path} from the hetvit repository's assets/ folder"
-    return f"restore it with: git checkout -- {rel}"
+    for clone in _clones():
+        try:
+            rel = path.resolve().relative_to(clone.resolve())
+        except ValueError:
+            continue
+        return f"restore it with: git checkout -- {rel}"
+    return f"restore {path} from the hetvit repository's assets/ folder"
 
 
 def load_model(directory: Path) -> nn.Module:

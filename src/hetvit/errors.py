@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = ["HetvitError", "UsageError", "PlanError", "UnsupportedModelError", "CheckpointError",
-           "DataError", "ExportError", "TrainingError", "FitError", "BaselineError",
-           "BenchError", "DemoError"]
+           "DataError", "ExportError", "AnalysisError", "TrainingError", "FitError",
+           "BaselineError", "BenchError", "DemoError"]
 
 
 class HetvitError(Exception):
@@ -52,6 +52,10 @@ class DataError(HetvitError, ValueError):
 
 class ExportError(HetvitError, RuntimeError):
     """An ONNX export that cannot be made, or whose result does not match the model."""
+
+
+class AnalysisError(HetvitError, ValueError):
+    """An attention analysis or a recommendation that cannot be made from what was given."""
 
 
 class TrainingError(HetvitError, ValueError):

@@ -9,6 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import DataError
+from .metrics import topk_correct
+from .modes import eval_mode
+
 __all__ = ["evaluate"]
 
 
@@ -24,8 +28,6 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
     """
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    was_training = model.training
-    model.eval()
     correct1 = correct5 = 0
     loss_sum = 0.0
     n = 0
@@ -35,7 +37,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
 
         total = len(loader) if hasattr(loader, "__len__") else None
         batches = track(loader, description="evaluating", total=total, transient=True)
-    try:
+    with eval_mode(model):
         for batch in batches:
             if batch is None:
                 continue
@@ -43,16 +45,13 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
             images, target = images.to(device), target.to(device)
             logits = model(images).float()
             if logits.shape[-1] <= int(target.max()):
-                raise ValueError(f"a target class ({int(target.max())}) is beyond the model's "
+                raise DataError(f"a target class ({int(target.max())}) is beyond the model's "
                                  f"{logits.shape[-1]} outputs; is the class map right?")
-            k = min(5, logits.shape[-1])
-            topk = logits.topk(k, dim=-1).indices
-            correct1 += int((topk[:, 0] == target).sum())
-            correct5 += int((topk == target[:, None]).any(-1).sum())
+            hit1, hit5 = topk_correct(logits, target)
+            correct1 += int(hit1.sum())
+            correct5 += int(hit5.sum())
             loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
             n += int(target.shape[0])
-    finally:
-        model.train(was_training)
     if n == 0:
-        raise ValueError("no images were evaluated (the loader is empty)")
+        raise DataError("no images were evaluated (the loader is empty)")
     return {"top1": correct1 / n, "top5": correct5 / n, "loss": loss_sum / n, "n": n}

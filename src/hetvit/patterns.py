@@ -1,6 +1,6 @@
 """Attention-pattern analysis: how alike and how low-rank each layer's attention is.
 
-The method rests on two measurable claims (see DESIGN.md): early layers attend alike for every
+The method rests on two measurable claims (see docs/design.md): early layers attend alike for every
 image (so a static map can replace them, DGSSA) and late layers have low-rank attention (so their
 tokens can be aggregated, GLAD). :func:`analyze` measures both per layer and head over a stream of
 images into a :class:`PatternReport`; :func:`hetvit.recommend.recommend` turns the measurements
@@ -67,6 +67,7 @@ from torch import nn
 
 from .batches import image_batches
 from .capture import attention_maps, module_inputs
+from .errors import AnalysisError
 from .files import atomic_write_text
 from .hosts import describe, host_of
 from .modes import eval_mode
@@ -233,10 +234,10 @@ def analyze(model: nn.Module, images: Any, *, num_images: int | None = None,
     per batch and no map outlives its batch (bar ``examples``).
     """
     if is_compressed(model):
-        raise ValueError("this model is already compressed: analyse its source model, whose "
+        raise AnalysisError("this model is already compressed: analyse its source model, whose "
                          "attention is still dynamic in every layer")
     if rank_images is not None and rank_images < 1:
-        raise ValueError(f"rank_images must be at least 1, got {rank_images}")
+        raise AnalysisError(f"rank_images must be at least 1, got {rank_images}")
     arch = describe(model)
     if looks_untrained(model):
         warnings.warn("the model looks untrained (every LayerNorm is at its initial value): "
@@ -271,7 +272,8 @@ def analyze(model: nn.Module, images: Any, *, num_images: int | None = None,
             seen += x.shape[0]
             advance(x.shape[0])
     if seen < 2:
-        raise ValueError(f"need at least 2 images to compare attention across images, got {seen}")
+        raise AnalysisError(f"need at least 2 images to compare attention across images, "
+                            f"got {seen}")
     return PatternReport.from_stats(arch, stats, seen)
 
 
@@ -333,16 +335,16 @@ class PatternReport:
     def __post_init__(self) -> None:
         layers_heads = np.shape(self.similarity)
         if len(layers_heads) != 2:
-            raise ValueError(f"similarity must be layers x heads, got shape {layers_heads}")
+            raise AnalysisError(f"similarity must be layers x heads, got shape {layers_heads}")
         for name in ("js", "static_kl", "effective_rank", "rank90", "rank99"):
             if np.shape(getattr(self, name)) != layers_heads:
-                raise ValueError(f"{name} has shape {np.shape(getattr(self, name))}, not "
+                raise AnalysisError(f"{name} has shape {np.shape(getattr(self, name))}, not "
                                  f"similarity's {layers_heads} (layers x heads)")
         if np.shape(self.redundancy) != layers_heads[:1]:
-            raise ValueError(f"redundancy must have one value per layer ({layers_heads[0]}), "
+            raise AnalysisError(f"redundancy must have one value per layer ({layers_heads[0]}), "
                              f"got shape {np.shape(self.redundancy)}")
         if np.ndim(self.spectra) != 3 or np.shape(self.spectra)[:2] != layers_heads:
-            raise ValueError(f"spectra must be layers x heads x N, got shape "
+            raise AnalysisError(f"spectra must be layers x heads x N, got shape "
                              f"{np.shape(self.spectra)}")
 
     @classmethod
@@ -430,7 +432,7 @@ class PatternReport:
         """A report from :meth:`to_dict`'s data (other keys, such as a plan, are ignored)."""
         missing = [k for k in ("arch", "num_images", "rank_images", *ARRAYS) if k not in d]
         if missing:
-            raise ValueError(f"not a pattern report: missing {', '.join(missing)}")
+            raise AnalysisError(f"not a pattern report: missing {', '.join(missing)}")
         return cls(arch=d["arch"], num_images=d["num_images"], rank_images=d["rank_images"],
                    **{k: np.asarray(d[k], dtype=np.float64) for k in ARRAYS})
 
@@ -452,11 +454,11 @@ class PatternReport:
         try:
             d = json.loads(p.read_text())
         except json.JSONDecodeError as e:
-            raise ValueError(f"{p} is not valid JSON: {e}") from None
+            raise AnalysisError(f"{p} is not valid JSON: {e}") from None
         try:
             return cls.from_dict(d)
         except ValueError as e:
-            raise ValueError(f"{p}: {e}") from None
+            raise AnalysisError(f"{p}: {e}") from None
 
 
 def _rank_frac(total: torch.Tensor | None, s: _LayerStats) -> np.ndarray:

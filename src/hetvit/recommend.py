@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import AnalysisError
 from .flops import formula_macs
 from .grid import pool_grid, token_grid
 from .patterns import PatternReport
@@ -118,19 +119,19 @@ class Recommendation:
         object.__setattr__(self, "pyramid_before_delay",
                            tuple((int(at), int(m)) for at, m in self.pyramid_before_delay))
         if self.rank_metric not in RANK_METRICS:
-            raise ValueError(f"rank_metric must be one of {RANK_METRICS}, got "
+            raise AnalysisError(f"rank_metric must be one of {RANK_METRICS}, got "
                              f"{self.rank_metric!r}")
         if [c.layer for c in self.layers] != list(range(len(self.layers))):
-            raise ValueError("a recommendation needs one LayerChoice per layer, in order")
+            raise AnalysisError("a recommendation needs one LayerChoice per layer, in order")
         if tuple(c.layer for c in self.layers if c.static) != self.plan.static:
-            raise ValueError(f"the layers marked static do not match the plan's static "
+            raise AnalysisError(f"the layers marked static do not match the plan's static "
                              f"{list(self.plan.static)}")
         stages = tuple((c.layer, c.stage) for c in self.layers if c.stage is not None)
         if stages != self.plan.pyramid:
-            raise ValueError(f"the layers' stages do not match the plan's pyramid "
+            raise AnalysisError(f"the layers' stages do not match the plan's pyramid "
                              f"{[list(s) for s in self.plan.pyramid]}")
         if (self.target_speedup is None) != (self.target_reached is None):
-            raise ValueError("target_reached is given exactly when target_speedup is")
+            raise AnalysisError("target_reached is given exactly when target_speedup is")
 
     # ----------------------------------------------------------------- derived
     @property
@@ -242,11 +243,11 @@ def recommend(report: PatternReport, speedup: float | None = None,
     later stage only gives layers more tokens than their rank needs, never fewer.
     """
     if rank not in RANK_METRICS:
-        raise ValueError(f"rank must be one of {RANK_METRICS}, got {rank!r}")
+        raise AnalysisError(f"rank must be one of {RANK_METRICS}, got {rank!r}")
     if speedup is not None and speedup <= 0:
-        raise ValueError(f"speedup must be positive, got {speedup}")
+        raise AnalysisError(f"speedup must be positive, got {speedup}")
     if max_static is not None and max_static < 0:
-        raise ValueError(f"max_static must be >= 0, got {max_static}")
+        raise AnalysisError(f"max_static must be >= 0, got {max_static}")
     arch = report.arch
     worst_sim = report.similarity.min(axis=1)
     run = 0
@@ -304,7 +305,7 @@ def explain_plan(report: PatternReport, plan: Plan, *, similarity: float = 0.9,
     baseline; :meth:`Recommendation.explain` adds why a recommended plan is what it is.
     """
     if rank not in RANK_METRICS:
-        raise ValueError(f"rank must be one of {RANK_METRICS}, got {rank!r}")
+        raise AnalysisError(f"rank must be one of {RANK_METRICS}, got {rank!r}")
     return _text(plan, _assess(report, plan, similarity, rank), similarity, rank,
                  report.num_tokens, formula_macs(report.arch), formula_macs(report.arch, plan),
                  [])

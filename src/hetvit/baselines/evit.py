@@ -22,6 +22,7 @@ import torch
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from ..errors import UsageError
 from ..hosts import host_of
 from .common import BaselineError, ReducingBlock, check_model, patch_tokens, replace_layers
 
@@ -60,7 +61,7 @@ class PruningBlock(ReducingBlock):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
-            raise ValueError("token pruning does not take attention masks")
+            raise UsageError("token pruning does not take attention masks")
         out, q, k = self.attn(self.norm1(x))
         x = x + self.drop_path1(self.ls1(out))
         # The cls row of this block's attention (softmax over all keys, as the block ran

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
+from ..errors import UsageError
 from ..hosts import host_of
 from .common import BaselineError, ReducingBlock, check_model, patch_tokens, replace_layers
 
@@ -125,7 +126,7 @@ class MergingBlock(ReducingBlock):
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         if attn_mask is not None or is_causal:
-            raise ValueError("token merging does not take attention masks")
+            raise UsageError("token merging does not take attention masks")
         sizes = self.sizes
         if self.first:
             sizes.size = None

@@ -15,6 +15,8 @@ from typing import Annotated, Any
 
 import typer
 
+from ..errors import HetvitError, UsageError
+
 app = typer.Typer(
     help="hetvit: make pretrained Vision Transformers faster with static early attention "
     "(DGSSA) and a token aggregation pyramid (GLAD).",
@@ -50,8 +52,9 @@ def flag(*names: str, **kwargs: Any) -> Any:
 
 
 # --- shared: clear errors, opening models, plans ------------------------------------------------
-USER_ERRORS: tuple[type[Exception], ...] = (ValueError, TypeError, FileNotFoundError,
-                                             RuntimeError, OSError)
+USER_ERRORS: tuple[type[Exception], ...] = (HetvitError, OSError)
+"""What a user can fix: the library's errors and the file system's. Anything else is a bug, and
+keeps its traceback."""
 
 
 def fail(message: str) -> None:
@@ -108,13 +111,13 @@ def open_model(model: str | None, checkpoint: Path | None, overrides: dict | Non
 
             return load_checkpoint_model(checkpoint)
         if checkpoint is not None and not model_flag:
-            raise ValueError(f"{checkpoint} holds weights but not the architecture: give a "
+            raise UsageError(f"{checkpoint} holds weights but not the architecture: give a "
                              "hetvit checkpoint directory (make one with hetvit compress --model "
                              "NAME --checkpoint FILE --plan PLAN, or hetvit.save(model, DIR))")
         if checkpoint is not None:
-            raise ValueError(f"{checkpoint} holds weights but not the architecture: give its "
+            raise UsageError(f"{checkpoint} holds weights but not the architecture: give its "
                              "timm name with --model NAME, or use a hetvit checkpoint directory")
-        raise ValueError("give --model NAME (a timm ViT, with --checkpoint FILE for its weights) "
+        raise UsageError("give --model NAME (a timm ViT, with --checkpoint FILE for its weights) "
                          "or --checkpoint DIR (a hetvit checkpoint)")
     with warnings.catch_warnings():
         if quiet:
@@ -135,7 +138,7 @@ def open_teacher(teacher: Path | None, model: str | None, checkpoint: Path | Non
     """The model a compressing command starts from (`--teacher`, or `--model` with
     `--checkpoint`), in eval mode."""
     if teacher is None and model is None:
-        raise ValueError("give --teacher DIR (a hetvit checkpoint) or --model NAME "
+        raise UsageError("give --teacher DIR (a hetvit checkpoint) or --model NAME "
                          "--checkpoint FILE")
     return open_model(model, teacher if teacher is not None else checkpoint).eval()
 
@@ -151,7 +154,7 @@ def resolve_plan(plan: str, model: Any) -> Any:
         the_plan = Plan.load(plan)
         _check_plan_file(the_plan, Path(plan), model)
         return the_plan
-    raise ValueError(f"--plan {plan!r} is neither a preset ({', '.join(PRESETS)}) nor a plan "
+    raise UsageError(f"--plan {plan!r} is neither a preset ({', '.join(PRESETS)}) nor a plan "
                      "JSON file")
 
 

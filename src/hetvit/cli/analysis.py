@@ -129,7 +129,7 @@ def demo_command(
         "(default: ../shared/data/cifar10-test.tar.gz beside the repository).")] = None,
     assets: Annotated[Path | None, typer.Option(
         "--assets", help="Directory with the committed cifar10-teacher, cifar10-fast and "
-        "cifar10-fitted models (default: the repository's assets/).")] = None,
+        "cifar10-fitted models (default: assets/ of the clone you run in).")] = None,
     eval_images: Annotated[int, typer.Option(
         help="Test images to evaluate on, equally many per class.")] = 1000,
     analysis_images: Annotated[int, typer.Option(

@@ -70,6 +70,7 @@ def apply_method(model: Any, options: dict[str, Any]) -> Any:
     """``model`` with the baseline of ``options`` (from :func:`pop_method_options`) applied,
     in eval mode; ``model`` itself when no method was asked for."""
     from .. import baselines
+    from ..hosts import describe
 
     method = options["method"]
     if method is None:
@@ -77,7 +78,7 @@ def apply_method(model: Any, options: dict[str, Any]) -> Any:
     with user_errors():
         if method == "tome":
             return baselines.tome(model, options["r"], options["schedule"] or "constant").eval()
-        depth = len(model.blocks)
+        depth = describe(model)["depth"]
         layers = options["prune_layers"] or sorted({depth // 4, depth // 2, 3 * depth // 4})
         keep = 0.7 if options["keep_rate"] is None else options["keep_rate"]
         return baselines.evit(model, keep, layers).eval()

@@ -329,6 +329,7 @@ def bench_command(
 
     from .. import files
     from ..bench import DTYPES, RUNTIMES, compare, render
+    from ..hosts import input_size
 
     err = Console(stderr=True)
     if out is not None:  # before the timing, which takes minutes
@@ -368,7 +369,7 @@ def bench_command(
     if as_json:
         print(json.dumps(data, indent=2))
     else:
-        h, w = compressed.patch_embed.img_size
+        _, h, w = input_size(compressed)
         Console().print(render(result, title=f"{name} at {h}x{w}"))
     for note in notes:
         err.print(f"note: {note}", highlight=False)

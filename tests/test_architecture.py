@@ -1,0 +1,106 @@
+"""The package's shape: no import cycle, library names kept behind the hosts, one error base."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import hetvit
+from hetvit import errors
+
+PACKAGE = Path(hetvit.__file__).parent
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The package modules ``path`` imports, at any depth of the file (inside functions too:
+    a cycle hidden in a function body is still a cycle)."""
+    name = _module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            # `from . import io` imports the module hetvit.io, not the package's __init__ alone
+            subs = {f"{target}.{a.name}" for a in node.names} & modules
+            found.update(subs or {target})
+    return {m for m in found if m in modules and m != name}
+
+
+def _graph() -> dict[str, set[str]]:
+    files = sorted(PACKAGE.rglob("*.py"))
+    modules = {_module_name(f) for f in files}
+    return {_module_name(f): _imports(f, modules) for f in files}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` (as a path that returns to its start), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def test_the_package_has_no_import_cycle():
+    cycle = _cycle(_graph())
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_only_the_hosts_and_the_baselines_read_a_models_structure():
+    """timm's attribute names (``.blocks``, ``.attn``, ``.qkv``, ``patch_embed``) stay in the
+    host adapter; the baselines rewrite timm's Block by design."""
+    names = {"blocks", "attn", "qkv", "patch_embed"}
+    allowed = {"hetvit.hosts", "hetvit.baselines"}
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        if any(module == a or module.startswith(a + ".") for a in allowed):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in names:
+                offenders.append(f"{module}:{node.lineno} .{node.attr}")
+    assert not offenders, offenders
+
+
+def test_every_error_class_derives_from_the_one_base():
+    classes = [c for _, c in inspect.getmembers(errors, inspect.isclass)
+               if c.__module__ == errors.__name__]
+    assert len(classes) > 5
+    assert all(issubclass(c, errors.HetvitError) for c in classes)
+    for path in sorted(PACKAGE.rglob("*.py")):  # and no error class is defined elsewhere
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error"):
+                assert path.name == "errors.py" or any(
+                    getattr(b, "id", getattr(b, "attr", "")).endswith("Error") for b in node.bases
+                ), f"{path.name}: {node.name} is not a hetvit error"
