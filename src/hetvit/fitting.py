@@ -35,7 +35,7 @@ from torch import nn
 from .aggregation import TokenAggregation
 from .attention import StaticAttention
 from .data import image_batches
-from .losses import kd_loss
+from .distill import kd_loss
 
 __all__ = ["FitConfig", "FitRecord", "FitError", "fit", "collect_images", "check_student",
            "TRAINABLE"]
