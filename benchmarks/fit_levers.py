@@ -34,9 +34,9 @@ import torch.nn.functional as F
 import hetvit
 from hetvit.aggregation import TokenAggregation
 from hetvit.attention import StaticAttention, attention_map
+from hetvit.distill import aggregation_path, kd_loss
 from hetvit.plan import Plan
 from hetvit.surgery import preset as surgery_preset
-from hetvit.training import aggregation_path, kd_loss
 
 p = argparse.ArgumentParser()
 p.add_argument("--plan", default="fast")
@@ -294,7 +294,8 @@ if a.passes:
         for i in range(0, len(xtr), a.bs):
             x = augment(xtr[perm[i : i + a.bs]])
             if a.feat > 0:
-                from hetvit.training import capture_outputs, feature_loss, stage_ends
+                from hetvit.capture import capture_outputs
+                from hetvit.distill import feature_loss, stage_ends
 
                 ends = stage_ends(plan, 12)
                 tblk = layer_blocks(teacher)

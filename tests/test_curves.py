@@ -25,7 +25,7 @@ def test_lines_round_trip_and_a_redone_epoch_keeps_its_last_line(tmp_path):
 
 
 def test_training_appends_one_line_per_epoch_across_a_resume(tmp_path):
-    from hetvit.training import fit
+    from hetvit.trainer import fit
 
     from .test_training import config, module, write_colours
 

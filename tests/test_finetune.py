@@ -3,19 +3,12 @@ import torch
 
 import hetvit
 from hetvit.aggregation import pooling_matrix
+from hetvit.configs import DistillConfig, OptimConfig, TrainConfig, TrainingError
+from hetvit.distill import feature_loss, guidance_kl, kd_loss, project_map, stage_ends
 from hetvit.hosts import HOSTS
+from hetvit.lightning_modules import FinetuneModule
 from hetvit.plan import Plan
-from hetvit.training import (
-    FinetuneModule,
-    TrainConfig,
-    TrainingError,
-    feature_loss,
-    finetune,
-    guidance_kl,
-    kd_loss,
-    project_map,
-    stage_ends,
-)
+from hetvit.training import finetune_run
 
 from .conftest import tiny_vit
 
@@ -95,8 +88,9 @@ def test_teacher_maps_are_the_teachers_own(images):
 def test_training_steps_reduce_the_guidance_loss(mix_epochs, images):
     teacher = _sharp_teacher()
     student = hetvit.compress(teacher, Plan(static=(0, 1), pyramid=((2, 4),)))  # uniform start
-    module = FinetuneModule(student, teacher, ce=0.0, kd=0.0, guidance=1.0, lr=0.05,
-                            mix_epochs=mix_epochs)
+    module = FinetuneModule(student, teacher,
+                            DistillConfig(ce=0.0, kd=0.0, guidance=1.0, mix_epochs=mix_epochs),
+                            OptimConfig(lr=0.05))
     student.train()
     opt = torch.optim.Adam(student.parameters(), lr=0.05)
     target = torch.zeros(len(images), dtype=torch.long)
@@ -123,7 +117,8 @@ def test_frozen_aggregation_keeps_its_pooling_while_the_rest_learns(freeze, imag
 
     teacher = _sharp_teacher()
     student = hetvit.compress(teacher, Plan(static=(0,), pyramid=((2, 4),)), calibration=images)
-    module = FinetuneModule(student, teacher, freeze_aggregation=freeze, lr=0.01)
+    module = FinetuneModule(student, teacher, DistillConfig(freeze_aggregation=freeze),
+                            OptimConfig(lr=0.01))
     agg = next(m for m in student.modules() if isinstance(m, TokenAggregation))
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     opt = torch.optim.AdamW(module.param_groups(), lr=0.01)
@@ -162,7 +157,8 @@ def test_features_are_compared_at_the_end_of_every_stage():
 def test_training_steps_reduce_the_feature_loss(images):
     teacher = _sharp_teacher()
     student = hetvit.compress(teacher, Plan(pyramid=((1, 8), (2, 4))))
-    module = FinetuneModule(student, teacher, ce=0.0, kd=0.0, guidance=0.0, features=1.0)
+    module = FinetuneModule(student, teacher,
+                            DistillConfig(ce=0.0, kd=0.0, guidance=0.0, features=1.0))
     assert module.feature_layers == [1, 3]
     layers = [b for b in student.blocks if hasattr(b, "attn")]
 
@@ -199,7 +195,7 @@ def test_feature_distillation_without_a_pyramid_is_refused_before_writing(tmp_pa
     (tmp_path / "data").mkdir()
     config = TrainConfig(data=tmp_path / "data", out=tmp_path / "run")
     with pytest.raises(TrainingError, match="no pyramid"):
-        finetune(tiny_vit(), Plan(static=(0,)), config, features=1.0)
+        finetune_run(tiny_vit(), Plan(static=(0,)), config, DistillConfig(features=1.0))
     assert not (tmp_path / "run").exists()
 
 
@@ -207,6 +203,6 @@ def test_cluster_init_without_calibration_images_is_refused_before_writing(tmp_p
     (tmp_path / "data").mkdir()
     config = TrainConfig(data=tmp_path / "data", out=tmp_path / "run")
     with pytest.raises(TrainingError, match="calibration-images"):
-        finetune(tiny_vit(), Plan(pyramid=((1, 8),)), config, calibration_images=0,
-                 aggregation_init="cluster")
+        finetune_run(tiny_vit(), Plan(pyramid=((1, 8),)), config,
+                     DistillConfig(calibration_images=0, aggregation_init="cluster"))
     assert not (tmp_path / "run").exists()

@@ -126,7 +126,7 @@ def test_the_committed_checkpoints_record_the_cifar10_classes():
 
 
 def _config(tmp_path: Path, out: str, **changes):
-    from hetvit.training import TrainConfig
+    from hetvit.configs import TrainConfig
 
     values = dict(data=tmp_path / "data", out=tmp_path / out, epochs=1, batch_size=8,
                   threads=1, progress=False, accelerator="cpu")
@@ -142,7 +142,7 @@ def colours(tmp_path: Path) -> Path:
 
 def test_training_records_the_classes_and_finetuning_maps_through_them(tmp_path, colours):
     from hetvit.data import DataError
-    from hetvit.training import finetune, train
+    from hetvit.training import finetune_run, train
 
     from .test_training import NAME, TINY
 
@@ -152,8 +152,8 @@ def test_training_records_the_classes_and_finetuning_maps_through_them(tmp_path,
     assert record["classes"] == ["c0", "c1", "c2"]
     (colours / "c2").rename(colours / "zebra")  # renamed folders: refused, nothing written
     with pytest.raises(DataError, match="not in the model's recorded classes: zebra"):
-        finetune(hetvit.load(teacher_dir), hetvit.Plan(static=(0,)),
-                 _config(tmp_path, "student"), calibration_images=0)
+        finetune_run(hetvit.load(teacher_dir), hetvit.Plan(static=(0,)),
+                     _config(tmp_path, "student"), hetvit.DistillConfig(calibration_images=0))
     assert not (tmp_path / "student").exists()
     before = listing(tmp_path / "teacher")
     with pytest.raises(DataError, match="not in the model's recorded classes: zebra"):
@@ -543,7 +543,8 @@ def test_lightning_info_lines_are_silenced_during_a_run_only(tmp_path, colours, 
                                                              caplog):
     import logging
 
-    from hetvit.training import LIGHTNING_INFO_LOGGERS, train
+    from hetvit.trainer import LIGHTNING_INFO_LOGGERS
+    from hetvit.training import train
 
     from .test_training import NAME, TINY
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import fields, replace
 from functools import partial
 from pathlib import Path
 
@@ -13,23 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
+from hetvit.configs import TRAIN_OPTIM, DistillConfig, OptimConfig, TrainConfig, TrainingError
 from hetvit.data import DataError, make_loader, make_transform, open_dataset
 from hetvit.evaluate import evaluate
-from hetvit.training import (
-    TrainConfig,
-    TrainingError,
-    TrainModule,
-    check_precision,
-    fit,
-    load_checkpoint_model,
-    warmup_cosine,
-)
+from hetvit.lightning_modules import TrainModule, warmup_cosine
+from hetvit.runs import check_precision, load_checkpoint_model
+from hetvit.trainer import fit
 
 # timm's vit_tiny at the tests' tiny size: VisionTransformer(img_size=32, patch_size=8,
 # embed_dim=32, depth=2, num_heads=2, num_classes=3)
 NAME = "vit_tiny_patch16_224"
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
         "num_classes": 3}
+OPTIM_FIELDS = {f.name for f in fields(OptimConfig)}
 COLOURS = [(220, 40, 40), (40, 200, 40), (40, 40, 220)]
 
 
@@ -50,13 +47,15 @@ def config(tmp_path: Path, out: str, **changes) -> TrainConfig:
                   warmup_epochs=0.5, min_lr=1e-4, threads=1, progress=False,
                   accelerator="cpu", seed=7)
     values.update(changes)
-    return TrainConfig(**values)
+    optim = {k: values.pop(k) for k in OPTIM_FIELDS if k in values}
+    return TrainConfig(**values, optim=replace(TRAIN_OPTIM, **optim))
 
 
 def module(seed: int = 7, mixup: float = 0.0, cutmix: float = 0.0, **kwargs) -> TrainModule:
     L.seed_everything(seed, verbose=False)
-    return TrainModule(NAME, {**TINY, **kwargs}, lr=3e-3, warmup_epochs=0.5, min_lr=1e-4,
-                       seed=seed, mixup=mixup, cutmix=cutmix)
+    optim = replace(TRAIN_OPTIM, lr=3e-3, warmup_epochs=0.5, min_lr=1e-4, mixup=mixup,
+                    cutmix=cutmix)
+    return TrainModule(NAME, {**TINY, **kwargs}, optim, seed=seed)
 
 
 def eval_loss(model: torch.nn.Module, root: Path) -> dict[str, float]:
@@ -199,7 +198,7 @@ def test_a_mistaken_train_leaves_the_run_record_alone_and_its_ckpt_loads(tmp_pat
 
 
 def test_a_damaged_run_checkpoint_is_a_clear_error(tmp_path):
-    from hetvit.training import read_run_checkpoint
+    from hetvit.runs import read_run_checkpoint
 
     bad = tmp_path / "last.ckpt"
     bad.write_bytes(b"not a checkpoint at all")
@@ -238,7 +237,7 @@ def test_finetune_trains_every_part_of_the_student_and_writes_a_loadable_model(t
     import hetvit
     from hetvit.aggregation import TokenAggregation
     from hetvit.plan import Plan
-    from hetvit.training import finetune
+    from hetvit.training import finetune_run
 
     write_colours(tmp_path / "data")
     teacher = module().model.eval().requires_grad_(False)  # a frozen teacher, as users keep one
@@ -246,8 +245,8 @@ def test_finetune_trains_every_part_of_the_student_and_writes_a_loadable_model(t
     runs = {}
     for lr in (0.0, 3e-3):
         out = f"ft-{lr}"
-        path = finetune(teacher, plan, config(tmp_path, out, epochs=1, lr=lr, min_lr=0.0),
-                        guidance=guidance, calibration_images=8)
+        path = finetune_run(teacher, plan, config(tmp_path, out, epochs=1, lr=lr, min_lr=0.0),
+                            DistillConfig(guidance=guidance, calibration_images=8))
         runs[lr] = hetvit.load(path)
     start, tuned = runs[0.0], runs[3e-3]
     assert (tuned.hetvit_plan.static, tuned.hetvit_plan.pyramid) == (plan.static, plan.pyramid)
@@ -259,7 +258,7 @@ def test_finetune_trains_every_part_of_the_student_and_writes_a_loadable_model(t
 
 
 def test_resuming_with_other_settings_keeps_the_earlier_ones(tmp_path):
-    from hetvit.training import write_run_config
+    from hetvit.runs import write_run_config
 
     path = tmp_path / "train_config.json"
     write_run_config(path, {"epochs": 16, "resume": False})
@@ -374,7 +373,7 @@ def test_finetune_from_a_given_student_starts_from_its_weights(tmp_path):
     import hetvit
     from hetvit.fitting import FitError, FitRecord
     from hetvit.plan import Plan
-    from hetvit.training import finetune
+    from hetvit.training import finetune_run
 
     write_colours(tmp_path / "data")
     teacher = module().model.eval()
@@ -383,22 +382,22 @@ def test_finetune_from_a_given_student_starts_from_its_weights(tmp_path):
         for p in student.parameters():
             p.add_(0.01 * torch.randn_like(p))  # not what compress alone would give
     student.hetvit_fit = FitRecord(config={}, images=8, steps=1, seconds=0.0)
-    path = finetune(teacher, None, config(tmp_path, "ft", epochs=1, lr=0.0, min_lr=0.0),
-                    student=student)
+    path = finetune_run(teacher, None, config(tmp_path, "ft", epochs=1, lr=0.0, min_lr=0.0),
+                        student=student)
     tuned = hetvit.load(path)
     assert tuned.hetvit_plan.pyramid == student.hetvit_plan.pyramid
     assert all(torch.equal(v, student.state_dict()[k]) for k, v in tuned.state_dict().items())
     assert not (path / "fit.json").exists()  # the fit made the start, not the fine-tuned model
     other = hetvit.compress(module(embed_dim=64).model, Plan(static=(0,)))
     with pytest.raises(FitError, match="does not match the student's source"):
-        finetune(teacher, None, config(tmp_path, "ft2", epochs=1), student=other)
+        finetune_run(teacher, None, config(tmp_path, "ft2", epochs=1), student=other)
     assert not (tmp_path / "ft2").exists()
 
 
 def test_validation_batches_mix_the_classes(tmp_path):
     """`--limit-val-batches` must score a sample of every class, not the first folders: the
     validation loader draws the images in a fixed random order."""
-    from hetvit.training import open_run_data
+    from hetvit.trainer import open_run_data
 
     write_colours(tmp_path / "data", per_class=8)
     cfg = config(tmp_path, "run", val_data=tmp_path / "data", batch_size=4)

@@ -7,11 +7,11 @@ from .plan import Plan, PlanError
 
 __version__ = "0.1.0"
 
-__all__ = ["Plan", "PlanError", "compress", "fit", "FitConfig", "load", "save", "analyze",
-           "export_onnx", "__version__"]
-_SUBMODULES = ("aggregation", "attention", "baselines", "bench", "data", "demo", "evaluate",
-               "export", "fitting", "flops", "io", "patterns", "plan", "recommend", "render",
-               "surgery", "training")
+__all__ = ["Plan", "PlanError", "compress", "fit", "FitConfig", "finetune", "DistillConfig",
+           "OptimConfig", "load", "save", "analyze", "export_onnx", "__version__"]
+_SUBMODULES = ("aggregation", "attention", "baselines", "bench", "configs", "data", "demo",
+               "distill", "evaluate", "export", "fitting", "flops", "io", "lightning_modules",
+               "patterns", "plan", "runs", "surgery", "trainer", "training")
 
 
 def __getattr__(name: str):
@@ -24,6 +24,14 @@ def __getattr__(name: str):
         from . import fitting
 
         return getattr(fitting, name)
+    if name == "finetune":
+        from .training import finetune
+
+        return finetune
+    if name in ("DistillConfig", "OptimConfig"):
+        from . import configs
+
+        return getattr(configs, name)
     if name in ("save", "load"):
         from . import io
 

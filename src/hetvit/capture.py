@@ -16,7 +16,7 @@ from torch import nn
 
 from .hosts import host_of
 
-__all__ = ["attention_maps", "StopForward", "module_inputs"]
+__all__ = ["attention_maps", "StopForward", "module_inputs", "capture_outputs"]
 
 
 class StopForward(Exception):
@@ -57,3 +57,21 @@ def module_inputs(modules: Iterable[nn.Module],
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def capture_outputs(modules: list[nn.Module]) -> Iterator[list[torch.Tensor]]:
+    """Collect the outputs of ``modules`` (in that order) during the forward passes inside.
+
+    The list is filled when the block exits, after the hooks are gone.
+    """
+    found: dict[int, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, a, out, k=k: found.__setitem__(k, out))
+             for k, m in enumerate(modules)]
+    outputs: list[torch.Tensor] = []
+    try:
+        yield outputs
+    finally:
+        for h in hooks:
+            h.remove()
+    outputs.extend(found[k] for k in range(len(modules)) if k in found)

@@ -35,9 +35,9 @@ from torch import nn
 from .aggregation import TokenAggregation
 from .attention import StaticAttention
 from .batches import image_batches
+from .distill import kd_loss
 from .errors import FitError
 from .hosts import input_size
-from .losses import kd_loss
 from .modes import eval_mode
 from .surgery import is_compressed, source_mismatch
 

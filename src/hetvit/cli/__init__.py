@@ -7,6 +7,7 @@ bench, export), ``training`` (train, finetune, evaluate) and ``analysis`` (analy
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
+from ..configs import TRAIN_OPTIM, OptimConfig, TrainConfig
 from ..errors import HetvitError, UsageError
 
 app = typer.Typer(
@@ -107,7 +109,7 @@ def open_model(model: str | None, checkpoint: Path | None, overrides: dict | Non
                                 "hetvit train's OUT/model")
     if model is None:
         if checkpoint is not None and checkpoint.suffix == ".ckpt":
-            from ..training import load_checkpoint_model
+            from ..runs import load_checkpoint_model
 
             return load_checkpoint_model(checkpoint)
         if checkpoint is not None and not model_flag:
@@ -255,14 +257,17 @@ TorchThreadsOpt = Annotated[int | None, typer.Option(
 ]
 
 
+# The shared optimiser options take training's defaults, which fine-tuning's share (the two
+# recipes differ only in lr, warm-up and floor, which each command sets).
 def _run_options(
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per step and device.")] = 128,
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="Images per step and device.")] = TrainConfig.batch_size,
     weight_decay: Annotated[float, typer.Option(
         help="AdamW weight decay (not applied to norms, biases and position/class tokens)."),
-    ] = 0.05,
+    ] = TRAIN_OPTIM.weight_decay,
     label_smoothing: Annotated[float, typer.Option(
         help="Label smoothing of the cross-entropy."),
-    ] = 0.1,
+    ] = TRAIN_OPTIM.label_smoothing,
     scale_min: Annotated[float, typer.Option(
         help="Smallest area fraction of the random resized crop (augmentation; 1.0 disables "
         "cropping)."),
@@ -278,9 +283,9 @@ def _run_options(
         help="Random erasing probability (DeiT's recipe: 0.25).")] = 0.0,
     mixup: Annotated[float, typer.Option(
         help="Mixup Beta alpha (DeiT's recipe: 0.8; 0: off). With --cutmix, each batch gets "
-        "one of the two.")] = 0.0,
+        "one of the two.")] = TRAIN_OPTIM.mixup,
     cutmix: Annotated[float, typer.Option(
-        help="CutMix Beta alpha (DeiT's recipe: 1.0; 0: off).")] = 0.0,
+        help="CutMix Beta alpha (DeiT's recipe: 1.0; 0: off).")] = TRAIN_OPTIM.cutmix,
     class_map: ClassMapOpt = None,
     skip_unknown: Annotated[bool, flag(
         help="Skip (with a warning) class folders the class map lacks instead of stopping."),
@@ -376,19 +381,16 @@ def open_given_model(checkpoint: Path | None, model: str | None, weights: Path |
     return net.eval(), untrained
 
 
-def _train_config(options: dict[str, Any]) -> Any:
-    """The TrainConfig of a `train` or `finetune` call, from its options."""
-    from ..training import TrainConfig
-
+def _train_config(options: dict[str, Any]) -> TrainConfig:
+    """The TrainConfig of a `train` or `finetune` call, from its options (a bad value is a
+    TrainingError: build it inside ``user_errors``)."""
     o = dict(options)
     return TrainConfig(
         data=o["data"], out=o["out"], val_data=o["val_data"], epochs=o["epochs"],
-        batch_size=o["batch_size"], lr=o["lr"], weight_decay=o["weight_decay"],
-        warmup_epochs=o["warmup_epochs"], min_lr=o["min_lr"],
-        label_smoothing=o["label_smoothing"], scale=(o["scale_min"], 1.0), hflip=o["hflip"],
-        auto_augment=o["auto_augment"], reprob=o["reprob"], mixup=o["mixup"],
-        cutmix=o["cutmix"],
-        workers=o["workers"], seed=o["seed"], devices=o["devices"],
+        batch_size=o["batch_size"],
+        optim=OptimConfig(**{f.name: o[f.name] for f in dataclasses.fields(OptimConfig)}),
+        scale=(o["scale_min"], 1.0), hflip=o["hflip"], auto_augment=o["auto_augment"],
+        reprob=o["reprob"], workers=o["workers"], seed=o["seed"], devices=o["devices"],
         accelerator=o["accelerator"], precision=o["precision"], resume=o["resume"],
         class_map=o["class_map"], skip_unknown=o["skip_unknown"],
         limit_train_batches=_batch_limit(o["limit_train_batches"]),

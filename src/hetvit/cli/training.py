@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from ..configs import FINETUNE_EPOCHS, TRAIN_OPTIM, DistillConfig, OptimConfig, TrainConfig
 from . import (
     AggregationInitOpt,
     ClassMapOpt,
@@ -34,6 +36,8 @@ from . import (
 )
 from .methods import _method_options, apply_method, pop_method_options
 
+OPTIM, DISTILL = OptimConfig(), DistillConfig()  # fine-tuning's defaults
+
 
 @app.command()
 @with_options(_run_options)
@@ -49,14 +53,14 @@ def train(
     drop_path: Annotated[float | None, typer.Option(help="Stochastic depth rate override.")] = None,
     epochs: Annotated[int, typer.Option(
         min=1, help="Epochs to train in total (also sets the schedule)."),
-    ] = 16,
+    ] = TrainConfig.epochs,
     lr: Annotated[float, typer.Option(
         help="Peak AdamW learning rate, reached after warm-up."),
-    ] = 1e-3,
+    ] = TRAIN_OPTIM.lr,
     warmup_epochs: Annotated[float, typer.Option(
         help="Linear warm-up length in epochs (the learning rate rises every step)."),
-    ] = 1.0,
-    min_lr: MinLrOpt = 1e-5,
+    ] = TRAIN_OPTIM.warmup_epochs,
+    min_lr: MinLrOpt = TRAIN_OPTIM.min_lr,
     init: Annotated[Path | None, typer.Option(
         help="Start from these weights instead of random ones (.pth, .safetensors, a `hetvit "
         "train` .ckpt or a hetvit checkpoint directory of the same architecture), with a fresh "
@@ -76,8 +80,8 @@ def train(
     kwargs = _overrides(run)
     if drop_path is not None:
         kwargs["drop_path_rate"] = drop_path
-    config = _train_config({**locals(), **run})
     with user_errors():
+        config = _train_config({**locals(), **run})
         target = run_training(model, kwargs, config, init=init)
     console.print(f"model written to {target}")
 
@@ -98,33 +102,38 @@ def finetune(
     checkpoint: TeacherWeightsOpt = None,
     val_data: ValDataOpt = None,
     epochs: Annotated[int, typer.Option(
-        min=1, help="Fine-tuning epochs (also sets the schedule).")] = 3,
-    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = 5e-4,
+        min=1, help="Fine-tuning epochs (also sets the schedule).")] = FINETUNE_EPOCHS,
+    lr: Annotated[float, typer.Option(help="Peak AdamW learning rate.")] = OPTIM.lr,
     map_lr_scale: Annotated[float, typer.Option(
         help="Learning-rate multiplier for the static attention logits and aggregation "
-        "weights (log-space parameters, never weight-decayed).")] = 10.0,
-    ce: Annotated[float, typer.Option(help="Weight of cross-entropy on the labels.")] = 1.0,
+        "weights (log-space parameters, never weight-decayed).")] = DISTILL.map_lr_scale,
+    ce: Annotated[float, typer.Option(help="Weight of cross-entropy on the labels.")] = DISTILL.ce,
     kd: Annotated[float, typer.Option(
-        help="Weight of distillation from the teacher's logits (KL at --temperature).")] = 1.0,
-    temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
+        help="Weight of distillation from the teacher's logits (KL at --temperature).")
+    ] = DISTILL.kd,
+    temperature: Annotated[float, typer.Option(
+        help="Distillation temperature.")] = DISTILL.temperature,
     guidance: Annotated[float, typer.Option(
         help="Weight of the dynamic guidance: KL(teacher's dynamic attention || student's "
-        "static attention) at every static layer. 0 turns it off (ablation).")] = 1.0,
+        "static attention) at every static layer. 0 turns it off (ablation).")
+    ] = DISTILL.guidance,
     mix_epochs: Annotated[float, typer.Option(
         help="Curriculum: static layers run on lambda*dynamic + (1-lambda)*static, lambda "
-        "going 1 -> 0 over this many epochs (0: off).")] = 0.0,
+        "going 1 -> 0 over this many epochs (0: off).")] = DISTILL.mix_epochs,
     freeze_aggregation: Annotated[bool, flag(
-        help="Keep the token aggregation at its start, pooling or k-means (ablation).")] = False,
+        help="Keep the token aggregation at its start, pooling or k-means (ablation).")
+    ] = DISTILL.freeze_aggregation,
     features: Annotated[float, typer.Option(
         help="Weight of feature distillation: at the end of every pyramid stage, the squared "
         "error of the student's tokens against the teacher's tokens aggregated the same way, "
-        "divided by the teacher tokens' mean square (0: off).")] = 0.0,
+        "divided by the teacher tokens' mean square (0: off).")] = DISTILL.features,
     calibration_images: Annotated[int, typer.Option(
         min=0, help="Training images whose mean attention initialises the static maps (0: uniform "
-        "start).")] = 256,
-    aggregation_init: AggregationInitOpt = "pool",
-    warmup_epochs: Annotated[float, typer.Option(help="Warm-up length in epochs.")] = 0.2,
-    min_lr: MinLrOpt = 1e-6,
+        "start).")] = DISTILL.calibration_images,
+    aggregation_init: AggregationInitOpt = DISTILL.aggregation_init,
+    warmup_epochs: Annotated[float, typer.Option(
+        help="Warm-up length in epochs.")] = OPTIM.warmup_epochs,
+    min_lr: MinLrOpt = OPTIM.min_lr,
     **run: Any,
 ) -> None:
     """Compress a trained ViT and fine-tune the student with dynamic guidance and distillation.
@@ -135,22 +144,21 @@ def finetune(
     """
     from rich.console import Console
 
-    from ..training import finetune as run_finetune
+    from ..training import finetune_run
 
     console = Console(stderr=True)
-    config = _train_config({**locals(), **run})
+    options = {**locals(), **run}
     with user_errors():
+        config = _train_config(options)
+        distill = DistillConfig(**{f.name: options[f.name]
+                                   for f in dataclasses.fields(DistillConfig)})
         source = open_teacher(teacher, model, checkpoint)
         if (plan is None) == (student is None):
             raise ValueError("give --plan (a preset or plan.json) or --student DIR (a "
                              "compressed model of the teacher, e.g. from hetvit fit)")
         start = open_model(None, student) if student is not None else None
         the_plan = resolve_plan(plan, source) if plan is not None else start.hetvit_plan
-        target = run_finetune(source, the_plan, config, ce=ce, kd=kd, guidance=guidance,
-                              temperature=temperature, mix_epochs=mix_epochs,
-                              map_lr_scale=map_lr_scale, freeze_aggregation=freeze_aggregation,
-                              features=features, calibration_images=calibration_images,
-                              aggregation_init=aggregation_init, student=start)
+        target = finetune_run(source, the_plan, config, distill, student=start)
     console.print(f"student written to {target}")
 
 
