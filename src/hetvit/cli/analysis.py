@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from . import (
+from .common import (
     TorchThreadsOpt,
     _model_options,
     _size_options,

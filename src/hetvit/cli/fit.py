@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from . import (
+from .common import (
     AggregationInitOpt,
     TeacherModelOpt,
     TeacherOpt,

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from . import (
+from .common import (
     AggregationInitOpt,
     TorchThreadsOpt,
     _overrides,

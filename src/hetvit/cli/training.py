@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ..configs import FINETUNE_EPOCHS, TRAIN_OPTIM, DistillConfig, OptimConfig, TrainConfig
-from . import (
+from .common import (
     AggregationInitOpt,
     ClassMapOpt,
     DataOpt,
