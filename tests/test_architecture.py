@@ -104,3 +104,17 @@ def test_every_error_class_derives_from_the_one_base():
                 assert path.name == "errors.py" or any(
                     getattr(b, "id", getattr(b, "attr", "")).endswith("Error") for b in node.bases
                 ), f"{path.name}: {node.name} is not a hetvit error"
+
+
+def test_the_top_level_api_is_small_and_every_name_resolves():
+    import subprocess
+    import sys
+
+    names = [n for n in hetvit.__all__ if n != "__version__"]
+    assert len(names) <= 13  # the common path; the rest lives in the submodules
+    for name in names:  # a function, not a module of the same name shadowing it
+        assert not inspect.ismodule(getattr(hetvit, name)), name
+    assert set(hetvit.__all__) <= set(dir(hetvit))
+    code = "import sys, hetvit; hetvit.Plan(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"  # `import hetvit` stays light

@@ -13,7 +13,8 @@ import torch
 
 import hetvit
 from hetvit.curves import read_epochs
-from hetvit.demo import FITTED, STUDENT, TEACHER, find_assets, sample_indices
+from hetvit.demo import FITTED, STUDENT, TEACHER
+from hetvit.demo_inputs import find_assets, sample_indices
 from hetvit.surgery import describe, preset
 
 CIFAR_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-test.tar.gz"
@@ -47,7 +48,7 @@ def test_the_models_are_trained(models):
     from torch.utils.data import Subset
 
     from hetvit.data import make_loader, make_transform, open_dataset
-    from hetvit.evaluate import evaluate
+    from hetvit.evaluation import evaluate
 
     teacher = models[0]
     dataset = open_dataset(CIFAR_TEST, make_transform(teacher))

@@ -261,7 +261,7 @@ def test_cli_bench_method_tome_and_evit(tiny_checkpoint):
 
 def test_cli_evaluate_method_tome_agrees_with_the_api(tmp_path, tiny_checkpoint):
     from hetvit.data import make_loader, make_transform, open_dataset
-    from hetvit.evaluate import evaluate
+    from hetvit.evaluation import evaluate
 
     model, args = tiny_checkpoint
     write_images(tmp_path / "data", ["a", "b", "c"], per_class=2)

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from timm.models.vision_transformer import VisionTransformer
 
-from hetvit import data
+from hetvit import archives, data
 from hetvit.data import DataError, make_loader, make_transform, open_dataset
 
 COLOURS = {"blue": (0, 0, 255), "green": (0, 255, 0), "red": (255, 0, 0)}
@@ -157,12 +157,12 @@ def test_extraction_is_safe_when_another_process_wins(tmp_path, monkeypatch):
         return real_rename(a, b)
 
     monkeypatch.setattr(data.os, "rename", lose_the_race)
-    target = data.extract_archive(archive, cache)
+    target = archives.extract_archive(archive, cache)
     assert (target / "from-the-winner").is_dir()  # the winner's copy is kept
     assert [p.name for p in cache.iterdir()] == [target.name]  # our temp dir is gone
     monkeypatch.undo()
     # an existing (complete) target is reused without unpacking
-    assert data.extract_archive(archive, cache) == target
+    assert archives.extract_archive(archive, cache) == target
 
 
 def test_eval_transform_is_the_familys_centre_crop_at_the_models_size():

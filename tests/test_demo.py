@@ -16,17 +16,9 @@ import hetvit
 from hetvit.baselines import tome
 from hetvit.cli import app
 from hetvit.data import make_loader, make_transform, open_dataset
-from hetvit.demo import (
-    CIFAR10_CLASSES,
-    FITTED,
-    STUDENT,
-    TEACHER,
-    TOME_R,
-    DemoError,
-    run,
-    sample_indices,
-)
-from hetvit.evaluate import evaluate
+from hetvit.demo import FITTED, STUDENT, TEACHER, TOME_R, DemoError, run
+from hetvit.demo_inputs import CIFAR10_CLASSES, sample_indices
+from hetvit.evaluation import evaluate
 from hetvit.flops import formula_macs
 from hetvit.plan import Plan
 from hetvit.surgery import describe
@@ -305,7 +297,7 @@ def test_cli_prints_every_model_and_the_warnings_under_the_table(tmp_path, asset
 
 def test_the_committed_fitted_model_belongs_to_the_committed_teacher():
     """The demo's real inputs: the fitted model is a student of the teacher, with its record."""
-    from hetvit.demo import check_source, find_assets, fit_record
+    from hetvit.demo_inputs import check_source, find_assets, fit_record
 
     root = find_assets()  # the suite runs in the clone: its assets/
     teacher = hetvit.load(root / TEACHER)
@@ -372,7 +364,7 @@ def test_the_demos_own_threads_do_not_make_the_machine_busy():
 def test_assets_are_found_in_the_clone_the_demo_runs_in(tmp_path, monkeypatch):
     """Not through the package's own path alone (a wheel install has no assets beside it): the
     working directory's assets/ come first, and a missing folder is a one-line error."""
-    from hetvit.demo import DemoError, find_assets
+    from hetvit.demo_inputs import DemoError, find_assets
 
     monkeypatch.delenv("HETVIT_ASSETS", raising=False)
     (tmp_path / "clone" / "assets").mkdir(parents=True)

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from hetvit.cli import app
 from hetvit.data import make_loader, make_transform, open_dataset
-from hetvit.evaluate import evaluate
+from hetvit.evaluation import evaluate
 
 from .conftest import write_images
 

@@ -117,7 +117,8 @@ def test_a_model_without_names_warns_when_the_folders_do_not_match(tmp_path):
 
 
 def test_the_committed_checkpoints_record_the_cifar10_classes():
-    from hetvit.demo import CIFAR10_CLASSES, STUDENT, TEACHER, find_assets
+    from hetvit.demo import STUDENT, TEACHER
+    from hetvit.demo_inputs import CIFAR10_CLASSES, find_assets
 
     for name in (TEACHER, STUDENT):
         model = hetvit.load(find_assets() / name)
@@ -286,7 +287,7 @@ def test_the_api_refuses_bad_run_numbers_too(tmp_path, colours):
 def test_a_plan_with_a_fractional_layer_is_refused_not_truncated(tmp_path, field, value,
                                                                  message):
     (tmp_path / "plan.json").write_text(json.dumps({field: value}))
-    with pytest.raises(hetvit.PlanError, match=message):
+    with pytest.raises(hetvit.errors.PlanError, match=message):
         hetvit.Plan.load(tmp_path / "plan.json")
     result = CliRunner().invoke(app, ["plan", "--model", "vit_tiny_patch16_224", "--img-size",
                                       "32", "--patch-size", "4", "--plan",
@@ -442,7 +443,7 @@ def _left(paths: dict[str, Path]) -> set[str]:
 def test_stale_temporaries_of_killed_writes_are_cleaned_and_live_ones_kept(tmp_path):
     import tarfile
 
-    from hetvit.data import extract_archive
+    from hetvit.archives import extract_archive
     from hetvit.export import _temp_beside
     from hetvit.files import sha256
 
@@ -483,7 +484,7 @@ def test_compress_takes_a_preset_name_and_an_image_folder(tmp_path):
 def test_plan_errors_name_the_plan_file(tmp_path):
     plan = tmp_path / "my-plan.json"
     plan.write_text(json.dumps({"static": [7]}))
-    with pytest.raises(hetvit.PlanError, match=f"{plan}: static layer 7 is out of range"):
+    with pytest.raises(hetvit.errors.PlanError, match=f"{plan}: static layer 7 is out of range"):
         hetvit.compress(small_vit(), plan)
     hetvit.save(small_vit(), tmp_path / "m")
     result = _invoke("compress", "--checkpoint", str(tmp_path / "m"), "--plan", str(plan),

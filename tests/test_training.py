@@ -16,7 +16,7 @@ from PIL import Image
 
 from hetvit.configs import TRAIN_OPTIM, DistillConfig, OptimConfig, TrainConfig, TrainingError
 from hetvit.data import DataError, make_loader, make_transform, open_dataset
-from hetvit.evaluate import evaluate
+from hetvit.evaluation import evaluate
 from hetvit.lightning_modules import TrainModule, warmup_cosine
 from hetvit.runs import check_precision, load_checkpoint_model
 from hetvit.trainer import fit

@@ -1,51 +1,50 @@
 """hetvit: faster Vision Transformers from their heterogeneous attention patterns.
 
 Early layers get a static attention map (DGSSA), late layers a token aggregation pyramid (GLAD).
+The common path, in top-level names::
+
+    report = hetvit.analyze(teacher, images)          # where attention is static, low-rank
+    student = hetvit.compress(teacher, "fast", calibration=images)
+    student = hetvit.fit(student, teacher, unlabeled_images)            # no labels
+    student = hetvit.finetune(teacher, plan, train_loader, val_loader)  # with labels
+    hetvit.evaluate(student, val_loader); hetvit.save(student, "out/")
+    hetvit.export_onnx(student, "student.onnx")
+
+Everything else lives in the submodules (``hetvit.recommend``, ``hetvit.bench``, ...).
 """
 
-from .plan import Plan, PlanError
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import HetvitError
+from .plan import Plan
 
 __version__ = "0.1.0"
 
-__all__ = ["Plan", "PlanError", "compress", "fit", "FitConfig", "finetune", "DistillConfig",
-           "OptimConfig", "load", "save", "analyze", "export_onnx", "__version__"]
-_SUBMODULES = ("aggregation", "attention", "baselines", "bench", "configs", "data", "demo",
-               "distill", "evaluate", "export", "fitting", "flops", "io", "lightning_modules",
-               "patterns", "plan", "runs", "surgery", "trainer", "training")
+# Top-level name -> the module that defines it; loaded on first use, so that `import hetvit`
+# stays light (no torch until a function needs it).
+_LAZY = {
+    "analyze": "patterns", "compress": "surgery", "fit": "fitting", "FitConfig": "fitting",
+    "finetune": "training", "DistillConfig": "configs", "OptimConfig": "configs",
+    "evaluate": "evaluation", "save": "io", "load": "io", "export_onnx": "export",
+}
+__all__ = ["Plan", "HetvitError", *_LAZY, "__version__"]
+_SUBMODULES = ("aggregation", "attention", "baselines", "batches", "bench", "cache", "capture",
+               "configs", "data", "demo", "distill", "errors", "evaluation", "export", "files",
+               "fitting", "flops", "grid", "hosts", "io", "labels", "lightning_modules",
+               "metrics", "modes", "patterns", "plan", "recommend", "render", "runs", "surgery",
+               "trainer", "training", "weights")
 
 
-def __getattr__(name: str):
-    # Keep `import hetvit` light: torch-heavy modules load on first use.
-    if name == "compress":
-        from .surgery import compress
-
-        return compress
-    if name in ("fit", "FitConfig"):
-        from . import fitting
-
-        return getattr(fitting, name)
-    if name == "finetune":
-        from .training import finetune
-
-        return finetune
-    if name in ("DistillConfig", "OptimConfig"):
-        from . import configs
-
-        return getattr(configs, name)
-    if name in ("save", "load"):
-        from . import io
-
-        return getattr(io, name)
-    if name == "analyze":
-        from .patterns import analyze
-
-        return analyze
-    if name == "export_onnx":
-        from .export import export_onnx
-
-        return export_onnx
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     if name in _SUBMODULES:  # hetvit.flops.formula_macs(...) after a plain `import hetvit`
-        import importlib
-
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'hetvit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*__all__, *_SUBMODULES})

@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
-import tarfile
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -24,9 +21,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from .batches import image_batches
+from .archives import ARCHIVE_SUFFIXES, extract_archive, is_archive
 from .errors import DataError
-from .files import clean_stale_temps, sha256, temp_prefix
 from .hosts import host_of
 from .labels import class_names
 
@@ -39,77 +35,18 @@ __all__ = [
     "make_transform",
     "data_config",
     "read_class_map",
-    "extract_archive",
-    "cache_root",
     "random_subset",
-    "image_batches",
     "open_images",
     "sample_images",
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".pgm", ".gif", ".tif",
                     ".tiff")
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 CLASS_MAP_NAMES = ("synsets.txt", "class_map.txt", "classes.txt")
 
 ClassMapArg = str | os.PathLike | Sequence[str] | dict[str, int] | None
 
 
-
-
-# --------------------------------------------------------------------------------------------
-# archives and the cache
-
-
-def cache_root() -> Path:
-    """Where unpacked archives live: ``$HETVIT_CACHE/data`` or ``~/.cache/hetvit/data``."""
-    base = os.environ.get("HETVIT_CACHE") or os.path.join("~", ".cache", "hetvit")
-    return Path(base).expanduser() / "data"
-
-
-def _is_archive(path: Path) -> bool:
-    return path.is_file() and path.name.lower().endswith(ARCHIVE_SUFFIXES)
-
-
-def extract_archive(archive: str | os.PathLike, cache_dir: str | os.PathLike | None = None
-                    ) -> Path:
-    """Unpack ``archive`` once and return the directory holding its contents.
-
-    The target is ``<cache>/<sha256[:16]>``: content-addressed, so a changed archive never
-    reuses stale files. Extraction goes to a temporary directory beside the target that is then
-    renamed into place; ``rename`` is atomic, so a target that exists is always complete, and of
-    two processes racing the loser just removes its own copy. A killed extraction's temporary
-    is removed by the next extraction into the cache once its writer is gone
-    (:func:`hetvit.io.clean_stale_temps`); a running one's is never touched.
-    """
-    archive = Path(archive)
-    if not archive.is_file():
-        raise DataError(f"archive not found: {archive}")
-    if not hasattr(tarfile, "data_filter"):  # added in 3.10.12 / 3.11.4: no safe unpacking
-        raise DataError(f"unpacking {archive} safely needs Python >= 3.10.12 or 3.11.4 (tarfile "
-                        "filters); unpack it yourself and pass the folder instead")
-    root = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = root / sha256(archive)[:16]
-    if target.is_dir():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(root)  # killed extractions of any archive: tens of MB each
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(target.name), suffix=".tmp", dir=root))
-    try:
-        try:
-            with tarfile.open(archive, "r:*") as tar:
-                tar.extractall(tmp, filter="data")
-        except (tarfile.TarError, OSError, EOFError) as err:
-            raise DataError(f"cannot unpack {archive}: {err}") from err
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir():  # not a lost race: a real failure
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,7 +194,7 @@ def dataset_root(path: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     path = Path(path)
     if not path.exists():
         raise DataError(f"{what} path not found: {path}")
-    if _is_archive(path):
+    if is_archive(path):
         return extract_archive(path, cache_dir)
     if path.is_dir():
         return path

@@ -195,7 +195,7 @@ def evaluate_command(
     from rich.table import Table
 
     from ..data import make_loader, make_transform, open_for_model, random_subset
-    from ..evaluate import evaluate
+    from ..evaluation import evaluate
 
     console = Console(stderr=True)
     if threads is not None:
