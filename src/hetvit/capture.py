@@ -24,25 +24,6 @@ class StopForward(Exception):
 
 
 @contextmanager
-def attention_maps(model: nn.Module, layers: Iterable[int],
-                   on_map: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
-    """For the scope, every forward of ``model`` calls ``on_map(layer, map)`` with the dynamic
-    attention map (``B x H x N x N``) of each plan layer in ``layers``."""
-    host = host_of(model)
-    blocks = host.layers(model)
-    handles = []
-    for i in layers:
-        def hook(module: nn.Module, args: tuple, i: int = i) -> None:
-            on_map(i, host.attention_map(module, args[0]))
-        handles.append(host.attention(blocks[i]).register_forward_pre_hook(hook))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
 def module_inputs(modules: Iterable[nn.Module],
                   on_input: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
     """For the scope, ``on_input(k, x)`` gets the first input of the ``k``-th of ``modules`` at
@@ -57,6 +38,22 @@ def module_inputs(modules: Iterable[nn.Module],
     finally:
         for h in handles:
             h.remove()
+
+
+@contextmanager
+def attention_maps(model: nn.Module, layers: Iterable[int],
+                   on_map: Callable[[int, torch.Tensor], None]) -> Iterator[None]:
+    """For the scope, every forward of ``model`` calls ``on_map(layer, map)`` with the dynamic
+    attention map (``B x H x N x N``) of each plan layer in ``layers``."""
+    host = host_of(model)
+    blocks, layers = host.layers(model), list(layers)
+    attentions = [host.attention(blocks[i]) for i in layers]
+
+    def on_input(k: int, x: torch.Tensor) -> None:
+        on_map(layers[k], host.attention_map(attentions[k], x))
+
+    with module_inputs(attentions, on_input):
+        yield
 
 
 @contextmanager
