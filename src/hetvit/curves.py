@@ -14,6 +14,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
 __all__ = ["EPOCHS_LOG", "CURVES_PNG", "format_epoch", "read_epochs", "plot_epochs"]
 
 EPOCHS_LOG, CURVES_PNG = "epochs.log", "curves.png"
@@ -51,9 +55,6 @@ def plot_epochs(path: str | Path, out: str | Path, title: str | None = None,
     dotted line wherever the run's planned length changed (its schedule was stretched) and
     at each ``(epoch, text)`` of ``notes`` (a line just after that epoch), for other changes a
     reader of the curves must know about."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
     rows = read_epochs(path)
     epochs = [r["epoch"] for r in rows]

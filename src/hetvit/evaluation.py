@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rich.progress import track
 from torch import nn
 
 from .errors import DataError
@@ -33,8 +34,6 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
     n = 0
     batches = loader
     if progress:
-        from rich.progress import track
-
         total = len(loader) if hasattr(loader, "__len__") else None
         batches = track(loader, description="evaluating", total=total, transient=True)
     with eval_mode(model):
