@@ -75,13 +75,15 @@ class Quantization:
 
     ``per_channel``: one weight scale per output channel instead of one per tensor.
     ``exclude``: groups of :data:`GROUPS` kept in float. ``min_agreement``: the smallest
-    accepted fraction of images whose int8 top-1 is the fp32 model's.
+    accepted fraction of images whose int8 top-1 is the fp32 model's. ``op_types``: the op
+    types quantized (``()``: every type onnxruntime's quantizer of the mode handles).
     """
 
     mode: str = "dynamic"
     per_channel: bool = False
     exclude: tuple[str, ...] = ()
     min_agreement: float = MIN_AGREEMENT
+    op_types: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -94,6 +96,7 @@ class Quantization:
         if not 0.0 <= self.min_agreement <= 1.0:
             raise QuantizeError(f"min_agreement must be in [0, 1], got {self.min_agreement}")
         object.__setattr__(self, "exclude", tuple(g for g in GROUPS if g in self.exclude))
+        object.__setattr__(self, "op_types", tuple(self.op_types))
 
     @classmethod
     def default(cls, mode: str = "dynamic", min_agreement: float = MIN_AGREEMENT
@@ -106,12 +109,14 @@ class Quantization:
 
     def to_dict(self) -> dict[str, Any]:
         return {"mode": self.mode, "per_channel": self.per_channel,
-                "exclude": list(self.exclude), "min_agreement": self.min_agreement}
+                "exclude": list(self.exclude), "op_types": list(self.op_types),
+                "min_agreement": self.min_agreement}
 
 
 DEFAULTS: dict[str, dict[str, Any]] = {
     "dynamic": {"per_channel": False, "exclude": ()},
-    "static": {"per_channel": True, "exclude": ("static_maps", "aggregation")},
+    "static": {"per_channel": True, "exclude": ("static_maps", "aggregation"),
+               "op_types": ("Conv", "MatMul", "Gemm")},
 }
 """Per mode, the per-channel setting and excluded groups chosen by measurement (README)."""
 
@@ -247,7 +252,8 @@ def _run_quantizer(q: Any, config: Quantization, model: nn.Module, source: Path,
     exclude = [name for g in config.exclude for name in groups[g]]
     if config.mode == "dynamic":
         q.quantize_dynamic(str(source), str(target), weight_type=q.QuantType.QInt8,
-                           per_channel=config.per_channel, nodes_to_exclude=exclude)
+                           per_channel=config.per_channel, nodes_to_exclude=exclude,
+                           op_types_to_quantize=list(config.op_types) or None)
         return
     prepared = work / "prepared.onnx"
     # onnxruntime's recommended pre-processing: shape inference and graph simplification, so
@@ -256,7 +262,8 @@ def _run_quantizer(q: Any, config: Quantization, model: nn.Module, source: Path,
     q.quantize_static(str(prepared), str(target), _reader(q, calibration or []),
                       quant_format=q.QuantFormat.QDQ, per_channel=config.per_channel,
                       activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
-                      nodes_to_exclude=exclude, calibrate_method=q.CalibrationMethod.MinMax)
+                      nodes_to_exclude=exclude, calibrate_method=q.CalibrationMethod.MinMax,
+                      op_types_to_quantize=list(config.op_types) or None)
 
 
 def _stamp(source: Path, target: Path, config: Quantization) -> None:

@@ -557,7 +557,7 @@ def _quantization_config(quantize: str | None, calibration: Path | None, min_agr
     if exclude is not None:
         groups = tuple(g.strip() for g in exclude.split(",") if g.strip() not in ("", "none"))
     return Quantization(config.mode, config.per_channel if per_channel is None else per_channel,
-                        groups, min_agreement)
+                        groups, min_agreement, config.op_types)
 
 
 def _print_export(result: Any, console: Any, table_cls: Any) -> None:
