@@ -57,7 +57,7 @@ def speed(mode: str, threads: int, rounds: int, latency_rounds: int) -> dict:
     return data
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def accuracy(mode: str, threads: int, work: Path) -> dict:
     model = hetvit.load(ROOT / "assets" / "cifar10-fast").eval()
     calibration = (sample_images(DATA / "cifar10-train.tar.gz", model, 256)

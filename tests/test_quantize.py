@@ -301,3 +301,18 @@ def test_bench_int8_times_four_models_against_baseline_fp32(student):
 def test_cli_bench_quantize_needs_onnxruntime_runtime():
     res = runner.invoke(app, ["bench", "--model", "deit_tiny_patch16_224", "--quantize", "int8"])
     assert res.exit_code == 2 and "goes with --runtime onnxruntime" in res.output
+
+
+def test_cli_bench_quantize_prints_four_models(tmp_path):
+    tiny = ["--model", "deit_tiny_patch16_224", "--img-size", "32", "--patch-size", "8",
+            "--embed-dim", "32", "--depth", "4", "--num-heads", "2", "--num-classes", "10"]
+    quick = ["--rounds", "2", "--warmup", "0", "--min-time", "0", "--threads", "1",
+             "--batch-size", "2"]
+    target = tmp_path / "bench.json"
+    res = runner.invoke(app, ["bench", *tiny, "--plan", "fast", *quick, "--runtime",
+                              "onnxruntime", "--quantize", "int8", "--out", str(target)])
+    assert res.exit_code == 0, res.output
+    assert all(name in res.output for name in LINEUP) and "int8: onnxruntime dynamic" in res.output
+    data = json.loads(target.read_text())
+    assert set(data["throughput"]) == set(LINEUP) and data["latency"] is None
+    assert data["throughput"]["baseline fp32"]["speedup"] == 1.0

@@ -8,9 +8,10 @@ from .plan import Plan, PlanError
 __version__ = "0.1.0"
 
 __all__ = ["Plan", "PlanError", "compress", "fit", "FitConfig", "load", "save", "analyze",
-           "export_onnx", "__version__"]
-_SUBMODULES = ("aggregation", "attention", "baselines", "bench", "data", "demo", "evaluate",
-               "export", "fitting", "flops", "io", "patterns", "plan", "surgery", "training")
+           "export_onnx", "quantize_onnx", "__version__"]
+_SUBMODULES = ("aggregation", "attention", "baselines", "bench", "bench_int8", "data", "demo",
+               "evaluate", "export", "fitting", "flops", "io", "onnx_model", "patterns", "plan",
+               "quantize", "surgery", "training")
 
 
 def __getattr__(name: str):
@@ -35,6 +36,10 @@ def __getattr__(name: str):
         from .export import export_onnx
 
         return export_onnx
+    if name == "quantize_onnx":
+        from .quantize import quantize_onnx
+
+        return quantize_onnx
     if name in _SUBMODULES:  # hetvit.flops.formula_macs(...) after a plain `import hetvit`
         import importlib
 

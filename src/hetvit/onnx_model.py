@@ -52,12 +52,8 @@ class OnnxClassifier(nn.Module):
         self.num_classes = int(self.session.get_outputs()[0].shape[-1])
         if meta.get("classes") is not None:
             self.hetvit_classes = list(meta["classes"])
+        # how the graph was quantized (hetvit.quantize.Quantization.to_dict), None for fp32
         self.quantization: dict[str, Any] | None = meta.get("quantization")
-
-    @property
-    def describe(self) -> str:
-        q = self.quantization
-        return f"{self.path} ({'int8 ' + q['mode'] if q else 'fp32'}, onnxruntime)"
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = np.ascontiguousarray(images.detach().to("cpu", torch.float32).numpy())

@@ -36,6 +36,7 @@ from .aggregation import TokenAggregation
 from .attention import StaticAttention
 from .data import image_batches
 from .export import (
+    _BLOCK,
     INPUT_NAME,
     MIN_OPSET,
     ExportError,
@@ -54,6 +55,7 @@ from .export import (
     ort_session,
 )
 from .io import current_umask
+from .surgery import plan_of
 
 __all__ = ["quantize_onnx", "Quantization", "QuantParity", "QuantizeError", "node_groups",
            "MODES", "GROUPS", "DEFAULTS", "MIN_AGREEMENT"]
@@ -118,7 +120,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "static": {"per_channel": True, "exclude": ("static_maps", "aggregation"),
                "op_types": ("Conv", "MatMul", "Gemm")},
 }
-"""Per mode, the per-channel setting and excluded groups chosen by measurement (README)."""
+"""Per mode, the per-channel setting, the groups kept in float and the op types quantized, as
+chosen by measurement (README, "int8"); the static mode's uint8 activations likewise."""
 
 
 @dataclass
@@ -178,7 +181,7 @@ def node_groups(model: nn.Module, onnx_path: str | os.PathLike) -> dict[str, lis
         elif node.op_type == "LayerNormalization":
             groups["layernorm"].append(node.name)
         elif node.op_type == "MatMul":
-            match = re.search(r"/blocks\.(\d+)/", node.name)
+            match = _BLOCK.search(node.name)
             kind = kinds.get(int(match.group(1))) if match else None
             if kind == "aggregation":
                 groups["aggregation"].append(node.name)
@@ -319,8 +322,6 @@ def quantize_onnx(model: nn.Module, path: str | os.PathLike,
         _check_source(Path(source))
     batches = _calibration_batches(calibration) if config.mode == "static" else None
     path = Path(path)
-    from .surgery import plan_of
-
     tmp = _temp_beside(path)
     try:
         with tempfile.TemporaryDirectory(prefix="hetvit-int8-") as d:
