@@ -29,12 +29,14 @@ _LAZY = {
     "analyze": "patterns", "compress": "surgery", "fit": "fitting", "FitConfig": "fitting",
     "finetune": "training", "DistillConfig": "configs", "OptimConfig": "configs",
     "evaluate": "evaluation", "save": "io", "load": "io", "export_onnx": "export",
+    "quantize_onnx": "quantize",
 }
 __all__ = ["Plan", "HetvitError", *_LAZY, "__version__"]
-_SUBMODULES = ("aggregation", "attention", "baselines", "batches", "bench", "cache", "capture",
-               "configs", "data", "demo", "distill", "errors", "evaluation", "export", "files",
-               "fitting", "flops", "grid", "hosts", "io", "labels", "lightning_modules",
-               "metrics", "modes", "patterns", "plan", "recommend", "render", "runs", "surgery",
+_SUBMODULES = ("aggregation", "archives", "attention", "baselines", "batches", "bench",
+               "bench_int8", "cache", "capture", "configs", "data", "demo", "demo_inputs",
+               "distill", "errors", "evaluation", "export", "files", "fitting", "flops", "grid",
+               "hosts", "io", "labels", "lightning_modules", "metrics", "modes", "onnx_model",
+               "patterns", "plan", "quantize", "recommend", "render", "runs", "surgery",
                "trainer", "training", "weights")
 
 

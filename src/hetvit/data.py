@@ -316,7 +316,11 @@ def open_for_model(path: str | os.PathLike, model: nn.Module, transform: Callabl
 def data_config(model: nn.Module) -> dict[str, Any]:
     """The eval preprocessing of ``model`` (timm's data-config keys: ``input_size``,
     ``mean``, ``std``, ``interpolation``, ``crop_pct``), from its host
-    (:meth:`hetvit.hosts.base.Host.data_config`)."""
+    (:meth:`hetvit.hosts.base.Host.data_config`), or the one an ONNX model carries
+    (:class:`hetvit.onnx_model.OnnxClassifier`)."""
+    recorded = getattr(model, "hetvit_data_config", None)
+    if recorded is not None:
+        return dict(recorded)
     return host_of(model).data_config(model)
 
 

@@ -17,6 +17,7 @@ lets the graph check attribute each MatMul to a layer.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 import warnings
@@ -31,15 +32,17 @@ from torch import nn
 
 from .attention import StaticAttention
 from .batches import image_batches
-from .data import IMAGE_EXTENSIONS, make_transform, open_images
+from .data import IMAGE_EXTENSIONS, data_config, make_transform, open_images
 from .errors import DataError, ExportError, UnsupportedModelError
 from .files import clean_stale_temps, current_umask, temp_prefix
 from .hosts import describe, host_of
+from .io import _jsonable
+from .labels import class_names
 from .modes import eval_mode
 from .surgery import plan_of
 
 __all__ = ["export_onnx", "check_parity", "layer_matmuls", "ort_session", "ort_runner",
-           "load_images", "is_onnx_export",
+           "load_images", "is_onnx_export", "metadata",
            "ExportError", "ParityError", "Parity", "ExportResult", "MIN_OPSET"]
 
 MIN_OPSET = 17
@@ -90,6 +93,8 @@ class ExportResult:
     static_layers: tuple[int, ...] = ()
     matmuls: dict[int, int] = field(default_factory=dict)
     parity: list[Parity] = field(default_factory=list)
+    quantization: Any = None
+    """How the graph was quantized (:class:`hetvit.quantize.Quantization`); ``None``: fp32."""
 
     @property
     def graph_ok(self) -> bool:
@@ -166,11 +171,41 @@ def _write_onnx(model: nn.Module, path: Path, opset: int, batch_size: int) -> No
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           do_constant_folding=True)
+    _stamp(model, path)
+
+
+def _stamp(model: nn.Module, path: Path) -> None:
+    """Record in the graph's metadata what running it needs besides the graph: the eval
+    transform's data config and the class names, so that an ``.onnx`` file alone can be
+    evaluated (:mod:`hetvit.onnx_model`), and the plan, which marks it as hetvit's export."""
+    from .surgery import plan_of
+
+    onnx = _onnx()
+    proto = onnx.load(str(path))
+    meta = {"format": 1, "data_config": _jsonable(data_config(model)),
+            "classes": class_names(model), "plan": plan_of(model).to_dict()}
+    proto.metadata_props.add(key="hetvit", value=json.dumps(meta))
+    onnx.save(proto, str(path))
+
+
+def metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The hetvit metadata of an ONNX file (see :func:`_stamp`), or ``None`` if it has none."""
+    onnx = _onnx()
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        return None
+    value = next((p.value for p in proto.metadata_props if p.key == "hetvit"), None)
+    try:
+        return json.loads(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def is_onnx_export(path: str | os.PathLike) -> bool:
     """Whether ``path`` starts as an ONNX model written by ``torch.onnx`` does: field 1
-    (``ir_version``) then field 2 (``producer_name``) ``"pytorch"``.
+    (``ir_version``) then field 2 (``producer_name``) ``"pytorch"``, or as one quantized by
+    onnxruntime (``"onnx.quantize"``, :mod:`hetvit.quantize`).
 
     What ``hetvit export`` writes, so a re-export may replace it without ``--force``; a file of
     any other kind is not replaced unasked. Reads 32 bytes, whatever the file's size.
@@ -185,7 +220,8 @@ def is_onnx_export(path: str | os.PathLike) -> bool:
     i = 1
     while i < len(head) and head[i] & 0x80:  # the varint of ir_version
         i += 1
-    return head[i + 1:i + 10] == b"\x12\x07pytorch"
+    return (head[i + 1:i + 10] == b"\x12\x07pytorch"
+            or head[i + 1:i + 16] == b"\x12\x0donnx.quantize")
 
 
 def _temp_beside(path: Path) -> Path:
@@ -287,6 +323,11 @@ def _failure_message(result: ExportResult) -> str:
 
 
 # ----------------------------------------------------------------------------- graph check
+MATMULS = frozenset({"MatMul", "MatMulInteger", "QLinearMatMul", "DynamicQuantizeMatMul",
+                     "MatMulIntegerToFloat"})
+"""A matrix product in fp32 or in one of onnxruntime's int8 forms."""
+
+
 def layer_matmuls(model: nn.Module, onnx_path: str | os.PathLike) -> dict[int, int]:
     """Per transformer layer, the MatMuls of ``onnx_path`` whose two inputs depend on the image.
 
@@ -304,13 +345,20 @@ def layer_matmuls(model: nn.Module, onnx_path: str | os.PathLike) -> dict[int, i
     for node in graph.node:  # ONNX graphs are topologically sorted
         if any(name in dynamic for name in node.input):
             dynamic.update(node.output)
-            if node.op_type == "MatMul" and all(name in dynamic for name in node.input):
+            if node.op_type in MATMULS and all(name in dynamic for name in _operands(node)):
                 layer = host.layer_of_node(model, node.name)
                 if layer is None:
                     raise ExportError(f"graph check: cannot tell which layer the image x image "
                                       f"MatMul {node.name!r} belongs to")
                 counts[layer] += 1
     return counts
+
+
+def _operands(node: Any) -> list[str]:
+    """The two matrices of a MatMul node (QLinearMatMul interleaves scales and zero points)."""
+    if node.op_type == "QLinearMatMul":
+        return [node.input[0], node.input[3]]
+    return list(node.input[:2])
 
 
 # ----------------------------------------------------------------------------- onnxruntime

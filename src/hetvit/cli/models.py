@@ -308,6 +308,12 @@ def bench_command(
     runtime: Annotated[str, typer.Option(
         help="What runs the models: torch (eager, or compiled with --compile) or "
         "onnxruntime (both models exported to ONNX, fp32 on the CPU).")] = "torch",
+    quantize: Annotated[str | None, typer.Option(
+        "--quantize", help="int8 (with --runtime onnxruntime): time baseline and compressed, "
+        "each in fp32 and int8, side by side, as speedups over baseline fp32.")] = None,
+    quantize_mode: Annotated[str, typer.Option(
+        "--quantize-mode", help="With --quantize: dynamic, or static (QDQ, calibrated on random "
+        "images: right for speed only).")] = "dynamic",
     as_json: Annotated[bool, flag(
         "--json", help="Print the result as JSON (for machines) instead of the table.")
     ] = False,
@@ -352,8 +358,19 @@ def bench_command(
     elif device != "cpu":
         fail(f"--device {device!r}: use cpu or cuda")
     method = pop_method_options(sizes)
+    if quantize is not None:
+        if quantize.lower() != "int8" or runtime != "onnxruntime":
+            fail("--quantize int8 goes with --runtime onnxruntime")
+        if method["method"] is not None or compile or dtype != "fp32" or device != "cpu":
+            fail("--quantize int8 times hetvit plans in fp32 and int8 on the CPU: drop --method, "
+                 "--compile, --dtype and --device")
     overrides = _overrides(sizes)
     baseline, compressed, name, notes = _bench_models(model, checkpoint, plan, overrides, method)
+    if quantize is not None:
+        _bench_int8(baseline, compressed, name, notes, out, as_json, batch_size,
+                    dict(mode=quantize_mode, rounds=rounds, warmup=warmup, min_time=min_time,
+                         latency=latency, latency_rounds=latency_rounds, threads=threads))
+        return
     with user_errors():
         with err.status("timing the baseline and the compressed model side by side..."):
             result = compare(baseline, compressed, batch_size, rounds=rounds, warmup=warmup,
@@ -374,6 +391,34 @@ def bench_command(
     for note in notes:
         err.print(f"note: {note}", highlight=False)
 
+
+
+def _bench_int8(baseline: Any, compressed: Any, name: str, notes: list[str], out: Path | None,
+                as_json: bool, batch_size: int, options: dict[str, Any]) -> None:
+    """``bench --quantize int8``: the four models of :func:`hetvit.bench_int8.compare_int8`."""
+    import json
+
+    from rich.console import Console
+
+    from .. import files
+    from ..bench_int8 import compare_int8, render_int8
+    from ..hosts import input_size
+
+    with user_errors():
+        with Console(stderr=True).status("quantizing, then timing four models side by side..."):
+            result = compare_int8(baseline, compressed, batch_size, **options)
+    data = {"model": name, "plan": compressed.hetvit_plan.to_dict(), "notes": notes,
+            **result.to_dict()}
+    if out is not None:
+        with user_errors():
+            files.atomic_write_text(out, json.dumps(data, indent=2) + "\n")
+    if as_json:
+        print(json.dumps(data, indent=2))
+    else:
+        _, h, w = input_size(compressed)
+        Console().print(render_int8(result, title=f"{name} at {h}x{w}"))
+    for note in notes:
+        Console(stderr=True).print(f"note: {note}", highlight=False)
 
 
 # --- export -----------------------------------------------------------------------------------
@@ -403,9 +448,31 @@ def export_command(
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="Use at most this many of --images.")] = 64,
     atol: Annotated[float, typer.Option(help="Largest accepted |logit difference|.")] = 1e-4,
+    quantize: Annotated[str | None, typer.Option(
+        "--quantize", help="int8: quantize with onnxruntime's tools and check top-1 agreement "
+        "with the fp32 model instead of --atol.")] = None,
+    calibration: Annotated[Path | None, typer.Option(
+        "--calibration", help="With --quantize: images (a folder or archive) whose activation "
+        "ranges set static QDQ quantization's scales; without it, dynamic quantization.")
+    ] = None,
+    calibration_images: Annotated[int, typer.Option(
+        min=1, help="Images drawn at random from --calibration.")] = 256,
+    min_agreement: Annotated[float, typer.Option(
+        help="With --quantize: the smallest accepted fraction of images whose int8 top-1 is "
+        "the fp32 model's.")] = 0.98,
+    per_channel: Annotated[bool | None, typer.Option(
+        "--per-channel/--per-tensor", help="With --quantize: weight scales per output channel "
+        "or per tensor (default: the measured choice of the mode).")] = None,
+    exclude: Annotated[str | None, typer.Option(
+        help="With --quantize: node groups kept in float, comma-separated, from softmax, "
+        "layernorm, static_maps, aggregation ('none' for none; default: the measured choice)."),
+    ] = None,
     force: ForceOpt = False,
 ) -> None:
     """Export a model to ONNX (dynamic batch, static token shapes) and check it in onnxruntime.
+
+    With --quantize int8 the graph is quantized (dynamic, or static QDQ with --calibration)
+    and must agree with the fp32 model's top-1 on at least --min-agreement of the images.
 
     Exit code 0: written and checked; 1: the checks failed and nothing was written; 2: bad
     input (not a checkpoint, unwritable output, missing onnxruntime)."""
@@ -429,12 +496,23 @@ def export_command(
 
     if fmt.lower() != "onnx":
         fail(f"unsupported export format {fmt!r}: hetvit exports onnx")
+    config = None
     try:
+        config = _quantization_config(quantize, calibration, min_agreement, per_channel,
+                                      exclude, check)
         if check:
             _onnxruntime()
+        if config is not None:
+            from ..quantize import _quantization
+
+            _quantization()
         check_file_replaceable(out, is_onnx_export, force)
         _temp_beside(out).unlink()  # is --out writable? (before the model is loaded)
-    except (ExportError, OSError) as e:
+        if checkpoint.is_file() and is_onnx_export(checkpoint):
+            raise ValueError(f"{checkpoint} is an ONNX export, not a hetvit checkpoint: give the "
+                             "checkpoint it was exported from (the PyTorch model is the "
+                             "reference the export is checked against)")
+    except (ExportError, ValueError, OSError) as e:
         fail(str(e))
     try:
         model = open_model(None, checkpoint, model_flag=False)
@@ -443,7 +521,16 @@ def export_command(
             from ..export import load_images
 
             real = load_images(images, model, limit=limit)
-        result = export_onnx(model, out, opset=opset, check=check, images=real, atol=atol)
+        if config is None:
+            result = export_onnx(model, out, opset=opset, check=check, images=real, atol=atol)
+        else:
+            from ..data import sample_images
+            from ..quantize import quantize_onnx
+
+            cal = (sample_images(calibration, model, calibration_images)
+                   if calibration is not None else None)
+            result = quantize_onnx(model, out, config, calibration=cal, images=real,
+                                   opset=opset)
     except typer.Exit:
         raise
     except ParityError as e:
@@ -455,10 +542,36 @@ def export_command(
     _print_export(result, Console(soft_wrap=True), Table)
 
 
+def _quantization_config(quantize: str | None, calibration: Path | None, min_agreement: float,
+                         per_channel: bool | None, exclude: str | None, check: bool) -> Any:
+    """The :class:`hetvit.quantize.Quantization` the export options ask for, or None."""
+    if quantize is None:
+        if calibration is not None or exclude is not None or per_channel is not None:
+            raise ValueError("--calibration, --exclude and --per-channel go with --quantize int8")
+        return None
+    if quantize.lower() != "int8":
+        raise ValueError(f"--quantize {quantize!r}: hetvit quantizes to int8")
+    if not check:
+        raise ValueError("--quantize needs the checks (its agreement is the point): drop "
+                         "--no-check")
+    from ..quantize import Quantization
+
+    config = Quantization.default("static" if calibration is not None else "dynamic",
+                                  min_agreement=min_agreement)
+    groups = config.exclude
+    if exclude is not None:
+        groups = tuple(g.strip() for g in exclude.split(",") if g.strip() not in ("", "none"))
+    return Quantization(config.mode, config.per_channel if per_channel is None else per_channel,
+                        groups, min_agreement, config.op_types)
+
+
 def _print_export(result: Any, console: Any, table_cls: Any) -> None:
     """The graph check per layer and the parity figures of an export."""
     static = set(result.static_layers)
-    table = table_cls(title=f"{result.path} (opset {result.opset})")
+    q = result.quantization
+    how = (f", int8 {q.mode}, per-{'channel' if q.per_channel else 'tensor'}, float: "
+           f"{', '.join(q.exclude) or 'none'}" if q is not None else "")
+    table = table_cls(title=f"{result.path} (opset {result.opset}{how})")
     for name in ("layer", "attention", "image x image MatMuls"):
         table.add_column(name, justify="right")
     for layer, count in result.matmuls.items():

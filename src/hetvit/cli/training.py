@@ -26,6 +26,7 @@ from .common import (
     _size_options,
     _train_config,
     app,
+    fail,
     flag,
     open_given_model,
     open_model,
@@ -187,6 +188,7 @@ def evaluate_command(
     """Top-1 / top-5 accuracy and cross-entropy of a model on an image folder or archive.
 
     With --method tome or evit the model is evaluated under that training-free baseline.
+    --checkpoint FILE.onnx (fp32 or int8, from hetvit export) runs that graph in onnxruntime.
     """
     import json as json_lib
 
@@ -201,8 +203,10 @@ def evaluate_command(
     if threads is not None:
         torch.set_num_threads(threads)
     method = pop_method_options(source)
-    net, _ = open_given_model(**source)
-    net = apply_method(net, method)
+    net = _open_onnx(source, method, threads)
+    if net is None:
+        net, _ = open_given_model(**source)
+        net = apply_method(net, method)
     name = str(source["checkpoint"] or source["model"])
     if method["method"] is not None:
         from ..baselines import describe_baseline
@@ -231,3 +235,19 @@ def evaluate_command(
     Console().print(table)
 
 
+
+
+def _open_onnx(source: dict[str, Any], method: dict[str, Any], threads: int | None) -> Any:
+    """The ``--checkpoint FILE.onnx`` of ``evaluate`` as a model run by onnxruntime, or None
+    when the checkpoint is not an ONNX file."""
+    from ..onnx_model import OnnxClassifier, is_onnx_file
+
+    checkpoint = source.get("checkpoint")
+    if checkpoint is None or not is_onnx_file(checkpoint):
+        return None
+    others = [f"--{k.replace('_', '-')}" for k, v in {**source, **method}.items()
+              if k != "checkpoint" and v not in (None, False)]
+    if others:
+        fail(f"an .onnx --checkpoint is evaluated as it is: {', '.join(others)} cannot apply")
+    with user_errors():
+        return OnnxClassifier(checkpoint, threads=threads)

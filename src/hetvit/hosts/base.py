@@ -120,12 +120,21 @@ class Host(ABC):
     def projections(self, attention: nn.Module) -> Projections:
         """Copies of the value and output projections of a dynamic ``attention``."""
 
-    def layer_of_node(self, model: nn.Module, node_name: str) -> int | None:
-        """The plan layer an exported ONNX node belongs to, from its scoped name, or None.
-
-        The exporter scopes node names by module path; each host knows how its path reads.
-        """
+    def sequence_position(self, node_name: str) -> int | None:
+        """The position in :meth:`sequence` of the module an exported ONNX node belongs to,
+        from its scoped name (the exporter scopes node names by module path; each host knows
+        how its path reads), or None."""
         return None
+
+    def layer_of_node(self, model: nn.Module, node_name: str) -> int | None:
+        """The plan layer an exported ONNX node belongs to, or None (not in a block, or in an
+        aggregation stage)."""
+        position = self.sequence_position(node_name)
+        sequence = self.sequence(model)
+        if position is None or position >= len(sequence) or isinstance(sequence[position],
+                                                                        TokenAggregation):
+            return None
+        return sum(not isinstance(b, TokenAggregation) for b in sequence[:position])
 
     # ------------------------------------------------------------------ geometry of an arch
     def prefix_tokens(self, arch: Mapping[str, Any]) -> int:

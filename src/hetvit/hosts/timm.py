@@ -228,16 +228,10 @@ class TimmHost(Host):
                            norm=copy.deepcopy(getattr(attention, "norm", nn.Identity())),
                            drop=copy.deepcopy(getattr(attention, "proj_drop", nn.Identity())))
 
-    def layer_of_node(self, model: nn.Module, node_name: str) -> int | None:
+    def sequence_position(self, node_name: str) -> int | None:
         """timm scopes nodes ``/blocks.<position>/...``; positions count stages too."""
         match = _BLOCK_SCOPE.search(node_name)
-        if match is None:
-            return None
-        sequence = self.sequence(model)
-        position = int(match.group(1))
-        if position >= len(sequence) or isinstance(sequence[position], TokenAggregation):
-            return None
-        return sum(not isinstance(b, TokenAggregation) for b in sequence[:position])
+        return int(match.group(1)) if match else None
 
     # ------------------------------------------------------------------ geometry of an arch
     def prefix_tokens(self, arch: Mapping[str, Any]) -> int:
