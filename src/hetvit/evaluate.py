@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .hosts import logits as host_logits
+
 __all__ = ["evaluate"]
 
 
@@ -41,7 +43,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
                 continue
             images, target = batch
             images, target = images.to(device), target.to(device)
-            logits = model(images).float()
+            logits = host_logits(model, images).float()
             if logits.shape[-1] <= int(target.max()):
                 raise ValueError(f"a target class ({int(target.max())}) is beyond the model's "
                                  f"{logits.shape[-1]} outputs; is the class map right?")
