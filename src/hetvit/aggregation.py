@@ -154,14 +154,17 @@ class TokenAggregation(nn.Module):
 def token_sizes(stages: Sequence[TokenAggregation], num_patches: int) -> torch.Tensor:
     """How many original patches each patch token after ``stages`` stands for.
 
-    A patch starts as one; a new token ``m`` stands for ``sum_j P_mj size_j`` of them. For a
-    hard partition that is the size of its group; it follows the learned matrices (and their
+    A patch starts as one. Each old token ``j`` shares itself among the new tokens in
+    proportion to its column of ``P`` (``P_mj / sum_m P_mj``), so a new token stands for
+    ``sum_j size_j P_mj / sum_m P_mj``: for a hard partition, the size of its group. The sizes
+    always add up to ``num_patches``, and they follow the learned matrices (and their
     gradients), not the pooling they started from.
     """
     sizes = torch.ones(num_patches)
     for stage in stages:
         p = stage.matrix()
-        sizes = p @ sizes.to(p)
+        share = p / p.sum(0, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+        sizes = share @ sizes.to(p)
     return sizes
 
 
