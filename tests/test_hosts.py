@@ -254,7 +254,9 @@ def test_hf_directory_and_processor(tmp_path):
     assert torch.equal(logits(loaded, x), logits(model, x))
     cfg = hetvit.data.data_config(loaded)
     assert cfg["mean"] == (0.1, 0.2, 0.3) and cfg["std"] == (0.4, 0.5, 0.6)
-    assert cfg["crop_pct"] == 0.8 and cfg["interpolation"] == "bicubic"
+    assert cfg["interpolation"] == "bicubic"
+    resize = hetvit.data.make_transform(loaded).transforms[0]
+    assert resize.size == 40  # the processor's size, then its 32 px centre crop
     assert cfg["input_size"] == (3, 32, 32)
     with pytest.raises(hetvit.errors.UsageError, match="config.json"):
         hetvit.surgery.load_model(f"hf:{tmp_path / 'deit'}", img_size=64)

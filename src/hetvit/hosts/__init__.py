@@ -68,5 +68,8 @@ def input_size(model: nn.Module) -> tuple[int, int, int]:
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``model``'s output for images ``x`` as one tensor (its host knows which field of an
-    output object that is)."""
+    output object that is); a model no host claims is any classifier: ``model(x)``."""
+    if getattr(model, "hetvit_source", None) is None and not any(
+            h.claims(model) for h in HOSTS.values()):
+        return model(x)
     return host_of(model).logits(model, x)

@@ -216,7 +216,9 @@ class HFHost(Host):
         crop_pct = 1.0
         if p.get("do_center_crop"):
             crop = _size(p.get("crop_size"), img)
-            crop_pct = crop[0] / size[0]
+            # timm resizes to floor(crop / crop_pct): half a pixel of slack keeps the float
+            # division from landing one pixel short of ``size``
+            crop_pct = crop[0] / (size[0] + 0.5)
         normalize = p.get("do_normalize", True)
         return {
             "input_size": (arch["in_chans"], *img),
