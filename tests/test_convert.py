@@ -69,4 +69,4 @@ def test_compressing_either_gives_the_same_top1(pair):
         results.append(evaluate(compressed, make_loader(subset, batch_size=50)))
     assert results[0]["n"] == results[1]["n"] == 100
     assert abs(results[0]["top1"] - results[1]["top1"]) <= 0.001
-    assert results[0]["top1"] > 0.3  # trained (chance is 0.1): the comparison is not between two guesses
+    assert results[0]["top1"] > 0.3  # trained (chance: 0.1), not two guesses compared

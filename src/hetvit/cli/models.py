@@ -22,10 +22,10 @@ from . import (
 )
 from .methods import _method_options, apply_method, pop_method_options
 
-MODEL_HELP = ("timm model name of a plain ViT with a fixed input size (DeiT, DeiT-3, ViT augreg, "
-              "DINOv2, registers, CLIP; hybrid CNN stems and attention-pooling heads are "
-              "refused), e.g. deit_small_patch16_224, or hf:DIR for a Hugging Face "
-              "save_pretrained directory (ViT, DeiT)")
+MODEL_HELP = ("timm model name of a plain ViT with a fixed input size (DeiT, DeiT-3, ViT augreg; "
+              "hybrid CNN stems and attention-pooling heads are refused), e.g. "
+              "deit_small_patch16_224 (also DINOv2, register tokens, CLIP), or hf:DIR for a "
+              "Hugging Face save_pretrained directory (ViT, DeiT)")
 ForceOpt = Annotated[bool, flag(
     "--force", help="Overwrite --out even if it is a file this command did not write.")]
 
