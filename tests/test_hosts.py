@@ -221,6 +221,11 @@ def test_hf_compressed_model_keeps_hf_s_interface():
     assert isinstance(dynamic, tuple) and len(dynamic) == 2
     assert isinstance(static, tuple) and len(static) == 2 and static[0].shape == dynamic[0].shape
     assert isinstance(layer(tokens), torch.Tensor)
+    slot = compressed.vit.layers[0].attention
+    visible = torch.ones(2, 1, 17, 17, dtype=torch.bool)
+    torch.testing.assert_close(slot(tokens, visible)[0], static[0])  # a mask hiding nothing
+    with pytest.raises(hetvit.errors.UsageError, match="mask"):
+        slot(tokens, visible.tril())
     stage = compressed.vit.layers[2]
     assert stage(torch.randn(2, 17, 32), None).shape == (2, 9, 32)  # HF's call, a mask slot
     out = compressed(pixel_values=x)

@@ -29,13 +29,13 @@ from torch import nn
 
 from ..aggregation import TokenAggregation
 from ..attention import StaticAttention
-from ..errors import UnsupportedModelError
+from ..errors import UnsupportedModelError, UsageError
 from .base import Arch, Host, Projections
 
 __all__ = ["HFHost", "StaticSlot", "StageSlot", "load_hf", "transformers_module",
            "CLASSES", "MIN_VERSION"]
 
-MIN_VERSION = "5.17"  # the oldest release whose ViT layout this host was checked against
+MIN_VERSION = "5.18"  # the oldest release checked (5.17 builds a full-length mask when tracing)
 CLASSES = ("ViTForImageClassification", "ViTModel", "DeiTForImageClassification",
            "DeiTForImageClassificationWithTeacher")
 _LAYER_SCOPE = re.compile(r"/layers\.(\d+)/")
@@ -77,7 +77,19 @@ class StaticSlot(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 **_: Any) -> tuple[torch.Tensor, None]:
-        return self.static(hidden_states, attention_mask), None
+        if attention_mask is not None and not _allows_all(attention_mask):
+            raise UsageError("static attention cannot apply an attention mask that hides "
+                             "tokens: its map is the same for every image")
+        return self.static(hidden_states), None
+
+
+def _allows_all(mask: torch.Tensor) -> bool:
+    """Whether an HF attention mask (boolean: True attends; additive: 0 attends) hides nothing.
+
+    Some transformers releases build such a mask for every forward (while tracing, say) even
+    when none was given; images have no padding, so it is all-visible.
+    """
+    return bool(mask.all()) if mask.dtype == torch.bool else bool((mask == 0).all())
 
 
 class StageSlot(nn.Module):
