@@ -7,6 +7,8 @@ replaces the ``N_p`` patch tokens with ``M`` new ones, each a convex combination
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,7 +17,8 @@ from .cache import EvalCache
 from .errors import DataError, PlanError, UsageError
 from .grid import pool_grid
 
-__all__ = ["TokenAggregation", "pooling_matrix", "cluster_matrix", "clustering_cost"]
+__all__ = ["TokenAggregation", "SizeWeightedTokens", "token_sizes", "pooling_matrix",
+           "cluster_matrix", "clustering_cost"]
 
 
 def pooling_matrix(grid: tuple[int, int], m: int) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -146,3 +149,52 @@ class TokenAggregation(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_in} -> {self.num_out} tokens, grid {self.grid_in} -> {self.grid_out}, "
                 f"prefix={self.num_prefix_tokens}")
+
+
+def token_sizes(stages: Sequence[TokenAggregation], num_patches: int) -> torch.Tensor:
+    """How many original patches each patch token after ``stages`` stands for.
+
+    A patch starts as one. Each old token ``j`` shares itself among the new tokens in
+    proportion to its column of ``P`` (``P_mj / sum_m P_mj``), so a new token stands for
+    ``sum_j size_j P_mj / sum_m P_mj``: for a hard partition, the size of its group. The sizes
+    always add up to ``num_patches``, and they follow the learned matrices (and their
+    gradients), not the pooling they started from.
+    """
+    sizes = torch.ones(num_patches)
+    for stage in stages:
+        p = stage.matrix()
+        share = p / p.sum(0, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny)
+        sizes = share @ sizes.to(p)
+    return sizes
+
+
+class SizeWeightedTokens(nn.Module):
+    """The final norm of a ViT that averages its patch tokens (timm's ``global_pool='avg'``),
+    followed by a weighting that makes that average count every original patch once.
+
+    After aggregation an unweighted mean over the ``M`` tokens would give a token that stands
+    for ten patches the same say as one that stands for one. Scaling token ``m`` by
+    ``M * size_m / sum(size)`` turns the library's own mean into the size-weighted one, so
+    the head's forward is left as it is: when aggregation only merges equal tokens, the output
+    is the source model's. Prefix tokens pass through untouched.
+
+    The stages are read, not owned (they live in the block sequence): they are held in a plain
+    tuple, which the host sets whenever it changes the sequence.
+    """
+
+    def __init__(self, norm: nn.Module, num_prefix_tokens: int,
+                 stages: Sequence[TokenAggregation] = ()) -> None:
+        super().__init__()
+        self.norm = norm
+        self.num_prefix_tokens = num_prefix_tokens
+        self.stages: tuple[TokenAggregation, ...] = tuple(stages)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.norm(x)
+        if not self.stages:
+            return x
+        k = self.num_prefix_tokens
+        sizes = token_sizes(self.stages, self.stages[0].num_in).to(x)
+        weight = sizes * (sizes.numel() / sizes.sum())
+        patches = x[:, k:] * weight[None, :, None]
+        return torch.cat([x[:, :k], patches], dim=1) if k else patches

@@ -11,6 +11,7 @@ from rich.progress import track
 from torch import nn
 
 from .errors import DataError
+from .hosts import logits as host_logits
 from .metrics import topk_correct
 from .modes import eval_mode
 
@@ -42,7 +43,7 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
                 continue
             images, target = batch
             images, target = images.to(device), target.to(device)
-            logits = model(images).float()
+            logits = host_logits(model, images).float()
             if logits.shape[-1] <= int(target.max()):
                 raise DataError(f"a target class ({int(target.max())}) is beyond the model's "
                                  f"{logits.shape[-1]} outputs; is the class map right?")

@@ -35,7 +35,7 @@ from .batches import image_batches
 from .data import IMAGE_EXTENSIONS, data_config, make_transform, open_images
 from .errors import DataError, ExportError, UnsupportedModelError
 from .files import clean_stale_temps, current_umask, temp_prefix
-from .hosts import describe, host_of
+from .hosts import describe, host_of, logits
 from .io import _jsonable
 from .labels import class_names
 from .modes import eval_mode
@@ -160,6 +160,19 @@ def _inference_mode(model: nn.Module) -> Iterator[None]:
             m.guide, m.mix = guide, mix
 
 
+class _Logits(nn.Module):
+    """``model`` with its host's :meth:`~hetvit.hosts.base.Host.logits` as forward, so that
+    a library whose forward returns an output object exports one tensor. Its one child is
+    ``model`` under the name ``model``: node scopes gain a ``/model`` in front."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return logits(self.model, x)
+
+
 def _write_onnx(model: nn.Module, path: Path, opset: int, batch_size: int) -> None:
     c, h, w = _input_shape(model)
     param = next(model.parameters())
@@ -167,7 +180,7 @@ def _write_onnx(model: nn.Module, path: Path, opset: int, batch_size: int) -> No
     with _inference_mode(model), torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about the token-count checks; token shapes are static by design.
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(path), opset_version=opset, dynamo=False,
+        torch.onnx.export(_Logits(model), (example,), str(path), opset_version=opset, dynamo=False,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                           do_constant_folding=True)
@@ -424,7 +437,7 @@ def check_parity(model: nn.Module, onnx: str | os.PathLike | Any,
     worst, agree, ties, n = 0.0, 0, 0, 0
     with _inference_mode(model):
         for batch in image_batches(images, batch_size):
-            ref = model(batch.to(param)).float().cpu().numpy()
+            ref = logits(model, batch.to(param)).float().cpu().numpy()
             out = session.run(None, {INPUT_NAME: _numpy(batch)})[0]
             if out.shape != ref.shape:
                 raise ExportError(f"onnxruntime returned shape {out.shape}, PyTorch "

@@ -37,7 +37,7 @@ from .attention import StaticAttention
 from .batches import image_batches
 from .distill import kd_loss
 from .errors import FitError
-from .hosts import input_size
+from .hosts import input_size, logits
 from .modes import eval_mode
 from .surgery import is_compressed, source_mismatch
 
@@ -269,8 +269,8 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
                 for i in range(0, len(x_all), config.batch_size):
                     x = augment(x_all[order[i:i + config.batch_size].to(x_all.device)], config, gen)
                     with torch.no_grad():
-                        target = teacher(x)
-                    loss = kd_loss(model(x), target, config.temperature)
+                        target = logits(teacher, x)
+                    loss = kd_loss(logits(model, x), target, config.temperature)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

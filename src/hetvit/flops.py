@@ -43,9 +43,8 @@ def formula_macs(arch: dict[str, Any], plan: Plan | None = None) -> int:
     rows, cols = token_grid(arch)
     ph, pw = arch["patch_size"]
     stem = rows * cols * arch["in_chans"] * ph * pw * arch["embed_dim"]
-    heads = 2 if arch.get("distilled") else 1
     blocks = sum(r["macs"] for r in plan_layers(arch, plan or Plan()))
-    return stem + blocks + heads * arch["embed_dim"] * arch["num_classes"]
+    return stem + blocks + host_for(arch).head_macs(arch)
 
 
 @torch.no_grad()
@@ -70,6 +69,8 @@ def count_macs(model: nn.Module, img_size: tuple[int, int] | None = None) -> int
     def attention(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
         nonlocal total
         n = args[0].shape[1]
+        if isinstance(out, tuple):  # HF attention returns (output, weights)
+            out = out[0]
         # attn_dim first: an attention that returns more than its output (the baselines'
         # TokenAttention gives q and k too) is still counted
         attn_dim = getattr(mod, "attn_dim", None) or out.shape[-1]

@@ -26,6 +26,7 @@ from .data import sample_images
 from .errors import DataError, PlanError, UsageError
 from .grid import token_grid
 from .hosts import describe, host_for, host_of
+from .hosts.hf import load_hf
 from .hosts.timm import create_timm_model
 from .modes import eval_mode
 from .plan import PRESETS, Plan
@@ -46,12 +47,25 @@ def build_model(arch: dict[str, Any]) -> nn.Module:
     return host_for(arch).build(arch)
 
 
+HF_PREFIX = "hf:"  # --model hf:DIR: a Hugging Face model directory
+
+
 def load_model(name: str, checkpoint: str | Path | None = None, **overrides: Any) -> nn.Module:
-    """A timm model by name, with weights from a local checkpoint file if one is given.
+    """A timm model by name, or ``hf:DIR`` (a local Hugging Face ``save_pretrained``
+    directory), with weights from a local checkpoint file if one is given.
 
     Reads every file :func:`hetvit.weights.read_state_dict` reads. Without a checkpoint the
-    weights are random, and a warning says so.
+    weights of a timm model are random, and a warning says so; an HF directory holds its own.
+    ``overrides`` are ``timm.create_model`` keywords; an HF model's sizes are its config's.
     """
+    if name.startswith(HF_PREFIX):
+        if overrides:
+            raise UsageError(f"{', '.join(overrides)}: size options build timm models; an HF "
+                             f"model's sizes are in its config.json")
+        model = load_hf(name[len(HF_PREFIX):])
+        if checkpoint is not None:
+            load_weights(model, checkpoint)
+        return model
     model = create_timm_model(name, **overrides)
     if checkpoint is None:
         warnings.warn(f"{name}: no checkpoint given, the weights are random (speed does not "

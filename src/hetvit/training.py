@@ -147,7 +147,7 @@ def finetune(teacher: nn.Module, plan: Plan | None, train_loader: Any, val_loade
     if not isinstance(plan, Plan):
         raise TrainingError(f"plan must be a hetvit.Plan (or None with student=), got "
                             f"{type(plan).__name__}: make one with hetvit.Plan(...) or "
-                            "hetvit.Plan.preset(name, teacher)")
+                            "hetvit.surgery.preset(name, teacher)")
     cluster = _check_distill(plan, distill)
     run = None if out is None else Path(out)
     if run is not None:

@@ -131,7 +131,8 @@ TeacherOpt = Annotated[Path | None, typer.Option(
     help="The teacher: a hetvit checkpoint directory (e.g. from `hetvit train`: RUN/model) or a "
     "`hetvit train` last.ckpt.")]
 TeacherModelOpt = Annotated[str | None, typer.Option(
-    help="Or the teacher as a timm model name, with --checkpoint for its weights.")]
+    help="Or the teacher as a timm model name, with --checkpoint for its weights, or hf:DIR "
+    "(a Hugging Face model directory).")]
 TeacherWeightsOpt = Annotated[Path | None, typer.Option(
     help="Weights file for --model (.pth, .safetensors, or a `hetvit train` .ckpt).")]
 
@@ -350,7 +351,8 @@ def _model_options(
         "train .ckpt file; with --model, the weights file for it (as everywhere else)."),
     ] = None,
     model: Annotated[str | None, typer.Option(
-        "--model", help="A timm model name, with its weights in --checkpoint FILE or --weights."),
+        "--model", help="A timm model name, with its weights in --checkpoint FILE or --weights, or "
+        "hf:DIR (a Hugging Face model directory, weights included)."),
     ] = None,
     weights: Annotated[Path | None, typer.Option(
         "--weights", help="Weights for --model: .safetensors, .pth or Lightning .ckpt."),
@@ -371,7 +373,8 @@ def open_given_model(checkpoint: Path | None, model: str | None, weights: Path |
         fail("give --checkpoint DIR|FILE, or --model NAME with --checkpoint FILE / --weights FILE")
     if weights is not None and model is None:
         fail("--weights goes with --model")
-    untrained = model is not None and weights is None
+    # an HF directory holds its weights (load_hf warns when it has none)
+    untrained = model is not None and weights is None and not model.startswith("hf:")
     with user_errors():
         net = open_model(model, checkpoint if model is None else weights,
                          {k: v for k, v in overrides.items() if v is not None}, quiet=untrained)

@@ -24,7 +24,8 @@ from .methods import _method_options, apply_method, pop_method_options
 
 MODEL_HELP = ("timm model name of a plain ViT with a fixed input size (DeiT, DeiT-3, ViT augreg; "
               "hybrid CNN stems and attention-pooling heads are refused), e.g. "
-              "deit_small_patch16_224")
+              "deit_small_patch16_224 (also DINOv2, register tokens, CLIP), or hf:DIR for a "
+              "Hugging Face save_pretrained directory (ViT, DeiT)")
 ForceOpt = Annotated[bool, flag(
     "--force", help="Overwrite --out even if it is a file this command did not write.")]
 
@@ -161,7 +162,8 @@ def compress(
         help="Directory to write the compressed checkpoint to (an earlier checkpoint there is "
         "replaced; a folder of other files is refused).")],
     model: Annotated[str | None, typer.Option(
-        help="timm model name, e.g. deit_small_patch16_224.")] = None,
+        help="timm model name, e.g. deit_small_patch16_224, or hf:DIR (a Hugging Face "
+        "model directory).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(
         help="Weights for --model (.pth/.safetensors/.ckpt), or a hetvit checkpoint directory "
         "(then --model is not needed).")] = None,

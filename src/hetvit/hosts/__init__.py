@@ -11,15 +11,18 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
 from .base import Arch, Host
+from .hf import HFHost
 from .timm import TimmHost
 
-__all__ = ["HOSTS", "Host", "Arch", "host_of", "host_for", "describe", "supported", "input_size"]
+__all__ = ["HOSTS", "Host", "Arch", "host_of", "host_for", "describe", "supported", "input_size",
+           "logits"]
 
-HOSTS: dict[str, Host] = {h.name: h for h in (TimmHost(),)}
+HOSTS: dict[str, Host] = {h.name: h for h in (TimmHost(), HFHost())}
 DEFAULT_HOST = "timm"  # descriptions saved before hosts existed are timm's
 
 
@@ -61,3 +64,12 @@ def describe(model: nn.Module) -> Arch:
 def input_size(model: nn.Module) -> tuple[int, int, int]:
     """``(channels, height, width)`` of one image ``model`` takes."""
     return host_of(model).input_size(describe(model))
+
+
+def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s output for images ``x`` as one tensor (its host knows which field of an
+    output object that is); a model no host claims is any classifier: ``model(x)``."""
+    if getattr(model, "hetvit_source", None) is None and not any(
+            h.claims(model) for h in HOSTS.values()):
+        return model(x)
+    return host_of(model).logits(model, x)

@@ -69,6 +69,18 @@ class Host(ABC):
         """The model's eval preprocessing, with timm's data-config keys: ``input_size``,
         ``mean``, ``std``, ``interpolation``, ``crop_pct``."""
 
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """What ``model`` outputs for images ``x`` as one tensor (``B x classes``): what
+        evaluation, distillation and export compare. Libraries whose forward returns an
+        output object say which of its fields it is."""
+        return model(x)
+
+    def head_macs(self, arch: Mapping[str, Any]) -> int:
+        """MACs per image after the last block: one classifier (two with a distillation
+        head) on the pooled token."""
+        heads = 2 if arch.get("distilled") else 1
+        return heads * int(arch["embed_dim"]) * int(arch["num_classes"])
+
     @abstractmethod
     def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The token features before the head (``B x N x D``), by the library's own code."""

@@ -21,7 +21,7 @@ from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..aggregation import TokenAggregation
+from ..aggregation import SizeWeightedTokens, TokenAggregation
 from ..attention import StaticAttention
 from ..errors import UnsupportedModelError
 from .base import Arch, Host, Projections
@@ -37,6 +37,16 @@ _ARCH_KWARGS = ("img_size", "patch_size", "in_chans", "num_classes", "global_poo
                 "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_norm", "init_values",
                 "class_token", "reg_tokens", "no_embed_class", "pre_norm", "fc_norm")
 _BLOCK_SCOPE = re.compile(r"/blocks\.(\d+)/")
+# What the method lacks for timm's other ViT families, by class.
+_REFUSED = {
+    "Eva": (" (EVA): its rotary position embedding (rope) turns q and k by each token's grid "
+            "position in every block, and an aggregated token has no grid position"),
+    "Beit": (" (BEiT): every attention adds a relative position bias looked up by pairs of grid "
+             "positions, which aggregated tokens do not have"),
+    "SwinTransformer": (" (Swin): it attends within shifted windows of a feature map that patch "
+                        "merging shrinks, so there is neither one global attention map per "
+                        "layer nor one token sequence to aggregate"),
+}
 
 
 def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
@@ -62,16 +72,19 @@ def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
 class TimmHost(Host):
     name = "timm"
     supported = ("timm VisionTransformer models with a fixed input size: DeiT (tiny/small/base "
-                 "and the distilled variants), ViT (augreg) and DeiT-3 (LayerScale)")
+                 "and the distilled variants), ViT (augreg, global_pool 'token' or 'avg'), "
+                 "DeiT-3 and DINOv2 (LayerScale), register tokens, CLIP-style pre-norm")
 
     # ------------------------------------------------------------------ the model as a whole
     def claims(self, model: nn.Module) -> bool:
-        return isinstance(model, VisionTransformer)
+        """Every timm model: those it cannot compress get :meth:`check`'s reason."""
+        return isinstance(model, VisionTransformer) or type(model).__module__.startswith("timm.")
 
     def check(self, model: nn.Module) -> None:
         if not isinstance(model, VisionTransformer):
-            raise UnsupportedModelError(f"{type(model).__name__} is not supported: hetvit "
-                                        f"compresses {self.supported}")
+            reason = _REFUSED.get(type(model).__name__, "")
+            raise UnsupportedModelError(f"{type(model).__name__} is not supported{reason}: "
+                                        f"hetvit compresses {self.supported}")
         if getattr(model, "dynamic_img_size", False):
             raise UnsupportedModelError("this ViT takes a dynamic image size; static attention "
                                         "and token aggregation need a fixed token count. Create "
@@ -185,7 +198,16 @@ class TimmHost(Host):
         return list(model.blocks)
 
     def set_sequence(self, model: nn.Module, modules: list[nn.Module]) -> None:
+        """With ``global_pool='avg'`` and aggregation stages, the final norm also weights each
+        patch token by how many patches it stands for (:class:`SizeWeightedTokens`), so
+        timm's own mean over tokens counts every patch once."""
         model.blocks = nn.Sequential(*modules)
+        if getattr(model, "global_pool", None) != "avg":
+            return
+        stages = self.stages(model)
+        norm = model.norm.norm if isinstance(model.norm, SizeWeightedTokens) else model.norm
+        model.norm = SizeWeightedTokens(norm, model.num_prefix_tokens, stages) if stages \
+            else norm
 
     def attention(self, block: nn.Module) -> nn.Module:
         return block.attn
