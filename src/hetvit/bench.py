@@ -416,15 +416,37 @@ def _iterations(runners: list[Runner], min_time: float) -> list[int]:
     return [max(1, math.ceil(min_time / max(_timed(r, 1), 1e-6))) for r in runners]
 
 
-def _alternate(runners: list[Runner], iters: list[int], rounds: int,
-               measure: Callable[[Runner, int], float]) -> list[list[float]]:
-    """``measure`` both runners ``rounds`` times in A B, B A, A B... order (cancels drift)."""
-    values: list[list[float]] = [[], []]
+def _rotate(runners: list[Runner], iters: list[int], rounds: int,
+            measure: Callable[[Runner, int], float]) -> list[list[float]]:
+    """``measure`` every runner once a round, forward order in even rounds and backward in odd
+    (A B, B A, ... for two): drift over the run cancels out of the ratios."""
+    values: list[list[float]] = [[] for _ in runners]
     for r in range(rounds):
-        order = (0, 1) if r % 2 == 0 else (1, 0)
+        order = range(len(runners)) if r % 2 == 0 else reversed(range(len(runners)))
         for i in order:
             values[i].append(measure(runners[i], iters[i]))
     return values
+
+
+def timed_rounds(runners: list[Runner], batch: int, rounds: int, unit: str, *, warmup: int,
+                 min_time: float) -> list[list[float]]:
+    """Each runner's ``rounds`` measurements, in ``unit`` (``"ms"`` per call or ``"img/s"`` at
+    ``batch``): after ``warmup`` calls, with iteration counts sized to ``min_time`` and the
+    garbage collector off while timing (its pauses would land on whichever model ran)."""
+    for r in runners:
+        for _ in range(warmup):
+            r()
+    iters = _iterations(runners, min_time)
+    gc.collect()
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        if unit == "ms":
+            return _rotate(runners, iters, rounds, _per_call_ms)
+        return _rotate(runners, iters, rounds, lambda r, k: k * batch / _timed(r, k))
+    finally:
+        if gc_was:
+            gc.enable()
 
 
 def compare(baseline: nn.Module, compressed: nn.Module, batch_size: int = 32, *,
@@ -479,22 +501,8 @@ def compare(baseline: nn.Module, compressed: nn.Module, batch_size: int = 32, *,
         def measure(batch: int, n_rounds: int, what: str) -> Paired:
             x = torch.randn(batch, *sizes[0], generator=gen).to(device=dev, dtype=dt)
             runners = [RUNTIMES[runtime](m, x, settings) for m in models]
-            for r in runners:
-                for _ in range(warmup):
-                    r()
-            iters = _iterations(runners, min_time)
-            gc.collect()
-            gc_was = gc.isenabled()
-            gc.disable()
-            try:
-                if what == "ms":
-                    values = _alternate(runners, iters, n_rounds, _per_call_ms)
-                else:
-                    values = _alternate(runners, iters, n_rounds,
-                                        lambda r, n: n * batch / _timed(r, n))
-            finally:
-                if gc_was:
-                    gc.enable()
+            values = timed_rounds(runners, batch, n_rounds, what, warmup=warmup,
+                                  min_time=min_time)
             return Paired(what, values[0], values[1])
 
         throughput = measure(batch_size, rounds, "img/s")

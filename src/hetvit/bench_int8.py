@@ -13,7 +13,6 @@ accuracy of an int8 model is ``hetvit export --quantize int8``'s and ``hetvit ev
 
 from __future__ import annotations
 
-import gc
 import statistics
 import tempfile
 from collections.abc import Callable
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bench import ModelInfo, Settings, _iterations, _per_call_ms, _timed, environment, model_info
+from .bench import ModelInfo, Settings, environment, model_info, timed_rounds
 from .errors import BenchError
 from .export import ort_runner, ort_session
 from .hosts import input_size
@@ -89,17 +88,6 @@ def _int8_runner(model: nn.Module, config: Quantization, calibration: torch.Tens
     return (lambda x: session.run(None, {"images": x})), agree
 
 
-def _rotate(runners: list[Callable[[], Any]], iters: list[int], rounds: int,
-            measure: Callable[[Callable[[], Any], int], float]) -> list[list[float]]:
-    """``measure`` every runner once a round, forward order in even rounds, backward in odd."""
-    values: list[list[float]] = [[] for _ in runners]
-    for r in range(rounds):
-        order = range(len(runners)) if r % 2 == 0 else reversed(range(len(runners)))
-        for i in order:
-            values[i].append(measure(runners[i], iters[i]))
-    return values
-
-
 def compare_int8(baseline: nn.Module, compressed: nn.Module, batch_size: int = 32, *,
                  mode: str = "dynamic", rounds: int = 7, warmup: int = 2,
                  min_time: float = 1.0, latency: bool = False, latency_rounds: int | None = None,
@@ -134,22 +122,8 @@ def compare_int8(baseline: nn.Module, compressed: nn.Module, batch_size: int = 3
         def measure(batch: int, n_rounds: int, unit: str) -> dict[str, list[float]]:
             x = np.ascontiguousarray(torch.randn(batch, c, h, w, generator=gen).numpy())
             runners = [lambda f=f: f(x) for f in fns]
-            for r in runners:
-                for _ in range(warmup):
-                    r()
-            iters = _iterations(runners, min_time)
-            gc.collect()
-            gc_was = gc.isenabled()
-            gc.disable()
-            try:
-                if unit == "ms":
-                    values = _rotate(runners, iters, n_rounds, _per_call_ms)
-                else:
-                    values = _rotate(runners, iters, n_rounds,
-                                     lambda r, k: k * batch / _timed(r, k))
-            finally:
-                if gc_was:
-                    gc.enable()
+            values = timed_rounds(runners, batch, n_rounds, unit, warmup=warmup,
+                                  min_time=min_time)
             return dict(zip(LINEUP, values, strict=True))
 
         throughput = measure(batch_size, rounds, "img/s")

@@ -331,13 +331,11 @@ def bench_command(
     GMAC saved (efficiency). With --method tome or evit the "compressed" model is that
     training-free baseline instead of a hetvit plan, for comparison.
     """
-    import json
 
     from rich.console import Console
 
     from .. import files
     from ..bench import DTYPES, RUNTIMES, compare, render
-    from ..hosts import input_size
 
     err = Console(stderr=True)
     if out is not None:  # before the timing, which takes minutes
@@ -382,35 +380,38 @@ def bench_command(
     reduced = getattr(compressed, "hetvit_baseline", None)
     data = {"model": name, "plan": None if reduced else compressed.hetvit_plan.to_dict(),
             **({"method": reduced} if reduced else {}), "notes": notes, **result.to_dict()}
-    if out is not None:
-        with user_errors():
-            files.atomic_write_text(out, json.dumps(data, indent=2) + "\n")
-    if as_json:
-        print(json.dumps(data, indent=2))
-    else:
-        _, h, w = input_size(compressed)
-        Console().print(render(result, title=f"{name} at {h}x{w}"))
-    for note in notes:
-        err.print(f"note: {note}", highlight=False)
+    _show_bench(data, out, as_json, lambda title: render(result, title=title), compressed,
+                name, notes)
 
 
 
 def _bench_int8(baseline: Any, compressed: Any, name: str, notes: list[str], out: Path | None,
                 as_json: bool, batch_size: int, options: dict[str, Any]) -> None:
     """``bench --quantize int8``: the four models of :func:`hetvit.bench_int8.compare_int8`."""
-    import json
-
     from rich.console import Console
 
-    from .. import files
     from ..bench_int8 import compare_int8, render_int8
-    from ..hosts import input_size
 
     with user_errors():
         with Console(stderr=True).status("quantizing, then timing four models side by side..."):
             result = compare_int8(baseline, compressed, batch_size, **options)
     data = {"model": name, "plan": compressed.hetvit_plan.to_dict(), "notes": notes,
             **result.to_dict()}
+    _show_bench(data, out, as_json, lambda title: render_int8(result, title=title), compressed,
+                name, notes)
+
+
+def _show_bench(data: dict[str, Any], out: Path | None, as_json: bool,
+                table: Any, compressed: Any, name: str, notes: list[str]) -> None:
+    """What every bench prints: ``data`` written to ``out``, then as JSON or as the ``table``
+    of the result (titled with the model and its input size), then the notes."""
+    import json
+
+    from rich.console import Console
+
+    from .. import files
+    from ..hosts import input_size
+
     if out is not None:
         with user_errors():
             files.atomic_write_text(out, json.dumps(data, indent=2) + "\n")
@@ -418,7 +419,7 @@ def _bench_int8(baseline: Any, compressed: Any, name: str, notes: list[str], out
         print(json.dumps(data, indent=2))
     else:
         _, h, w = input_size(compressed)
-        Console().print(render_int8(result, title=f"{name} at {h}x{w}"))
+        Console().print(table(f"{name} at {h}x{w}"))
     for note in notes:
         Console(stderr=True).print(f"note: {note}", highlight=False)
 
