@@ -33,8 +33,9 @@ import torch.nn.functional as F
 
 import hetvit
 from hetvit.aggregation import TokenAggregation
-from hetvit.attention import StaticAttention, attention_map
+from hetvit.attention import StaticAttention
 from hetvit.distill import aggregation_path, kd_loss
+from hetvit.hosts import host_of
 from hetvit.plan import Plan
 from hetvit.surgery import preset as surgery_preset
 
@@ -179,7 +180,7 @@ def closed_form(student, raw=True, ridge=0.1):
             teacher.forward_features(x)
             xs, xt = cap["s"], cap["t"]
             tat = tb[l].attn
-            A = attention_map(tat, xt)  # B H Nt Nt
+            A = host_of(teacher).attention_map(tat, xt)  # B H Nt Nt
             D = tat.qkv.out_features // 3
             vt = tat.qkv(xt)[..., 2 * D :].reshape(xt.shape[0], xt.shape[1], H, dh).transpose(1, 2)
             T = A @ vt  # B H Nt dh

@@ -35,6 +35,7 @@ from hetvit.bench_int8 import LINEUP, compare_int8
 from hetvit.data import make_loader, make_transform, open_for_model, sample_images
 from hetvit.export import ort_session
 from hetvit.quantize import MODES, Quantization, quantize_onnx
+from hetvit.surgery import preset
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path("/work/shared/data")
@@ -46,7 +47,7 @@ def speed(mode: str, threads: int, rounds: int, latency_rounds: int) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-        fast = hetvit.compress(base, hetvit.Plan.preset("fast", base),
+        fast = hetvit.compress(base, preset("fast", base),
                                calibration=torch.randn(8, 3, 224, 224)).eval()
     load = os.getloadavg()
     result = compare_int8(base, fast, 32, mode=mode, rounds=rounds, warmup=2, min_time=1.0,

@@ -27,6 +27,7 @@ import hetvit
 from hetvit.data import make_transform, open_for_model, random_subset, sample_images
 from hetvit.export import export_onnx, ort_session
 from hetvit.quantize import Quantization, quantize_onnx
+from hetvit.surgery import preset
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = Path("/work/shared/data")
@@ -82,7 +83,7 @@ def speed(work: Path, threads: int, rounds: tuple[int, int]) -> dict[str, dict[s
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         base = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
-        fast = hetvit.compress(base, hetvit.Plan.preset("fast", base),
+        fast = hetvit.compress(base, preset("fast", base),
                                calibration=torch.randn(4, 3, 224, 224)).eval()
     export_onnx(base, work / "base.onnx", check=False)
     export_onnx(fast, work / "fast.onnx", check=False)

@@ -119,3 +119,24 @@ def test_the_top_level_api_is_small_and_every_name_resolves():
     code = "import sys, hetvit, hetvit.cli; hetvit.Plan(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_every_hetvit_name_the_benchmarks_import_exists():
+    """The benchmarks are scripts no test runs; a renamed module or function must still fail
+    here rather than at the start of a half-hour measurement."""
+    import importlib.util
+
+    missing = []
+    for script in sorted((PACKAGE.parents[1] / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(script.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hetvit"):
+                module = importlib.import_module(node.module)
+                missing += [f"{script.name}: {node.module}.{a.name}" for a in node.names
+                            if not hasattr(module, a.name) and not (
+                                hasattr(module, "__path__")  # a package: maybe a submodule
+                                and importlib.util.find_spec(f"{node.module}.{a.name}"))]
+            elif isinstance(node, ast.Import):
+                for a in node.names:
+                    if a.name.startswith("hetvit") and importlib.util.find_spec(a.name) is None:
+                        missing.append(f"{script.name}: {a.name}")
+    assert not missing, missing

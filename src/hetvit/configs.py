@@ -108,7 +108,11 @@ class DistillConfig:
 @dataclass
 class TrainConfig:
     """A path-based run (the CLI's ``train`` and ``finetune``): its data, ``--out``,
-    augmentation and devices; ``optim`` defaults to training from scratch."""
+    augmentation and devices; ``optim`` defaults to training from scratch.
+
+    ``batch_size`` is the batch of one optimiser step over all ``devices * num_nodes``
+    processes (see :class:`hetvit.distributed.Processes`).
+    """
 
     data: Path
     out: Path
@@ -123,6 +127,8 @@ class TrainConfig:
     workers: int = 0
     seed: int = 0
     devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
     accelerator: str = "auto"
     precision: str = "32-true"
     resume: bool = False

@@ -4,7 +4,10 @@ Lightning's CSV logs start a new ``version_N`` folder at every resume and are fl
 chunks, so a run resumed across sessions is hard to read from them. Instead every epoch
 appends one plain line to ``<run>/epochs.log``::
 
-    epoch 12/24 | time 731s | step 4680 | train/loss_epoch 1.2381 | val/top1 0.6520
+    epoch 12/24 | time 731s | step 4680 | train/loss_epoch 1.2381 | val/top1 0.6520 | ...
+
+(then ``images/s/process 85.2391 | processes 2``: the training throughput of one process, and
+how many there were),
 
 and the plot is redrawn from that file, so it always shows the whole run, resumes included.
 """
@@ -24,10 +27,12 @@ EPOCHS_LOG, CURVES_PNG = "epochs.log", "curves.png"
 
 
 def format_epoch(epoch: int, total: int, seconds: float, step: int,
-                 metrics: dict[str, float]) -> str:
-    """One ``epochs.log`` line: epoch (1-based) of the run's total, time, step, then metrics."""
+                 metrics: dict[str, float | int]) -> str:
+    """One ``epochs.log`` line: epoch (1-based) of the run's total, time, step, then metrics
+    (counts as whole numbers, the rest to 4 decimals)."""
     parts = [f"epoch {epoch}/{total}", f"time {seconds:.0f}s", f"step {step}"]
-    parts += [f"{key} {value:.4f}" for key, value in metrics.items()]
+    parts += [f"{key} {value}" if isinstance(value, int) else f"{key} {value:.4f}"
+              for key, value in metrics.items()]
     return " | ".join(parts)
 
 

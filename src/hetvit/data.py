@@ -12,19 +12,20 @@ from __future__ import annotations
 import multiprocessing
 import os
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .archives import ARCHIVE_SUFFIXES, extract_archive, is_archive
 from .errors import DataError
 from .hosts import host_of
 from .labels import class_names
+from .samplers import EpochShuffleSampler, InOrderShards
 
 __all__ = [
     "DataError",
@@ -373,64 +374,6 @@ def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
 # loading
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A shuffle, and a random stream for augmentation, that depend only on ``(seed, epoch)``.
-
-    Lightning calls ``set_epoch`` before each epoch. When the epoch's indices are drawn, the
-    global ``random`` / numpy / torch generators are reseeded from ``(seed, epoch, rank)``, and
-    so is ``generator`` (the DataLoader's, from which worker seeds derive). The epoch's random
-    numbers (crops, flips, drop-path) thus start from a known state exactly where its data
-    starts, and a run resumed from a checkpoint draws the same ones as an uninterrupted run. A
-    reseed in an ``on_train_epoch_start`` hook would not do: on resume Lightning creates the
-    data iterator, and prefetches a batch, before that hook runs.
-
-    Iterated twice without a ``set_epoch`` in between (a plain loop, or Lightning's DDP wrapper,
-    which does not forward it), the sampler moves to the next epoch by itself, so epochs never
-    repeat the same order and augmentations.
-    """
-
-    def __init__(self, size: int, seed: int = 0, reseed: bool = True,
-                 generator: torch.Generator | None = None) -> None:
-        self.size, self.seed, self.reseed, self.epoch = size, seed, reseed, 0
-        self.generator = generator
-        self.set_epoch(0)
-
-    def epoch_seed(self) -> int:
-        return (self.seed * 1_000_003 + self.epoch * 1009) % (2**31)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self._used = False
-        if self.generator is not None:
-            self.generator.manual_seed(self.epoch_seed())
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self) -> Iterator[int]:
-        if self._used:
-            self.set_epoch(self.epoch + 1)
-        self._used = True
-        seed = self.epoch_seed()
-        if self.reseed:
-            rank = torch.distributed.get_rank() if torch.distributed.is_available() and (
-                torch.distributed.is_initialized()) else 0
-            seed_everything_quietly(seed + 7919 * rank)
-        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(seed))
-        return iter(order.tolist())
-
-
-def seed_everything_quietly(seed: int) -> None:
-    """Seed ``random``, numpy and torch (Lightning's ``seed_everything`` without its log)."""
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
 def collate_skipping(batch: list[Any]) -> Any:
     """Default collation after dropping unreadable samples; ``None`` if none is left."""
     batch = [item for item in batch if item is not None]
@@ -452,15 +395,19 @@ def random_subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:
 
 
 def make_loader(dataset: Dataset, batch_size: int = 128, shuffle: bool = False,
-                workers: int = 0, seed: int = 0, drop_last: bool = False) -> DataLoader:
+                workers: int = 0, seed: int = 0, drop_last: bool = False,
+                shard: bool = False) -> DataLoader:
     """A DataLoader that skips unreadable images; with ``shuffle``, epochs are reproducible.
 
     The order and the augmentation randomness of epoch ``k`` depend only on ``(seed, k)``
-    (see :class:`EpochShuffleSampler`), which is what makes an interrupted run resumable
-    exactly.
+    (see :class:`~hetvit.samplers.EpochShuffleSampler`), which is what makes an interrupted run
+    resumable exactly. A shuffled loader is a training loader: under DDP each process reads
+    its shard of every epoch. ``shard`` splits an in-order loader the same way, each image
+    read once by one process (a run's validation; see :class:`~hetvit.samplers.InOrderShards`).
     """
     generator = torch.Generator() if shuffle else None
-    sampler = EpochShuffleSampler(len(dataset), seed, generator=generator) if shuffle else None
+    sampler = (EpochShuffleSampler(len(dataset), seed, generator=generator) if shuffle
+               else InOrderShards(len(dataset)) if shard else None)
     # Workers are restarted each epoch (not persistent) so that their seeds, drawn from
     # ``generator``, follow the epoch: that keeps resumed runs identical with workers too.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,

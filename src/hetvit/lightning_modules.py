@@ -47,6 +47,7 @@ from .distill import (
 )
 from .hosts import host_of
 from .hosts.timm import create_timm_model
+from .metrics import topk_correct
 from .surgery import plan_of
 
 __all__ = ["BaseModule", "TrainModule", "FinetuneModule", "EpochSummary", "create_model",
@@ -154,20 +155,32 @@ class BaseModule(L.LightningModule):
         even = images.shape[0] - images.shape[0] % 2
         return self._mixer(images[:even], target[:even])
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(4, dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         if batch is None:
             return
         images, target = batch
         logits = self(images)
-        loss = F.cross_entropy(logits, target)
-        k = min(5, logits.shape[-1])
-        topk = logits.topk(k, dim=-1).indices
-        top1 = (topk[:, 0] == target).float().mean()
-        top5 = (topk == target[:, None]).any(-1).float().mean()
-        size = target.shape[0]
-        self.log("val/loss", loss, batch_size=size, sync_dist=True)
-        self.log("val/top1", top1, batch_size=size, sync_dist=True, prog_bar=True)
-        self.log("val/top5", top5, batch_size=size, sync_dist=True)
+        top1, top5 = topk_correct(logits, target, (1, 5))
+        loss = F.cross_entropy(logits, target, reduction="sum")
+        self._val_sums += torch.stack([loss.double(), top1.sum().double(), top5.sum().double(),
+                                       torch.tensor(target.shape[0], dtype=torch.float64,
+                                                    device=self.device)])
+
+    def on_validation_epoch_end(self) -> None:
+        """Loss, top-1 and top-5 over every validation image of every process.
+
+        Sums, not means, are reduced across processes (their shards may differ in length),
+        so the figures are exactly those of one process evaluating the whole set.
+        """
+        loss, top1, top5, n = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        if n == 0:
+            return
+        # The values are equal in every process already; sync_dist only says so to Lightning.
+        for name, value in (("val/loss", loss), ("val/top1", top1), ("val/top5", top5)):
+            self.log(name, (value / n).float(), sync_dist=True, prog_bar=name == "val/top1")
 
 
 class TrainModule(BaseModule):
@@ -188,7 +201,8 @@ class TrainModule(BaseModule):
         logits = self(images)
         loss = self.classification_loss(logits, target)
         size = target.shape[0]
-        self.log("train/loss", loss, batch_size=size, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/loss", loss, batch_size=size, prog_bar=True, on_step=True, on_epoch=True,
+                 sync_dist=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], batch_size=size,
                  prog_bar=False, on_step=True, on_epoch=False)
         return loss
@@ -328,21 +342,40 @@ class FinetuneModule(BaseModule):
                              zip(self.feature_layers, tokens, strict=True)]).mean()
             loss = loss + d.features * f
             self.log("train/features", f, batch_size=size)
-        self.log("train/loss", loss, batch_size=size, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/loss", loss, batch_size=size, prog_bar=True, on_step=True, on_epoch=True,
+                 sync_dist=True)
         self.log("mix", lam, batch_size=size)
         return loss
 
 
 class EpochSummary(L.Callback):
-    """One plain line per epoch (time, train loss, val top-1), printed for a ``nohup`` log and,
-    with ``out``, appended to ``<out>/epochs.log``, whose plot ``<out>/curves.png`` is redrawn
-    each epoch."""
+    """One plain line per epoch (time, train loss, val top-1, throughput), printed for a
+    ``nohup`` log and, with ``out``, appended to ``<out>/epochs.log``, whose plot
+    ``<out>/curves.png`` is redrawn each epoch.
+
+    Throughput is the training images per second of one process (rank 0's, over the epoch's
+    training steps, validation excluded) and the number of processes; their product is the
+    run's. Only global rank 0 prints and writes.
+    """
 
     def __init__(self, out: Path | None = None) -> None:
         self.out = out
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._start = time.perf_counter()
+        self._start, self._images, self._validating = time.perf_counter(), 0, 0.0
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch is not None:
+            self._images += _split(batch)[0].shape[0]
+
+    def on_validation_epoch_start(self, trainer: L.Trainer,
+                                  pl_module: L.LightningModule) -> None:
+        self._val_start = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if hasattr(self, "_val_start"):
+            self._validating += time.perf_counter() - self._val_start
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_rank != 0:
@@ -350,8 +383,12 @@ class EpochSummary(L.Callback):
         metrics = {key: float(trainer.callback_metrics[key])
                    for key in ("train/loss_epoch", "val/loss", "val/top1", "val/top5")
                    if key in trainer.callback_metrics}
+        seconds = time.perf_counter() - self._start
+        training = max(seconds - getattr(self, "_validating", 0.0), 1e-9)
+        metrics["images/s/process"] = self._images / training
+        metrics["processes"] = trainer.world_size
         line = format_epoch(trainer.current_epoch + 1, int(trainer.max_epochs or 0),
-                            time.perf_counter() - self._start, trainer.global_step, metrics)
+                            seconds, trainer.global_step, metrics)
         print(line, file=sys.stderr, flush=True)
         if self.out is None:
             return

@@ -29,14 +29,15 @@ from torch import nn
 from . import io
 from .configs import TrainConfig, TrainingError
 from .data import DataError
+from .distributed import Processes, check_processes, is_writer
 from .files import check_replaceable, pid_alive
 from .io import SOURCE_FILE
 from .lightning_modules import create_model
 
 __all__ = ["check_precision", "check_run", "check_run_directory", "lock_holder", "run_lock",
            "config_dict", "write_run_config", "save_model", "read_run_checkpoint",
-           "load_checkpoint_model", "recorded_classes", "RUN_MARKERS", "CHECKPOINT_NAME",
-           "LOCK_NAME"]
+           "load_checkpoint_model", "recorded_classes", "run_processes", "RUN_MARKERS",
+           "CHECKPOINT_NAME", "LOCK_NAME"]
 
 CHECKPOINT_NAME = "last.ckpt"
 LOCK_NAME = ".lock"
@@ -86,12 +87,11 @@ def check_run(config: TrainConfig, marker: str | None = None) -> None:
     settings file of the run's kind (``train_config.json``, ``finetune_config.json``): a
     directory holding the other kind's run is refused too.
     """
-    for name, least in (("epochs", 1), ("batch_size", 1), ("devices", 1), ("workers", 0)):
+    for name, least in (("epochs", 1), ("batch_size", 1), ("workers", 0)):
         if getattr(config, name) < least:
             raise TrainingError(f"--{name.replace('_', '-')} must be at least {least}, got "
                                 f"{getattr(config, name)}")
-    if config.threads is not None and config.threads < 1:
-        raise TrainingError(f"--threads must be at least 1, got {config.threads}")
+    run_processes(config)
     check_precision(config.precision, config.accelerator)
     check_run_directory(Path(config.out), marker)
     last = Path(config.out) / "checkpoints" / CHECKPOINT_NAME
@@ -114,6 +114,12 @@ def check_run(config: TrainConfig, marker: str | None = None) -> None:
         except (AssertionError, ValueError, KeyError) as err:
             raise TrainingError(f"--auto-augment {config.auto_augment!r}: {err} (timm policies: "
                                 "rand-m9-mstd0.5-inc1, original, v0, augmix-m5, ...)") from None
+
+
+def run_processes(config: TrainConfig) -> Processes:
+    """The processes of a path-based run, checked (its batch is over all of them)."""
+    return check_processes(config.devices, config.num_nodes, config.strategy,
+                           config.accelerator, config.batch_size, config.threads)
 
 
 def check_run_directory(out: Path, marker: str | None = None) -> None:
@@ -142,7 +148,7 @@ def check_run_directory(out: Path, marker: str | None = None) -> None:
     except FileExistsError as err:
         raise TrainingError(f"{err} (the run writes its model to {out / 'model'})") from None
     holder = lock_holder(out / LOCK_NAME)
-    if holder is not None and Path(out).resolve() not in _HELD_LOCKS:
+    if holder is not None and Path(out).resolve() not in _HELD_LOCKS and is_writer():
         raise TrainingError(_locked_message(out / LOCK_NAME, holder))
 
 
@@ -188,7 +194,7 @@ def run_lock(out: str | os.PathLike) -> Iterator[None]:
     """
     out = Path(out)
     key = out.resolve()
-    if key in _HELD_LOCKS or os.environ.get("LOCAL_RANK", "0") != "0":  # DDP workers: rank 0
+    if key in _HELD_LOCKS or not is_writer():  # under DDP the first process holds it
         yield
         return
     created = not out.exists()

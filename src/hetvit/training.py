@@ -31,6 +31,7 @@ from .configs import (
     TrainingError,
 )
 from .data import make_loader, make_transform, open_dataset, random_subset
+from .distributed import check_processes, is_writer
 from .fitting import check_student
 from .lightning_modules import FinetuneModule, TrainModule
 from .plan import Plan
@@ -116,9 +117,9 @@ def finetune(teacher: nn.Module, plan: Plan | None, train_loader: Any, val_loade
              *, distill: DistillConfig = DistillConfig(), optim: OptimConfig = OptimConfig(),
              epochs: int = FINETUNE_EPOCHS, out: str | os.PathLike | None = None,
              student: nn.Module | None = None, calibration: Any = None, seed: int = 0,
-             accelerator: str = "auto", devices: int = 1, precision: str = "32-true",
-             threads: int | None = None, progress: bool = False,
-             callbacks: Sequence[Any] = ()) -> nn.Module:
+             accelerator: str = "auto", devices: int = 1, num_nodes: int = 1,
+             strategy: str = "auto", precision: str = "32-true", threads: int | None = None,
+             progress: bool = False, callbacks: Sequence[Any] = ()) -> nn.Module:
     """Compress ``teacher`` with ``plan`` and fine-tune the student on ``train_loader``.
 
     Returns the fine-tuned student (a new model, CPU, eval mode); ``teacher`` is not changed.
@@ -135,11 +136,15 @@ def finetune(teacher: nn.Module, plan: Plan | None, train_loader: Any, val_loade
             images of ``train_loader`` (with its augmentation).
         out: a run directory for checkpoints, logs, ``epochs.log``/``curves.png`` and the
             student in ``<out>/model``; ``None`` keeps nothing on disk.
+        devices, num_nodes, strategy: DDP over ``devices * num_nodes`` processes (see the
+            README's "Scaling out"). Run from a script: Lightning starts the other processes
+            of a machine by running it again. Each process iterates its shard of the loaders
+            with their own batch size, so one step sees ``world`` batches; loaders from
+            :func:`hetvit.data.make_loader` shard exactly (``shard=True`` for validation).
     """
     if epochs < 1:
         raise TrainingError(f"--epochs must be at least 1, got {epochs}")
-    if devices < 1:
-        raise TrainingError(f"--devices must be at least 1, got {devices}")
+    check_processes(devices, num_nodes, strategy, accelerator, threads=threads)
     check_precision(precision, accelerator)
     if student is not None:
         check_student(student, teacher)
@@ -164,15 +169,16 @@ def finetune(teacher: nn.Module, plan: Plan | None, train_loader: Any, val_loade
         module = FinetuneModule(start, teacher, distill, optim, seed=seed)
         module.hparams["classes"] = io.class_names(start)
         settings = dict(epochs=epochs, seed=seed, accelerator=accelerator, devices=devices,
-                        precision=precision, threads=threads, progress=progress,
-                        callbacks=callbacks)
+                        num_nodes=num_nodes, strategy=strategy, precision=precision,
+                        threads=threads, progress=progress, callbacks=callbacks)
         if run is None:
             fit_loaders(module, train_loader, val_loader, **settings)
         else:
             with run_lock(run):
-                write_run_config(run / FINETUNE_CONFIG, {
-                    "plan": plan.to_dict(), **asdict(distill), **asdict(optim),
-                    **{k: v for k, v in settings.items() if k != "callbacks"}})
+                if is_writer():
+                    write_run_config(run / FINETUNE_CONFIG, {
+                        "plan": plan.to_dict(), **asdict(distill), **asdict(optim),
+                        **{k: v for k, v in settings.items() if k != "callbacks"}})
                 trainer = fit_loaders(module, train_loader, val_loader, out=run, **settings)
                 if trainer.is_global_zero:
                     io.save(module.model.float().cpu().eval(), run / "model")
@@ -221,9 +227,10 @@ def finetune_run(teacher: nn.Module, plan: Plan | None, config: TrainConfig,
     module = FinetuneModule(start, teacher, distill, config.optim, seed=config.seed)
     data = open_run_data(module, config)  # every check before the first write
     with run_lock(out):
-        write_run_config(out / FINETUNE_CONFIG, {
-            "plan": plan.to_dict(), **asdict(distill), **config_dict(config),
-            "classes": module.hparams["classes"]})
+        if is_writer():
+            write_run_config(out / FINETUNE_CONFIG, {
+                "plan": plan.to_dict(), **asdict(distill), **config_dict(config),
+                "classes": module.hparams["classes"]})
         trainer = fit(module, config, data)
         target = out / "model"
         if trainer.is_global_zero:
@@ -263,10 +270,11 @@ def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig,
                     f"{stored['model_kwargs']}, not {model_name} {model_kwargs}")
     data = open_run_data(module, config)  # every check before the first write
     with run_lock(out):
-        write_run_config(out / "train_config.json", {
-            "model_name": model_name, "model_kwargs": model_kwargs,
-            "init": None if init is None else str(init), **config_dict(config),
-            "classes": module.hparams["classes"]})
+        if is_writer():
+            write_run_config(out / "train_config.json", {
+                "model_name": model_name, "model_kwargs": model_kwargs,
+                "init": None if init is None else str(init), **config_dict(config),
+                "classes": module.hparams["classes"]})
         trainer = fit(module, config, data)
         target = out / "model"
         if trainer.is_global_zero:

@@ -246,7 +246,8 @@ AggregationInitOpt = Annotated[str, typer.Option(
     "across images are merged, wherever they lie)."),
 ]
 ThreadsOpt = Annotated[int | None, typer.Option(
-    min=1, help="torch CPU threads (default: all cores this process may use)."),
+    min=1, help="torch CPU threads per process (default: the cores this process may use, "
+    "shared out among the --devices processes)."),
 ]
 ClassMapOpt = Annotated[str | None, typer.Option(
     help="Class map file (one class name a line, line i is class i), or 'auto' for a "
@@ -262,7 +263,9 @@ TorchThreadsOpt = Annotated[int | None, typer.Option(
 # recipes differ only in lr, warm-up and floor, which each command sets).
 def _run_options(
     batch_size: Annotated[int, typer.Option(
-        min=1, help="Images per step and device.")] = TrainConfig.batch_size,
+        min=1, help="Images per optimiser step over all processes (each of the --devices x "
+        "--num-nodes processes takes an equal share, so the run trains the same on any "
+        "number of them).")] = TrainConfig.batch_size,
     weight_decay: Annotated[float, typer.Option(
         help="AdamW weight decay (not applied to norms, biases and position/class tokens)."),
     ] = TRAIN_OPTIM.weight_decay,
@@ -299,7 +302,14 @@ def _run_options(
     seed: Annotated[int, typer.Option(
         help="Seed for weights, shuffling and augmentation.")] = 0,
     devices: Annotated[int, typer.Option(
-        min=1, help="Devices to train on; more than 1 uses DDP.")] = 1,
+        min=1, help="Devices (GPUs, or CPU processes) per machine; more than 1 runs DDP, one "
+        "process each (see the README's Scaling out).")] = TrainConfig.devices,
+    num_nodes: Annotated[int, typer.Option(
+        min=1, help="Machines: start the same command on each (torchrun, SLURM's srun, or "
+        "MASTER_ADDR/MASTER_PORT/NODE_RANK set by hand).")] = TrainConfig.num_nodes,
+    strategy: Annotated[str, typer.Option(
+        help="auto (DDP when there is more than one process) or ddp (also for one).")
+    ] = TrainConfig.strategy,
     accelerator: Annotated[str, typer.Option(help="cpu, gpu or auto.")] = "auto",
     precision: Annotated[str, typer.Option(
         help="32-true, bf16-mixed or 16-mixed (GPU only)."),
@@ -394,7 +404,8 @@ def _train_config(options: dict[str, Any]) -> TrainConfig:
         optim=OptimConfig(**{f.name: o[f.name] for f in dataclasses.fields(OptimConfig)}),
         scale=(o["scale_min"], 1.0), hflip=o["hflip"], auto_augment=o["auto_augment"],
         reprob=o["reprob"], workers=o["workers"], seed=o["seed"], devices=o["devices"],
-        accelerator=o["accelerator"], precision=o["precision"], resume=o["resume"],
+        num_nodes=o["num_nodes"], strategy=o["strategy"], accelerator=o["accelerator"],
+        precision=o["precision"], resume=o["resume"],
         class_map=o["class_map"], skip_unknown=o["skip_unknown"],
         limit_train_batches=_batch_limit(o["limit_train_batches"]),
         limit_val_batches=_batch_limit(o["limit_val_batches"]), threads=o["threads"])

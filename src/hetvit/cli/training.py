@@ -75,6 +75,7 @@ def train(
     """
     from rich.console import Console
 
+    from ..distributed import is_writer
     from ..training import train as run_training
 
     console = Console(stderr=True)
@@ -84,7 +85,8 @@ def train(
     with user_errors():
         config = _train_config({**locals(), **run})
         target = run_training(model, kwargs, config, init=init)
-    console.print(f"model written to {target}")
+    if is_writer():  # under DDP every process returns here
+        console.print(f"model written to {target}")
 
 
 @app.command()
@@ -145,6 +147,7 @@ def finetune(
     """
     from rich.console import Console
 
+    from ..distributed import is_writer
     from ..training import finetune_run
 
     console = Console(stderr=True)
@@ -160,7 +163,8 @@ def finetune(
         start = open_model(None, student) if student is not None else None
         the_plan = resolve_plan(plan, source) if plan is not None else start.hetvit_plan
         target = finetune_run(source, the_plan, config, distill, student=start)
-    console.print(f"student written to {target}")
+    if is_writer():
+        console.print(f"student written to {target}")
 
 
 @app.command("evaluate")
