@@ -68,15 +68,19 @@ def _env() -> dict[str, str]:
     return env
 
 
+def _flags(setup: dict[str, Path], out: Path, devices: int) -> list[str]:
+    return ["finetune", "--teacher", str(setup["teacher"]), "--plan", str(setup["plan"]),
+            "--data", str(setup["train"]), "--val-data", str(setup["val"]), "--out", str(out),
+            "--devices", str(devices), "--epochs", str(RUN["epochs"]),
+            "--batch-size", str(RUN["batch_size"]), "--seed", str(RUN["seed"]),
+            "--accelerator", "cpu", "--threads", "1", "--scale-min", "1", "--hflip", "0",
+            "--calibration-images", str(RUN["calibration_images"])]
+
+
 def _cli(setup: dict[str, Path], out: Path, devices: int) -> subprocess.CompletedProcess:
-    flags = ["--teacher", str(setup["teacher"]), "--plan", str(setup["plan"]),
-             "--data", str(setup["train"]), "--val-data", str(setup["val"]), "--out", str(out),
-             "--devices", str(devices), "--epochs", str(RUN["epochs"]),
-             "--batch-size", str(RUN["batch_size"]), "--seed", str(RUN["seed"]),
-             "--accelerator", "cpu", "--threads", "1", "--scale-min", "1", "--hflip", "0",
-             "--calibration-images", str(RUN["calibration_images"])]
-    return subprocess.run([sys.executable, "-m", "hetvit", "finetune", *flags], env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    """``hetvit finetune``, with Lightning starting the further processes itself."""
+    return subprocess.run([sys.executable, "-m", "hetvit", *_flags(setup, out, devices)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
 
 
 def _script(setup: dict[str, Path], out: Path, devices: int,
@@ -198,6 +202,50 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_weights(two, setup):
     _ok(_script(setup, out, devices=2, resume=True))
     a, b = _weights(out), _weights(two["out"])
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+@needs_two_cores
+def test_torchrun_starts_the_same_run(two, setup):
+    """torchrun starts both processes; Lightning reads them from its environment."""
+    out = setup["root"] / "torchrun"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                "--master-port", str(_free_port()), "-m", "hetvit"]
+    result = _ok(subprocess.run([*torchrun, *_flags(setup, out, devices=2)], env=_env(),
+                                capture_output=True, text=True, timeout=300))
+    assert (result.stdout + result.stderr).count("student written to") == 1
+    a, b = _weights(out), _weights(two["out"])
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+@needs_two_cores
+def test_processes_started_as_slurm_tasks_make_the_same_run(two, setup):
+    """Two processes started the way ``srun --ntasks-per-node 2`` starts them (its variables
+    set by hand): Lightning's SLURM environment joins them, and only task 0 writes."""
+    out = setup["root"] / "slurm"
+    port = str(_free_port())
+    procs = []
+    for task in range(2):
+        env = {**_env(), "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+               "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task), "SLURM_NODEID": "0",
+               "SLURM_JOB_ID": "4242", "SLURM_NODELIST": "localhost",
+               "SLURM_JOB_NAME": "hetvit-test", "MASTER_PORT": port}
+        procs.append(subprocess.Popen([sys.executable, "-m", "hetvit",
+                                       *_flags(setup, out, devices=2)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert ["student written to" in log for log in logs] == [True, False]
+    a, b = _weights(out), _weights(two["out"])
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_the_shards_of_an_epoch_are_disjoint_and_make_one_process_batches(monkeypatch):
