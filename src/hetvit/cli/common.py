@@ -245,6 +245,8 @@ AggregationInitOpt = Annotated[str, typer.Option(
     "(k-means of the tokens each stage receives over the calibration images: tokens alike "
     "across images are merged, wherever they lie)."),
 ]
+ForceOpt = Annotated[bool, flag(
+    "--force", help="Overwrite --out even if it is a file this command did not write.")]
 ThreadsOpt = Annotated[int | None, typer.Option(
     min=1, help="torch CPU threads per process (default: the cores this process may use, "
     "shared out among the --devices processes)."),

@@ -50,6 +50,9 @@ def fit_command(
     mixup: Annotated[float, typer.Option(
         min=0.0, help="Mixup of image pairs, Beta(a, a) (0: off); 1.0 gained on every plan "
         "tried (README).")] = 1.0,
+    temperature: Annotated[float, typer.Option(
+        help="Distillation temperature (1: match the teacher's probabilities; higher also "
+        "matches how it ranks the unlikely classes).")] = 1.0,
     trainable: Annotated[str, typer.Option(
         help="What the fit trains: all, norms (the new parameters, norms and biases) or new "
         "(static logits and aggregation weights only).")] = "all",
@@ -79,7 +82,8 @@ def fit_command(
         torch.set_num_threads(threads)
     with user_errors():
         config = FitConfig(passes=passes, batch_size=batch_size, lr=lr, lr_new=lr_new,
-                           mixup=mixup, trainable=trainable, seed=seed)
+                           mixup=mixup, temperature=temperature, trainable=trainable,
+                           seed=seed)
         files.check_writable(out)
         files.check_replaceable(out, io.SOURCE_FILE)
         source = open_teacher(teacher, model, checkpoint)
