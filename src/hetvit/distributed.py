@@ -22,7 +22,8 @@ import torch
 
 from .errors import TrainingError
 
-__all__ = ["STRATEGIES", "Processes", "check_processes", "is_writer", "shard", "cpu_cores"]
+__all__ = ["STRATEGIES", "Processes", "check_processes", "is_writer", "shard", "cpu_cores",
+           "uses_gpu"]
 
 STRATEGIES = ("auto", "ddp")
 
@@ -40,20 +41,24 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _in_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def is_writer() -> bool:
     """Whether this process writes the run's files: global rank 0.
 
     Asked of the process group once there is one, and of the launcher's variables before
     (when the checks and the run's settings record happen).
     """
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank() == 0
+    if _in_group():
+        return shard()[0] == 0
     return all(os.environ.get(name, "0") == "0" for name in _RANK_VARIABLES)
 
 
 def shard() -> tuple[int, int]:
     """``(rank, world size)`` of this process in its process group; ``(0, 1)`` outside one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if _in_group():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
@@ -79,7 +84,8 @@ class Processes:
         return "ddp" if self.world > 1 or self.strategy == "ddp" else "auto"
 
 
-def _uses_gpu(accelerator: str) -> bool:
+def uses_gpu(accelerator: str) -> bool:
+    """Whether Lightning's ``accelerator`` setting puts this run on a CUDA GPU."""
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
@@ -98,15 +104,16 @@ def check_processes(devices: int = 1, num_nodes: int = 1, strategy: str = "auto"
         raise TrainingError(f"--strategy must be one of {', '.join(STRATEGIES)}, not "
                             f"{strategy!r}")
     world = devices * num_nodes
-    gpu = _uses_gpu(accelerator)
+    gpu = uses_gpu(accelerator)
+    cores = cpu_cores()
     if gpu:
         count = torch.cuda.device_count()
         if devices > count:
             raise TrainingError(f"--devices {devices}: this machine has {count} CUDA GPU(s)")
-    elif devices > cpu_cores():
+    elif devices > cores:
         raise TrainingError(f"--devices {devices} on the CPU runs one process per device, and "
-                            f"this machine gives this process {cpu_cores()} core(s): use at most "
-                            f"{cpu_cores()}")
+                            f"this machine gives this process {cores} core(s): use at most "
+                            f"{cores}")
     if world > 1 or strategy == "ddp":
         dist = torch.distributed
         if not dist.is_available():
@@ -127,5 +134,5 @@ def check_processes(devices: int = 1, num_nodes: int = 1, strategy: str = "auto"
         per_process = batch_size // world
     if threads is not None and threads < 1:
         raise TrainingError(f"--threads must be at least 1, got {threads}")
-    share = threads or max(1, cpu_cores() // devices)
+    share = threads or max(1, cores // devices)
     return Processes(devices, num_nodes, strategy, world, per_process, share)

@@ -360,6 +360,8 @@ class EpochSummary(L.Callback):
 
     def __init__(self, out: Path | None = None) -> None:
         self.out = out
+        self._start = self._val_start = self._validating = 0.0
+        self._images = 0
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start, self._images, self._validating = time.perf_counter(), 0, 0.0
@@ -374,8 +376,7 @@ class EpochSummary(L.Callback):
         self._val_start = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if hasattr(self, "_val_start"):
-            self._validating += time.perf_counter() - self._val_start
+        self._validating += time.perf_counter() - self._val_start
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_rank != 0:
@@ -384,7 +385,7 @@ class EpochSummary(L.Callback):
                    for key in ("train/loss_epoch", "val/loss", "val/top1", "val/top5")
                    if key in trainer.callback_metrics}
         seconds = time.perf_counter() - self._start
-        training = max(seconds - getattr(self, "_validating", 0.0), 1e-9)
+        training = max(seconds - self._validating, 1e-9)
         metrics["images/s/process"] = self._images / training
         metrics["processes"] = trainer.world_size
         line = format_epoch(trainer.current_epoch + 1, int(trainer.max_epochs or 0),

@@ -29,7 +29,7 @@ from torch import nn
 from . import io
 from .configs import TrainConfig, TrainingError
 from .data import DataError
-from .distributed import Processes, check_processes, is_writer
+from .distributed import Processes, check_processes, is_writer, uses_gpu
 from .files import check_replaceable, pid_alive
 from .io import SOURCE_FILE
 from .lightning_modules import create_model
@@ -50,8 +50,7 @@ def check_precision(precision: str, accelerator: str) -> None:
     allowed = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
     if precision not in allowed:
         raise TrainingError(f"precision must be one of {', '.join(allowed)}, not {precision!r}")
-    on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto"
-                                                and torch.cuda.is_available())
+    on_gpu = uses_gpu(accelerator)
     if precision == "16-mixed" and not on_gpu:
         raise TrainingError("precision 16-mixed needs a CUDA GPU (none is used here); "
                             "use bf16-mixed or 32-true")

@@ -33,7 +33,7 @@ class _Shards(DistributedSampler):
     """What both samplers share: the shard from the process group, and no base ``__init__``
     (which would fix the shard when the loader is built, before the processes exist)."""
 
-    def __init__(self, size: int) -> None:  # noqa: D107 - see the class
+    def __init__(self, size: int) -> None:
         self.size = size
 
     @property
