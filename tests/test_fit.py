@@ -10,7 +10,15 @@ from typer.testing import CliRunner
 
 import hetvit
 from hetvit.cli import app
-from hetvit.fitting import FitConfig, FitError, fit, new_parameters
+from hetvit.fitting import (
+    FitConfig,
+    FitError,
+    augment,
+    cut_and_paste,
+    fit,
+    new_parameters,
+    translate,
+)
 from hetvit.plan import Plan
 
 from .conftest import tiny_vit, write_images
@@ -83,6 +91,38 @@ def test_fit_is_reproducible(vit, pool):
     assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
+def test_translation_is_a_window_of_the_reflect_padded_image():
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float).reshape(2, 3, 8, 8)
+    gen = torch.Generator().manual_seed(0)
+    out = translate(x, 2, gen)
+    padded = torch.nn.functional.pad(x, (2,) * 4, mode="reflect")
+    offsets = torch.randint(0, 5, (2, 2), generator=torch.Generator().manual_seed(0)).tolist()
+    assert out.shape == x.shape
+    for k, (i, j) in enumerate(offsets):
+        assert torch.equal(out[k], padded[k, :, i:i + 8, j:j + 8])
+    # offset (2, 2) is the image itself: zero shift leaves it unchanged
+    centred = torch.stack([padded[k, :, 2:10, 2:10] for k in range(2)])
+    assert torch.equal(centred, x)
+
+
+def test_cutmix_pastes_a_box_of_the_other_image_of_the_mixed_area():
+    x, other = torch.zeros(2, 3, 10, 10), torch.ones(2, 3, 10, 10)
+    out = cut_and_paste(x, other, 0.75, torch.Generator().manual_seed(1))
+    assert out.sum() / out.numel() == pytest.approx(0.25)  # a 5 x 5 box of 10 x 10
+    assert set(out.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(cut_and_paste(x, other, 1.0, torch.Generator()), x)
+
+
+def test_augment_without_crop_flip_or_mixing_is_the_identity(pool):
+    config = FitConfig(mixup=0.0, flip=False, crop=0, cutmix=0.0)
+    assert torch.equal(augment(pool, config, torch.Generator()), pool)
+    config = FitConfig(mixup=1.0, flip=False, cutmix=1.0)
+    mixed = augment(pool, config, torch.Generator().manual_seed(0))
+    # CutMix keeps every pixel of one of the batch's images: no value is blended
+    values = set(pool.flatten().tolist())
+    assert set(mixed.flatten().tolist()) <= values
+
+
 def test_fit_takes_a_loader_of_labelled_batches_and_ignores_the_labels(vit, pool):
     student = hetvit.compress(vit, PLAN)
     loader = [(pool[i:i + 16], torch.zeros(16, dtype=torch.long)) for i in range(0, 48, 16)]
@@ -107,6 +147,10 @@ def test_bad_input_is_refused(vit, pool):
         FitConfig(passes=0)
     with pytest.raises(FitError, match="trainable"):
         FitConfig(trainable="some")
+    with pytest.raises(FitError, match="crop"):
+        FitConfig(crop=-1)
+    with pytest.raises(FitError, match="cutmix"):
+        FitConfig(cutmix=1.5)
 
 
 def test_cli_fit_writes_a_loadable_checkpoint_with_its_record(vit, tmp_path):

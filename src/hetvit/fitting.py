@@ -63,6 +63,10 @@ class FitConfig:
         temperature: distillation temperature (1: match the teacher's probabilities).
         mixup: Beta(mixup, mixup) mixing of image pairs (0: off; 1: the measured default).
         flip: random horizontal flips.
+        crop: random translation of each image by up to this many pixels (reflect padding, then
+            a crop at the model's size; 0: off).
+        cutmix: probability that a step pastes a box of another image (CutMix) instead of
+            mixing whole images (0: mixup only).
         trainable: one of :data:`TRAINABLE`.
         warmup: fraction of the steps spent rising to the peak learning rate.
         seed: seed of the image order and augmentation (a fit is reproducible).
@@ -75,6 +79,8 @@ class FitConfig:
     temperature: float = 1.0
     mixup: float = 1.0
     flip: bool = True
+    crop: int = 0
+    cutmix: float = 0.0
     trainable: str = "all"
     warmup: float = 0.1
     seed: int = 0
@@ -87,6 +93,10 @@ class FitConfig:
         for name in ("lr", "lr_new", "temperature"):
             if not getattr(self, name) > 0:
                 raise FitError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.crop < 0:
+            raise FitError(f"crop is a number of pixels, at least 0, got {self.crop}")
+        if not 0 <= self.cutmix <= 1:
+            raise FitError(f"cutmix is a probability in [0, 1], got {self.cutmix}")
         if self.mixup < 0:
             raise FitError(f"mixup must be 0 (off) or positive, got {self.mixup}")
         if not 0 <= self.warmup < 1:
@@ -193,16 +203,42 @@ def param_groups(model: nn.Module, config: FitConfig) -> list[dict[str, Any]]:
 
 
 # ----------------------------------------------------------------------------- the loop
+def translate(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
+    """Each image shifted by its own random offset of up to ``pixels`` (reflect padding)."""
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (pixels,) * 4, mode="reflect")
+    offsets = torch.randint(0, 2 * pixels + 1, (x.shape[0], 2), generator=gen).tolist()
+    return torch.stack([padded[k, :, i:i + h, j:j + w] for k, (i, j) in enumerate(offsets)])
+
+
+def cut_and_paste(x: torch.Tensor, other: torch.Tensor, lam: float, gen: torch.Generator
+                  ) -> torch.Tensor:
+    """CutMix: a box covering about ``1 - lam`` of the image, taken from ``other``."""
+    h, w = x.shape[-2:]
+    bh, bw = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+    i = int(torch.randint(0, h - bh + 1, (1,), generator=gen))
+    j = int(torch.randint(0, w - bw + 1, (1,), generator=gen))
+    out = x.clone()
+    out[..., i:i + bh, j:j + bw] = other[..., i:i + bh, j:j + bw]
+    return out
+
+
 def augment(x: torch.Tensor, config: FitConfig, gen: torch.Generator) -> torch.Tensor:
-    """A fresh view of a batch: flips, then mixup with a shuffled copy of the batch."""
+    """A fresh view of a batch: translation, flips, then mixup (or CutMix) with a shuffled copy
+    of the batch. The teacher labels the view itself, so no label is mixed."""
     b = x.shape[0]
+    if config.crop:
+        x = translate(x, config.crop, gen)
     if config.flip:
         flip = torch.rand(b, generator=gen) < 0.5
         x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
     if config.mixup > 0 and b > 1:
         beta = torch.distributions.Beta(config.mixup, config.mixup)
+        other = x[torch.randperm(b, generator=gen).to(x.device)]
+        if config.cutmix and float(torch.rand(1, generator=gen)) < config.cutmix:
+            return cut_and_paste(x, other, float(beta.sample()), gen)
         lam = beta.sample((b, 1, 1, 1)).to(x)  # torch's Beta takes no generator: seeded below
-        x = lam * x + (1 - lam) * x[torch.randperm(b, generator=gen).to(x.device)]
+        x = lam * x + (1 - lam) * other
     return x
 
 

@@ -50,6 +50,12 @@ def fit_command(
     mixup: Annotated[float, typer.Option(
         min=0.0, help="Mixup of image pairs, Beta(a, a) (0: off); 1.0 gained on every plan "
         "tried (README).")] = 1.0,
+    crop: Annotated[int, typer.Option(
+        min=0, help="Shift each image by up to this many pixels (reflect padding) every "
+        "step (0: off).")] = 0,
+    cutmix: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Probability that a step uses CutMix (a pasted box) instead "
+        "of mixup (0: mixup only).")] = 0.0,
     temperature: Annotated[float, typer.Option(
         help="Distillation temperature (1: match the teacher's probabilities; higher also "
         "matches how it ranks the unlikely classes).")] = 1.0,
@@ -82,7 +88,8 @@ def fit_command(
         torch.set_num_threads(threads)
     with user_errors():
         config = FitConfig(passes=passes, batch_size=batch_size, lr=lr, lr_new=lr_new,
-                           mixup=mixup, temperature=temperature, trainable=trainable,
+                           mixup=mixup, crop=crop, cutmix=cutmix, temperature=temperature,
+                           trainable=trainable,
                            seed=seed)
         files.check_writable(out)
         files.check_replaceable(out, io.SOURCE_FILE)
