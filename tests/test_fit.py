@@ -123,6 +123,25 @@ def test_augment_without_crop_flip_or_mixing_is_the_identity(pool):
     assert set(mixed.flatten().tolist()) <= values
 
 
+def test_anchor_keeps_the_inherited_weights_nearer_their_start(vit, pool):
+    student = hetvit.compress(vit, PLAN, calibration=pool[:16])
+    start = _state(student)
+    new = {id(p) for p in new_parameters(student)}
+    inherited = [k for k, p in student.named_parameters() if id(p) not in new]
+
+    def drift(model: torch.nn.Module) -> float:
+        state = model.state_dict()
+        return sum((state[k] - start[k]).norm().item() for k in inherited)
+
+    config = FitConfig(passes=2, batch_size=16, lr=1e-3, mixup=0.0)
+    free = fit(student, vit, pool, config)
+    held = fit(student, vit, pool, FitConfig(passes=2, batch_size=16, lr=1e-3, mixup=0.0,
+                                             anchor=200.0))
+    assert 0 < drift(held) < 0.7 * drift(free)
+    with pytest.raises(FitError, match="anchor"):
+        FitConfig(anchor=-1.0)
+
+
 def test_fit_takes_a_loader_of_labelled_batches_and_ignores_the_labels(vit, pool):
     student = hetvit.compress(vit, PLAN)
     loader = [(pool[i:i + 16], torch.zeros(16, dtype=torch.long)) for i in range(0, 48, 16)]

@@ -69,6 +69,9 @@ class FitConfig:
             mixing whole images (0: mixup only).
         trainable: one of :data:`TRAINABLE`.
         warmup: fraction of the steps spent rising to the peak learning rate.
+        anchor: decay of the inherited weights towards their starting values (decoupled, as
+            AdamW's weight decay, but towards the teacher's weights instead of zero: a few
+            thousand images are memorised long before they are matched; 0: off).
         seed: seed of the image order and augmentation (a fit is reproducible).
     """
 
@@ -83,6 +86,7 @@ class FitConfig:
     cutmix: float = 0.0
     trainable: str = "all"
     warmup: float = 0.1
+    anchor: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -99,6 +103,8 @@ class FitConfig:
             raise FitError(f"cutmix is a probability in [0, 1], got {self.cutmix}")
         if self.mixup < 0:
             raise FitError(f"mixup must be 0 (off) or positive, got {self.mixup}")
+        if self.anchor < 0:
+            raise FitError(f"anchor must be 0 (off) or positive, got {self.anchor}")
         if not 0 <= self.warmup < 1:
             raise FitError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.trainable not in TRAINABLE:
@@ -198,7 +204,8 @@ def param_groups(model: nn.Module, config: FitConfig) -> list[dict[str, Any]]:
         param.requires_grad_(keep)
         if keep:
             rest.append(param)
-    groups = [{"params": new, "lr": config.lr_new}, {"params": rest, "lr": config.lr}]
+    groups = [{"params": new, "lr": config.lr_new, "name": "new"},
+              {"params": rest, "lr": config.lr, "name": "inherited"}]
     return [g for g in groups if g["params"]]
 
 
@@ -254,6 +261,17 @@ def one_cycle(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def _anchors(params: list[nn.Parameter]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    return [(p, p.detach().clone()) for p in params if p.requires_grad]
+
+
+@torch.no_grad()
+def _pull(anchored: list[tuple[nn.Parameter, torch.Tensor]], rate: float) -> None:
+    """Move each weight ``rate`` of the way back to its start (decoupled L2-SP)."""
+    for param, start in anchored:
+        param.sub_(rate * (param - start))
+
+
 ProgressFn = Callable[[int, int, float], None]
 """``progress(step, total_steps, loss)``, called after every step."""
 
@@ -286,6 +304,8 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
     groups = param_groups(model, config)
     for g in groups:
         g["weight_decay"] = 0.0
+    inherited = [g for g in groups if g["name"] == "inherited"]
+    anchored = _anchors(inherited[0]["params"]) if config.anchor and inherited else []
     opt = torch.optim.AdamW(groups)
     steps_per_pass = math.ceil(len(x_all) / config.batch_size)
     total = config.passes * steps_per_pass
@@ -310,6 +330,8 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
+                    if anchored:  # the inherited group is last: see param_groups
+                        _pull(anchored, opt.param_groups[-1]["lr"] * config.anchor)
                     sched.step()
                     step += 1
                     running += loss.item()

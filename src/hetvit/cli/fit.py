@@ -56,6 +56,9 @@ def fit_command(
     cutmix: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Probability that a step uses CutMix (a pasted box) instead "
         "of mixup (0: mixup only).")] = 0.0,
+    anchor: Annotated[float, typer.Option(
+        min=0.0, help="Decay of the inherited weights towards the teacher's, per unit of "
+        "learning rate (0: off).")] = 0.0,
     temperature: Annotated[float, typer.Option(
         help="Distillation temperature (1: match the teacher's probabilities; higher also "
         "matches how it ranks the unlikely classes).")] = 1.0,
@@ -88,7 +91,8 @@ def fit_command(
         torch.set_num_threads(threads)
     with user_errors():
         config = FitConfig(passes=passes, batch_size=batch_size, lr=lr, lr_new=lr_new,
-                           mixup=mixup, crop=crop, cutmix=cutmix, temperature=temperature,
+                           mixup=mixup, crop=crop, cutmix=cutmix, anchor=anchor,
+                           temperature=temperature,
                            trainable=trainable,
                            seed=seed)
         files.check_writable(out)
