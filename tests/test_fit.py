@@ -142,6 +142,22 @@ def test_anchor_keeps_the_inherited_weights_nearer_their_start(vit, pool):
         FitConfig(anchor=-1.0)
 
 
+def test_token_distillation_adds_a_positive_term_linear_in_its_weight(vit, pool):
+    from hetvit.distill import kd_loss
+    from hetvit.fitting import _Loss
+
+    student = hetvit.compress(vit, Plan(static=(0,), pyramid=((2, 4), (3, 2))),
+                              calibration=pool[:16]).eval()
+    x = pool[:8]
+    loss = {w: _Loss(student, vit, FitConfig(features=w))(x).item() for w in (0.0, 1.0, 2.0)}
+    with torch.no_grad():
+        assert loss[0.0] == pytest.approx(kd_loss(student(x), vit(x), 1.0).item(), rel=1e-6)
+    assert loss[1.0] > loss[0.0]
+    assert loss[2.0] - loss[0.0] == pytest.approx(2 * (loss[1.0] - loss[0.0]), rel=1e-5)
+    with pytest.raises(FitError, match="features"):
+        FitConfig(features=-1.0)
+
+
 def test_fit_takes_a_loader_of_labelled_batches_and_ignores_the_labels(vit, pool):
     student = hetvit.compress(vit, PLAN)
     loader = [(pool[i:i + 16], torch.zeros(16, dtype=torch.long)) for i in range(0, 48, 16)]

@@ -35,11 +35,12 @@ from torch import nn
 from .aggregation import TokenAggregation
 from .attention import StaticAttention
 from .batches import image_batches
-from .distill import kd_loss
+from .capture import capture_outputs
+from .distill import aggregation_path, feature_loss, kd_loss, stage_ends
 from .errors import FitError
-from .hosts import input_size, logits
+from .hosts import host_of, input_size, logits
 from .modes import eval_mode
-from .surgery import is_compressed, source_mismatch
+from .surgery import is_compressed, plan_of, source_mismatch
 
 __all__ = ["FitConfig", "FitRecord", "FitError", "fit", "collect_images", "check_student",
            "TRAINABLE"]
@@ -69,6 +70,9 @@ class FitConfig:
             mixing whole images (0: mixup only).
         trainable: one of :data:`TRAINABLE`.
         warmup: fraction of the steps spent rising to the peak learning rate.
+        features: weight of token distillation at the end of every pyramid stage (the
+            student's tokens against the teacher's, aggregated the same way: many numbers per
+            image where the logits give ten; 0: logits only).
         anchor: decay of the inherited weights towards their starting values (decoupled, as
             AdamW's weight decay, but towards the teacher's weights instead of zero: a few
             thousand images are memorised long before they are matched; 0: off).
@@ -86,6 +90,7 @@ class FitConfig:
     cutmix: float = 0.0
     trainable: str = "all"
     warmup: float = 0.1
+    features: float = 0.0
     anchor: float = 0.0
     seed: int = 0
 
@@ -103,6 +108,8 @@ class FitConfig:
             raise FitError(f"cutmix is a probability in [0, 1], got {self.cutmix}")
         if self.mixup < 0:
             raise FitError(f"mixup must be 0 (off) or positive, got {self.mixup}")
+        if self.features < 0:
+            raise FitError(f"features must be 0 (off) or positive, got {self.features}")
         if self.anchor < 0:
             raise FitError(f"anchor must be 0 (off) or positive, got {self.anchor}")
         if not 0 <= self.warmup < 1:
@@ -272,6 +279,32 @@ def _pull(anchored: list[tuple[nn.Parameter, torch.Tensor]], rate: float) -> Non
         param.sub_(rate * (param - start))
 
 
+class _Loss:
+    """The fit's loss on a view: KL to the teacher's logits, plus, with ``features``, the
+    token error at every stage end (as :class:`hetvit.lightning_modules.FinetuneModule`)."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, config: FitConfig) -> None:
+        self.model, self.teacher, self.config = model, teacher, config
+        host = host_of(model)
+        self.student_layers, self.teacher_layers = host.layers(model), host.layers(teacher)
+        self.prefix = host.prefix_tokens(model.hetvit_source)
+        self.ends = (stage_ends(plan_of(model), len(self.student_layers))
+                     if config.features else [])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), capture_outputs([self.teacher_layers[i]
+                                               for i in self.ends]) as targets:
+            target = logits(self.teacher, x)
+        with capture_outputs([self.student_layers[i] for i in self.ends]) as tokens:
+            loss = kd_loss(logits(self.model, x), target, self.config.temperature)
+        if self.ends:
+            path = aggregation_path(self.model)
+            tokens_loss = sum(feature_loss(s, t, path[i], self.prefix)
+                              for s, t, i in zip(tokens, targets, self.ends, strict=True))
+            loss = loss + self.config.features * tokens_loss / len(self.ends)
+        return loss
+
+
 ProgressFn = Callable[[int, int, float], None]
 """``progress(step, total_steps, loss)``, called after every step."""
 
@@ -315,6 +348,7 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
     rng_state = torch.get_rng_state()
     torch.manual_seed(config.seed)  # mixup's Beta draws from the global generator
     losses: list[float] = []
+    loss_of = _Loss(model, teacher, config)
     step = 0
     model.train()
     with eval_mode(teacher):
@@ -324,9 +358,7 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
                 running = 0.0
                 for i in range(0, len(x_all), config.batch_size):
                     x = augment(x_all[order[i:i + config.batch_size].to(x_all.device)], config, gen)
-                    with torch.no_grad():
-                        target = logits(teacher, x)
-                    loss = kd_loss(logits(model, x), target, config.temperature)
+                    loss = loss_of(x)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()

@@ -56,6 +56,9 @@ def fit_command(
     cutmix: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Probability that a step uses CutMix (a pasted box) instead "
         "of mixup (0: mixup only).")] = 0.0,
+    features: Annotated[float, typer.Option(
+        min=0.0, help="Weight of token distillation at the end of each pyramid stage (0: "
+        "logits only).")] = 0.0,
     anchor: Annotated[float, typer.Option(
         min=0.0, help="Decay of the inherited weights towards the teacher's, per unit of "
         "learning rate (0: off).")] = 0.0,
@@ -92,6 +95,7 @@ def fit_command(
     with user_errors():
         config = FitConfig(passes=passes, batch_size=batch_size, lr=lr, lr_new=lr_new,
                            mixup=mixup, crop=crop, cutmix=cutmix, anchor=anchor,
+                           features=features,
                            temperature=temperature,
                            trainable=trainable,
                            seed=seed)
