@@ -298,6 +298,24 @@ def test_bench_int8_times_four_models_against_baseline_fp32(student):
     buf = io.StringIO()
     Console(file=buf, width=300).print(render_int8(result))
     assert all(name in buf.getvalue() for name in LINEUP)
+    for flags, noted in ((["avx2"], True), (["avx2", "avx512_vnni"], False), (None, False)):
+        result.env["cpu_flags"] = flags
+        buf = io.StringIO()
+        Console(file=buf, width=300).print(render_int8(result))
+        assert ("no int8 dot-product instructions" in buf.getvalue()) is noted
+
+
+def test_cpu_flags_reads_the_int8_instruction_sets(tmp_path):
+    from hetvit.bench import cpu_flags, has_int8_dot
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags\t\t: fpu sse avx avx2 avx512f avx512_vnni\n")
+    assert cpu_flags(cpuinfo=str(info)) == ["avx2", "avx512f", "avx512_vnni"]
+    assert has_int8_dot(cpu_flags(cpuinfo=str(info))) is True
+    info.write_text("flags : fpu avx avx2 sha_ni\n")
+    assert has_int8_dot(cpu_flags(cpuinfo=str(info))) is False
+    assert cpu_flags(cpuinfo=str(tmp_path / "missing")) is None
+    assert has_int8_dot(None) is None
 
 
 def test_cli_bench_quantize_needs_onnxruntime_runtime():

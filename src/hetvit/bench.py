@@ -151,6 +151,30 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+"""The CPU flags int8 speed depends on: without a VNNI (or AMX) flag, onnxruntime's int8
+kernels gain little over fp32 (measured: 1.1x against 1.5-1.8x with VNNI; README, "int8")."""
+
+
+def cpu_flags(wanted: tuple[str, ...] = INT8_FLAGS, cpuinfo: str = "/proc/cpuinfo"
+              ) -> list[str] | None:
+    """Which of ``wanted`` the CPU reports (Linux ``/proc/cpuinfo``); None where unknown."""
+    try:
+        with open(cpuinfo) as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return [flag for flag in wanted if flag in have]
+    except OSError:
+        pass
+    return None
+
+
+def has_int8_dot(flags: list[str] | None) -> bool | None:
+    """Whether the CPU has int8 dot-product instructions (VNNI or AMX); None where unknown."""
+    return None if flags is None else any("vnni" in f or f.startswith("amx") for f in flags)
+
+
 def environment(device: str = "cpu") -> dict[str, Any]:
     """What a speed figure depends on besides the models: versions, threads, hardware, load."""
     import timm
@@ -161,6 +185,7 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "cpu": cpu_name(),
         "cpu_count": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
         "python": platform.python_version(),
     }
     knobs = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "MKL_NUM_THREADS",

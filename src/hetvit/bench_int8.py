@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .bench import ModelInfo, Settings, environment, model_info, timed_rounds
+from .bench import ModelInfo, Settings, environment, has_int8_dot, model_info, timed_rounds
 from .errors import BenchError
 from .export import ort_runner, ort_session
 from .hosts import input_size
@@ -176,6 +176,9 @@ def render_int8(result: Lineup, title: str | None = None) -> Any:
                   f"rotating rounds: {len(result.ratios(LINEUP[0]))}; speedup over baseline "
                   f"fp32: median [min-max] of the per-round ratios{load}",
                   style="dim")]
+    if has_int8_dot(e.get("cpu_flags")) is False:
+        lines.append(Text("note: this CPU has no int8 dot-product instructions (VNNI, AMX): "
+                          "int8 gains little over fp32 on it", style="yellow"))
     if e.get("load_avg_1m", 0) >= (e.get("cpu_count") or 1):
         lines.append(Text("warning: other work kept the CPU busy: absolute figures are "
                           "unreliable; the ratios, measured in rotating rounds, less so",
