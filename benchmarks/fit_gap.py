@@ -1,6 +1,7 @@
 """How far a fitted student matches its teacher on the images it was fitted on, and on unseen
 ones: KL(teacher || student) and top-1 agreement on 2,048 CIFAR-10 training images (the draw
-``hetvit fit --num-images 2048 --seed 0`` takes) and 2,048 test images, plain and mixed.
+``hetvit fit --num-images 2048 --seed 0`` takes) and 2,048 test images, plain and mixed
+(``hetvit fit --held-out N`` records the same on held-out images of any fit).
 
     PYTHONPATH=src .venv/bin/python benchmarks/fit_gap.py assets/cifar10-fitted
 """
@@ -12,18 +13,15 @@ import torch
 
 import hetvit
 from hetvit.data import sample_images
-from hetvit.fitting import collect_images
+from hetvit.fitting import collect_images, teacher_match
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 
 
-@torch.no_grad()
 def gap(teacher: torch.nn.Module, student: torch.nn.Module, x: torch.Tensor) -> str:
-    t, s = teacher(x).log_softmax(-1), student(x).log_softmax(-1)
-    kl = torch.nn.functional.kl_div(s, t, reduction="batchmean", log_target=True).item()
-    agree = (t.argmax(-1) == s.argmax(-1)).float().mean().item()
-    return f"KL {kl:.4f}, agreement {100 * agree:.2f}%"
+    match = teacher_match(student, teacher, x)
+    return f"KL {match['kl']:.4f}, agreement {100 * match['agreement']:.2f}%"
 
 
 def main() -> None:

@@ -158,6 +158,32 @@ def test_token_distillation_adds_a_positive_term_linear_in_its_weight(vit, pool)
         FitConfig(features=-1.0)
 
 
+def test_teacher_match_against_itself_and_a_reference(vit, pool):
+    from hetvit.fitting import teacher_match
+
+    same = teacher_match(vit, vit, pool)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["agreement"] == 1.0
+    student = hetvit.compress(vit, PLAN, calibration=pool[:16])
+    got = teacher_match(student, vit, pool, batch_size=7)  # batches must not change it
+    with torch.no_grad():
+        agree = (student(pool).argmax(-1) == vit(pool).argmax(-1)).float().mean().item()
+    assert got["agreement"] == pytest.approx(agree, abs=1e-5) and got["images"] == 48
+    assert got["kl"] == pytest.approx(_kd(student, vit, pool), rel=1e-3)
+
+
+def test_fit_records_its_match_on_held_out_images(vit, pool):
+    student = hetvit.compress(vit, PLAN, calibration=pool[:16])
+    config = FitConfig(passes=1, batch_size=16)
+    plain = fit(student, vit, pool[:32], config)
+    assert list(plain.hetvit_fit.match) == ["fit"]
+    fitted = fit(student, vit, pool[:32], config, held_out=pool[32:])
+    match = fitted.hetvit_fit.match
+    assert match["held_out"]["images"] == 16 and match["fit"]["images"] == 32
+    assert match["fit"] == plain.hetvit_fit.match["fit"]  # held-out images never train
+    with pytest.raises(FitError, match="takes"):
+        fit(student, vit, pool, config, held_out=torch.randn(2, 3, 16, 16))
+
+
 def test_fit_takes_a_loader_of_labelled_batches_and_ignores_the_labels(vit, pool):
     student = hetvit.compress(vit, PLAN)
     loader = [(pool[i:i + 16], torch.zeros(16, dtype=torch.long)) for i in range(0, 48, 16)]
@@ -204,6 +230,23 @@ def test_cli_fit_writes_a_loadable_checkpoint_with_its_record(vit, tmp_path):
     record = json.loads((out / "fit.json").read_text())
     assert record["images"] == 21 and record["steps"] == 2 * 3
     assert record["config"]["passes"] == 2
+    assert record["match"]["fit"]["images"] == 21
+    assert "agreement with the teacher" in result.output
+
+    again = tmp_path / "held"
+    result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
+                                      "--images", str(tmp_path / "imgs"), "--out", str(again),
+                                      "--passes", "1", "--batch-size", "8", "--held-out", "5",
+                                      "--calibration-images", "8"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((again / "fit.json").read_text())
+    assert record["images"] == 16 and record["match"]["held_out"]["images"] == 5
+    assert "on 5 held-out ones" in result.output
+    result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
+                                      "--images", str(tmp_path / "imgs"), "--out",
+                                      str(tmp_path / "none"), "--held-out", "21"])
+    assert result.exit_code != 0 and "too few to keep 21" in result.output
+    assert not (tmp_path / "none").exists()
 
 
 def test_cli_fit_on_no_images_fails_in_one_line_and_writes_nothing(vit, tmp_path):

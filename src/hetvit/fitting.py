@@ -43,7 +43,7 @@ from .modes import eval_mode
 from .surgery import is_compressed, plan_of, source_mismatch
 
 __all__ = ["FitConfig", "FitRecord", "FitError", "fit", "collect_images", "check_student",
-           "TRAINABLE"]
+           "teacher_match", "TRAINABLE"]
 
 TRAINABLE = ("all", "norms", "new")
 """Which parameters a fit trains: everything; the new parameters with every norm and bias (a
@@ -131,6 +131,10 @@ class FitRecord:
     cpu_seconds: float = 0.0
     """CPU time of the fit's process (all threads): on a shared machine, the cost that wall
     time ``seconds`` overstates."""
+    match: dict[str, dict[str, float]] = field(default_factory=dict)
+    """How closely the fitted student follows its teacher (:func:`teacher_match`) on the fit's
+    own images (``"fit"``) and, when held-out images were given, on those (``"held_out"``): a
+    fit that matches its own images far better than unseen ones has used up what they tell."""
     inputs: dict[str, Any] = field(default_factory=dict)
     """Where the images and the start came from (the CLI fills it: images, calibration)."""
 
@@ -178,6 +182,24 @@ def _check_images(student: nn.Module, images: torch.Tensor) -> None:
     if tuple(images.shape[1:]) != want:
         raise FitError(f"the images are {tuple(images.shape[1:])} (C x H x W) but the model "
                        f"takes {want}: resize them with the model's eval transform")
+
+
+@torch.no_grad()
+def teacher_match(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
+                  batch_size: int = 256) -> dict[str, float]:
+    """KL(teacher || student) per image and the share of top-1 agreement on ``images``.
+
+    Needs no labels, so it measures a fit on any held-out images of the domain."""
+    kl = agree = 0.0
+    with eval_mode(student), eval_mode(teacher):
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size]
+            t = logits(teacher, x).log_softmax(-1)
+            s = logits(student, x).log_softmax(-1)
+            kl += torch.nn.functional.kl_div(s, t, reduction="sum", log_target=True).item()
+            agree += (t.argmax(-1) == s.argmax(-1)).sum().item()
+    return {"kl": round(kl / len(images), 5), "agreement": round(agree / len(images), 5),
+            "images": len(images)}
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -310,7 +332,8 @@ ProgressFn = Callable[[int, int, float], None]
 
 
 def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig | None = None,
-        *, max_images: int | None = None, progress: ProgressFn | None = None) -> nn.Module:
+        *, max_images: int | None = None, progress: ProgressFn | None = None,
+        held_out: Any = None) -> nn.Module:
     """A copy of ``student`` distilled from ``teacher`` on unlabeled ``images``.
 
     Args:
@@ -321,6 +344,8 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
         config: the fit's settings (:class:`FitConfig`).
         max_images: use at most this many images.
         progress: called after every step (the CLI draws a progress bar with it).
+        held_out: images kept out of the fit (as ``images``), on which the record's ``match``
+            measures how well the fitted student follows the teacher on unseen images.
 
     Returns the fitted copy, in eval mode, with a :class:`FitRecord` as ``hetvit_fit``.
     """
@@ -330,6 +355,9 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
     x_all = collect_images(images, max_images)
     check_student(student, teacher)
     _check_images(student, x_all)
+    unseen = collect_images(held_out) if held_out is not None else None
+    if unseen is not None:
+        _check_images(student, unseen)
     started, cpu_started = time.perf_counter(), time.process_time()
     param = next(student.parameters())
     x_all = x_all.to(param)
@@ -380,4 +408,7 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
                                  loss_per_pass=[round(v, 5) for v in losses],
                                  threads=torch.get_num_threads(),
                                  cpu_seconds=round(time.process_time() - cpu_started, 1))
+    model.hetvit_fit.match["fit"] = teacher_match(model, teacher, x_all)
+    if unseen is not None:
+        model.hetvit_fit.match["held_out"] = teacher_match(model, teacher, unseen.to(param))
     return model

@@ -68,6 +68,10 @@ def fit_command(
     trainable: Annotated[str, typer.Option(
         help="What the fit trains: all, norms (the new parameters, norms and biases) or new "
         "(static logits and aggregation weights only).")] = "all",
+    held_out: Annotated[int, typer.Option(
+        min=0, help="Also draw this many images and keep them out of the fit: the fitted "
+        "student's top-1 agreement with the teacher on them shows how it does on unseen "
+        "images (no labels needed).")] = 0,
     aggregation_init: AggregationInitOpt = "pool",
     seed: Annotated[int, typer.Option(help="Seed of the image draw, order and augmentation.")
     ] = 0,
@@ -86,7 +90,7 @@ def fit_command(
 
     from .. import files, io
     from ..data import sample_images
-    from ..fitting import FitConfig, collect_images, fit
+    from ..fitting import FitConfig, FitError, collect_images, fit
     from ..surgery import compress
 
     console = Console(stderr=True)
@@ -103,8 +107,12 @@ def fit_command(
         files.check_replaceable(out, io.SOURCE_FILE)
         source = open_teacher(teacher, model, checkpoint)
         the_plan = resolve_plan(plan, source)
-        pool = collect_images(sample_images(images, source, num_images, seed=seed,
+        pool = collect_images(sample_images(images, source, num_images + held_out, seed=seed,
                                             batch_size=256))
+        if held_out and len(pool) <= held_out:
+            raise FitError(f"{images} holds {len(pool)} images: too few to keep {held_out} "
+                           "out of the fit")
+        pool, unseen = (pool[:-held_out], pool[-held_out:]) if held_out else (pool, None)
         student = compress(source, the_plan, calibration=pool[:calibration_images],
                            aggregation_init=aggregation_init)
         with Progress(TextColumn("fit"), BarColumn(), TextColumn("{task.completed}/"
@@ -115,14 +123,20 @@ def fit_command(
             def progress(step: int, total: int, loss: float) -> None:
                 bar.update(task, completed=step, total=total, loss=loss)
 
-            fitted = fit(student, source, pool, config, progress=progress)
+            fitted = fit(student, source, pool, config, progress=progress, held_out=unseen)
         fitted.hetvit_fit.inputs = {
             "images": str(images), "num_images": num_images,
             "calibration_images": calibration_images, "aggregation_init": aggregation_init,
-            "plan": plan, "seed": seed}
+            "plan": plan, "seed": seed, "held_out": held_out}
         io.save(fitted, out)
     record = fitted.hetvit_fit
     console.print(f"fitted {fitted.hetvit_plan.describe()} on {record.images} images in "
                   f"{record.seconds:.0f} s ({record.steps} steps); saved to [bold]{out}[/]",
                   highlight=False)
+    match = record.match
+    line = f"agreement with the teacher: {100 * match['fit']['agreement']:.1f}% on its own images"
+    if "held_out" in match:
+        line += (f", {100 * match['held_out']['agreement']:.1f}% on {held_out} held-out ones "
+                 f"(KL {match['fit']['kl']:.3f} / {match['held_out']['kl']:.3f})")
+    console.print(line, highlight=False)
 
