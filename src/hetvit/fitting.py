@@ -102,16 +102,13 @@ class FitConfig:
         for name in ("lr", "lr_new", "temperature"):
             if not getattr(self, name) > 0:
                 raise FitError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("mixup", "features", "anchor"):
+            if getattr(self, name) < 0:
+                raise FitError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
         if self.crop < 0:
             raise FitError(f"crop is a number of pixels, at least 0, got {self.crop}")
         if not 0 <= self.cutmix <= 1:
             raise FitError(f"cutmix is a probability in [0, 1], got {self.cutmix}")
-        if self.mixup < 0:
-            raise FitError(f"mixup must be 0 (off) or positive, got {self.mixup}")
-        if self.features < 0:
-            raise FitError(f"features must be 0 (off) or positive, got {self.features}")
-        if self.anchor < 0:
-            raise FitError(f"anchor must be 0 (off) or positive, got {self.anchor}")
         if not 0 <= self.warmup < 1:
             raise FitError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.trainable not in TRAINABLE:
@@ -194,9 +191,8 @@ def teacher_match(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
     with eval_mode(student), eval_mode(teacher):
         for i in range(0, len(images), batch_size):
             x = images[i:i + batch_size]
-            t = logits(teacher, x).log_softmax(-1)
-            s = logits(student, x).log_softmax(-1)
-            kl += torch.nn.functional.kl_div(s, t, reduction="sum", log_target=True).item()
+            t, s = logits(teacher, x), logits(student, x)
+            kl += kd_loss(s, t, 1.0).item() * len(x)  # a batch mean: back to a sum
             agree += (t.argmax(-1) == s.argmax(-1)).sum().item()
     return {"kl": round(kl / len(images), 5), "agreement": round(agree / len(images), 5),
             "images": len(images)}
@@ -355,8 +351,9 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
     x_all = collect_images(images, max_images)
     check_student(student, teacher)
     _check_images(student, x_all)
-    unseen = collect_images(held_out) if held_out is not None else None
-    if unseen is not None:
+    unseen = None
+    if held_out is not None:
+        unseen = collect_images(held_out)
         _check_images(student, unseen)
     started, cpu_started = time.perf_counter(), time.process_time()
     param = next(student.parameters())
@@ -365,9 +362,9 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
     groups = param_groups(model, config)
     for g in groups:
         g["weight_decay"] = 0.0
-    inherited = [g for g in groups if g["name"] == "inherited"]
-    anchored = _anchors(inherited[0]["params"]) if config.anchor and inherited else []
     opt = torch.optim.AdamW(groups)
+    inherited = next((g for g in opt.param_groups if g["name"] == "inherited"), None)
+    anchored = _anchors(inherited["params"]) if config.anchor and inherited else []
     steps_per_pass = math.ceil(len(x_all) / config.batch_size)
     total = config.passes * steps_per_pass
     warm = max(1, round(config.warmup * total)) if config.warmup else 0
@@ -390,8 +387,8 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
-                    if anchored:  # the inherited group is last: see param_groups
-                        _pull(anchored, opt.param_groups[-1]["lr"] * config.anchor)
+                    if anchored:  # at the scheduled learning rate of the inherited weights
+                        _pull(anchored, inherited["lr"] * config.anchor)
                     sched.step()
                     step += 1
                     running += loss.item()

@@ -98,10 +98,8 @@ def fit_command(
         torch.set_num_threads(threads)
     with user_errors():
         config = FitConfig(passes=passes, batch_size=batch_size, lr=lr, lr_new=lr_new,
-                           mixup=mixup, crop=crop, cutmix=cutmix, anchor=anchor,
-                           features=features,
-                           temperature=temperature,
-                           trainable=trainable,
+                           mixup=mixup, crop=crop, cutmix=cutmix, features=features,
+                           anchor=anchor, temperature=temperature, trainable=trainable,
                            seed=seed)
         files.check_writable(out)
         files.check_replaceable(out, io.SOURCE_FILE)
