@@ -9,7 +9,6 @@ the median img/s and the median [min-max] of the per-round ratios to baseline fp
 Optional arguments keep only the variants whose name contains one of them; BATCH and ROUNDS
 in the environment set the batch (1: latency in ms) and the number of rounds.
 """
-import contextlib
 import os
 import statistics
 import sys
@@ -24,7 +23,7 @@ import torch
 from onnxruntime.transformers.optimizer import optimize_model
 
 import hetvit
-from hetvit.bench import timed_rounds
+from hetvit.bench import cpu_flags, timed_rounds
 from hetvit.export import export_onnx, ort_session
 from hetvit.quantize import node_groups
 from hetvit.surgery import preset
@@ -113,6 +112,4 @@ for n, v in zip(names, vals, strict=True):
     r = [(vv / bb if unit == "img/s" else bb / vv) for vv, bb in zip(v, b, strict=True)]
     print(f"{n:28s} {statistics.median(v):8.2f} {unit}  {statistics.median(r):.2f}x "
           f"[{min(r):.2f}-{max(r):.2f}]", flush=True)
-with contextlib.suppress(OSError):
-    print("cpu flags:", " ".join(f for f in open("/proc/cpuinfo").read().split()
-                                 if f.startswith(("avx", "amx")) or "vnni" in f))
+print("int8-relevant cpu flags:", cpu_flags())

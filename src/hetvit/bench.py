@@ -140,15 +140,20 @@ def model_info(model: nn.Module) -> ModelInfo:
                      plan=plan.describe() if plan.static or plan.pyramid else "baseline")
 
 
-def cpu_name() -> str:
+def _cpuinfo(key: str, path: str = "/proc/cpuinfo") -> str | None:
+    """The value of the first ``key`` line of Linux's ``/proc/cpuinfo``; None where unknown."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
@@ -159,15 +164,11 @@ kernels gain little over fp32 (measured: 1.1x against 1.5-1.8x with VNNI; README
 def cpu_flags(wanted: tuple[str, ...] = INT8_FLAGS, cpuinfo: str = "/proc/cpuinfo"
               ) -> list[str] | None:
     """Which of ``wanted`` the CPU reports (Linux ``/proc/cpuinfo``); None where unknown."""
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [flag for flag in wanted if flag in have]
-    except OSError:
-        pass
-    return None
+    flags = _cpuinfo("flags", cpuinfo)
+    if flags is None:
+        return None
+    have = set(flags.split())
+    return [flag for flag in wanted if flag in have]
 
 
 def has_int8_dot(flags: list[str] | None) -> bool | None:
