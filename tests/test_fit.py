@@ -17,6 +17,7 @@ from hetvit.fitting import (
     cut_and_paste,
     fit,
     new_parameters,
+    resized_crop,
     translate,
 )
 from hetvit.plan import Plan
@@ -103,6 +104,23 @@ def test_translation_is_a_window_of_the_reflect_padded_image():
     # offset (2, 2) is the image itself: zero shift leaves it unchanged
     centred = torch.stack([padded[k, :, 2:10, 2:10] for k in range(2)])
     assert torch.equal(centred, x)
+
+
+def test_resized_crop_zooms_each_image_into_a_box_of_at_least_the_area_asked():
+    # ramps: channel 0 holds each pixel's column, channel 1 its row; bilinear resampling of a
+    # ramp is exact, so the output's step per pixel is the box's width (height) as a fraction
+    size, min_area = 16, 0.3
+    x = torch.zeros(64, 2, size, size)
+    x[:, 0], x[:, 1] = torch.arange(size).float(), torch.arange(size).float()[:, None]
+    out = resized_crop(x, min_area, torch.Generator().manual_seed(0))
+    width = (out[:, 0, :, -2] - out[:, 0, :, 1]) / (size - 3)  # per row, away from the edges
+    height = (out[:, 1, -2, :] - out[:, 1, 1, :]) / (size - 3)
+    assert torch.allclose(width, width[:, :1], atol=1e-5)  # no shear: one width per image
+    width, height = width[:, 0], height[:, 0]
+    assert (width * height >= min_area - 1e-4).all() and (width * height <= 1 + 1e-4).all()
+    assert ((width / height >= 3 / 4 - 1e-4) & (width / height <= 4 / 3 + 1e-4)).all()
+    assert out.amin() >= 0 and out.amax() <= size - 1  # the box stays inside the image
+    assert width.max() - width.min() > 0.3  # each image draws its own box
 
 
 def test_cutmix_pastes_a_box_of_the_other_image_of_the_mixed_area():
@@ -210,6 +228,8 @@ def test_bad_input_is_refused(vit, pool):
         FitConfig(trainable="some")
     with pytest.raises(FitError, match="crop"):
         FitConfig(crop=-1)
+    with pytest.raises(FitError, match="scale"):
+        FitConfig(scale=0.0)
     with pytest.raises(FitError, match="cutmix"):
         FitConfig(cutmix=1.5)
 

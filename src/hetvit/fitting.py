@@ -66,6 +66,9 @@ class FitConfig:
         flip: random horizontal flips.
         crop: random translation of each image by up to this many pixels (reflect padding, then
             a crop at the model's size; 0: off).
+        scale: smallest area fraction of a random resized crop of each image (a box of that
+            fraction or more, of jittered aspect, resampled to the model's size; 1: off). The
+            teacher labels every view, so a view need not keep the image's class.
         cutmix: probability that a step pastes a box of another image (CutMix) instead of
             mixing whole images (0: mixup only).
         trainable: one of :data:`TRAINABLE`.
@@ -87,6 +90,7 @@ class FitConfig:
     mixup: float = 1.0
     flip: bool = True
     crop: int = 0
+    scale: float = 1.0
     cutmix: float = 0.0
     trainable: str = "all"
     warmup: float = 0.1
@@ -107,6 +111,8 @@ class FitConfig:
                 raise FitError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
         if self.crop < 0:
             raise FitError(f"crop is a number of pixels, at least 0, got {self.crop}")
+        if not 0 < self.scale <= 1:
+            raise FitError(f"scale is an area fraction in (0, 1], got {self.scale}")
         if not 0 <= self.cutmix <= 1:
             raise FitError(f"cutmix is a probability in [0, 1], got {self.cutmix}")
         if not 0 <= self.warmup < 1:
@@ -243,6 +249,27 @@ def translate(x: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tenso
     return torch.stack([padded[k, :, i:i + h, j:j + w] for k, (i, j) in enumerate(offsets)])
 
 
+def resized_crop(x: torch.Tensor, min_area: float, gen: torch.Generator) -> torch.Tensor:
+    """Each image's own random box (area fraction in ``[min_area, 1]``, aspect ratio in
+    ``[3/4, 4/3]`` as far as the box stays inside the image), resampled bilinearly to the full
+    size.
+
+    One batched ``grid_sample`` of per-image affine grids, so it costs nothing beside the model.
+    """
+    b = x.shape[0]
+    area = min_area + (1 - min_area) * torch.rand(b, generator=gen)
+    low = area.log().clamp(min=math.log(3 / 4))  # width and height both at most 1
+    high = (-area.log()).clamp(max=math.log(4 / 3))
+    aspect = torch.exp(low + (high - low) * torch.rand(b, generator=gen))
+    width, height = (area * aspect).sqrt(), (area / aspect).sqrt()  # fractions of the image
+    centre = (2 * torch.rand(b, 2, generator=gen) - 1) * torch.stack([1 - width, 1 - height], 1)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 1, 1], theta[:, :, 2] = width, height, centre
+    grid = torch.nn.functional.affine_grid(theta.to(x), list(x.shape), align_corners=False)
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border",
+                                           align_corners=False)
+
+
 def cut_and_paste(x: torch.Tensor, other: torch.Tensor, lam: float, gen: torch.Generator
                   ) -> torch.Tensor:
     """CutMix: a box covering about ``1 - lam`` of the image, taken from ``other``."""
@@ -256,9 +283,11 @@ def cut_and_paste(x: torch.Tensor, other: torch.Tensor, lam: float, gen: torch.G
 
 
 def augment(x: torch.Tensor, config: FitConfig, gen: torch.Generator) -> torch.Tensor:
-    """A fresh view of a batch: translation, flips, then mixup (or CutMix) with a shuffled copy
-    of the batch. The teacher labels the view itself, so no label is mixed."""
+    """A fresh view of a batch: a resized crop, translation, flips, then mixup (or CutMix) with
+    a shuffled copy of the batch. The teacher labels the view itself, so no label is mixed."""
     b = x.shape[0]
+    if config.scale < 1:
+        x = resized_crop(x, config.scale, gen)
     if config.crop:
         x = translate(x, config.crop, gen)
     if config.flip:

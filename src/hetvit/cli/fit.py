@@ -53,6 +53,9 @@ def fit_command(
     crop: Annotated[int, typer.Option(
         min=0, help="Shift each image by up to this many pixels (reflect padding) every "
         "step (0: off).")] = 0,
+    scale: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Smallest area fraction of a random resized crop of each image "
+        "every step (1: off).")] = 1.0,
     cutmix: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Probability that a step uses CutMix (a pasted box) instead "
         "of mixup (0: mixup only).")] = 0.0,
@@ -98,7 +101,7 @@ def fit_command(
         torch.set_num_threads(threads)
     with user_errors():
         config = FitConfig(passes=passes, batch_size=batch_size, lr=lr, lr_new=lr_new,
-                           mixup=mixup, crop=crop, cutmix=cutmix, features=features,
+                           mixup=mixup, crop=crop, scale=scale, cutmix=cutmix, features=features,
                            anchor=anchor, temperature=temperature, trainable=trainable,
                            seed=seed)
         files.check_writable(out)
