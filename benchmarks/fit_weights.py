@@ -1,0 +1,155 @@
+"""Levers on the weights of a fit, none of them an option of ``hetvit fit``: an exponential
+moving average of the weights, stochastic depth, frozen early blocks, and weight averages
+("soups") of fits that differ only in their augmentation seed.
+
+``fit`` runs the committed model's fit (``pyramid-2.5x``, the 2,048 images ``hetvit fit
+--num-images 2048 --seed 0`` draws, 20 passes, mixup 1.0, one thread) with the given changes and
+saves the fitted student to OUT/final and the EMA of its weights at each decay to OUT/ema<d>.
+``evaluate`` prints top-1 on the 10,000 test images of saved students, where ``A+B`` is the
+average of their weights (the same plan, so the same parameters).
+
+    PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --aug-seed 1 --out runs/w/s1
+    PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --drop-path 0.1 --out runs/w/dp
+    PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --freeze 2 --out runs/w/fz
+    PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py evaluate \\
+        s1=runs/w/s1/final soup=assets/cifar10-fitted+runs/w/s1/final
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import torch
+from timm.layers import DropPath
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+import hetvit
+from hetvit import fitting
+from hetvit.cli.common import resolve_plan
+from hetvit.data import make_loader, make_transform, open_dataset, sample_images
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+DECAYS = (0.99, 0.995, 0.998)
+
+
+class WeightAverages:
+    """EMAs of every parameter an optimiser steps, at several decays, kept by torch's global
+    optimiser hook so the fit itself runs unchanged."""
+
+    def __init__(self, decays: tuple[float, ...]) -> None:
+        self.shadows: dict[float, dict[int, torch.Tensor]] = {d: {} for d in decays}
+        self.handle = register_optimizer_step_post_hook(self.update)
+
+    @torch.no_grad()
+    def update(self, opt: torch.optim.Optimizer, *_: object) -> None:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for decay, shadow in self.shadows.items():
+                    if id(p) in shadow:
+                        shadow[id(p)].lerp_(p.detach(), 1 - decay)
+                    else:
+                        shadow[id(p)] = p.detach().clone()
+
+    def averaged(self, model: torch.nn.Module, decay: float) -> torch.nn.Module:
+        """A copy of ``model`` holding the EMA at ``decay`` (untrained parameters as they are).
+        The copy's parameters line up with the model's, whose ids the shadows are keyed by."""
+        out = copy.deepcopy(model)
+        with torch.no_grad():
+            for p, q in zip(model.parameters(), out.parameters(), strict=True):
+                if id(p) in self.shadows[decay]:
+                    q.copy_(self.shadows[decay][id(p)])
+        return out
+
+
+def freeze_first(blocks: int) -> None:
+    """Make fits train nothing before block ``blocks`` (the patch embedding included): those
+    blocks run before the first reduction, so they already compute the teacher's tokens."""
+    plain = fitting.param_groups
+    early = ("patch_embed.", "cls_token", "pos_embed", *(f"blocks.{i}." for i in range(blocks)))
+
+    def param_groups(model: torch.nn.Module, config: fitting.FitConfig) -> list[dict]:
+        groups = plain(model, config)
+        frozen = {id(p) for name, p in model.named_parameters() if name.startswith(early)}
+        for p in model.parameters():
+            if id(p) in frozen:
+                p.requires_grad_(False)
+        for g in groups:
+            g["params"] = [p for p in g["params"] if id(p) not in frozen]
+        return [g for g in groups if g["params"]]
+
+    fitting.param_groups = param_groups
+
+
+def set_drop_path(model: torch.nn.Module, rate: float) -> None:
+    """Stochastic depth rising linearly to ``rate`` in the last block (0: off); the token
+    aggregations between the blocks have no residual branch to drop."""
+    blocks = [b for b in model.blocks if hasattr(b, "drop_path1")]
+    for i, block in enumerate(blocks):
+        r = rate * i / (len(blocks) - 1)
+        block.drop_path1 = block.drop_path2 = DropPath(r) if r else torch.nn.Identity()
+
+
+def run_fit(args: argparse.Namespace) -> None:
+    torch.set_num_threads(1)
+    teacher = hetvit.load(ROOT / "assets" / "cifar10-teacher").eval()
+    plan = resolve_plan(str(ROOT / "benchmarks" / "plans" / "pyramid-2.5x.json"), teacher)
+    images = fitting.collect_images(sample_images(DATA / "cifar10-train.tar.gz", teacher, 2048,
+                                                  seed=0, batch_size=256))
+    student = hetvit.compress(teacher, plan, calibration=images[:256])
+    set_drop_path(student, args.drop_path)
+    if args.freeze:
+        freeze_first(args.freeze)
+    config = fitting.FitConfig(passes=20, mixup=args.mixup, lr_new=args.lr_new,
+                               seed=args.aug_seed)
+    averages = WeightAverages(DECAYS)
+    fitted = fitting.fit(student, teacher, images, config)
+    averages.handle.remove()
+    set_drop_path(fitted, 0.0)
+    print(f"fitted in {fitted.hetvit_fit.seconds:.0f} s", flush=True)
+    hetvit.save(fitted, args.out / "final")
+    for decay in DECAYS:
+        hetvit.save(averages.averaged(fitted, decay), args.out / f"ema{decay}")
+
+
+def soup(models: list[torch.nn.Module]) -> torch.nn.Module:
+    """The first model holding the mean of all models' weights."""
+    out = copy.deepcopy(models[0])
+    states = [m.state_dict() for m in models]
+    out.load_state_dict({k: sum(s[k].float() for s in states) / len(states) for k in states[0]})
+    return out
+
+
+@torch.no_grad()
+def run_evaluate(args: argparse.Namespace) -> None:
+    torch.set_num_threads(2)
+    teacher = hetvit.load(ROOT / "assets" / "cifar10-teacher")
+    batches = list(make_loader(open_dataset(DATA / "cifar10-test.tar.gz",
+                                            make_transform(teacher)), batch_size=500))
+    for spec in args.models:
+        name, _, dirs = spec.partition("=")
+        model = soup([hetvit.load(d) for d in dirs.split("+")]).eval()
+        correct = sum((model(x).argmax(-1) == y).sum().item() for x, y in batches)
+        print(f"{name}: {100 * correct / sum(len(y) for _, y in batches):.2f}%", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    f = sub.add_parser("fit")
+    f.add_argument("--out", type=Path, required=True)
+    f.add_argument("--aug-seed", type=int, default=0, help="FitConfig.seed (the images stay)")
+    f.add_argument("--drop-path", type=float, default=0.0)
+    f.add_argument("--freeze", type=int, default=0, help="blocks before this one stay frozen")
+    f.add_argument("--mixup", type=float, default=1.0)
+    f.add_argument("--lr-new", type=float, default=5e-2)
+    e = sub.add_parser("evaluate")
+    e.add_argument("models", nargs="+", help="NAME=DIR or NAME=DIR+DIR+... (weight average)")
+    args = ap.parse_args()
+    run_fit(args) if args.command == "fit" else run_evaluate(args)
+
+
+if __name__ == "__main__":
+    main()
