@@ -1,6 +1,7 @@
 """Levers on the weights of a fit, none of them an option of ``hetvit fit``: an exponential
-moving average of the weights, stochastic depth, frozen early blocks, and weight averages
-("soups") of fits that differ only in their augmentation seed.
+moving average of the weights, stochastic depth, frozen early blocks, a flip-averaged teacher,
+and weight averages ("soups") of fits that differ only in their augmentation seed; ``--crop``
+and ``--cutmix`` are ``hetvit fit``'s, to combine them with the rest.
 
 ``fit`` runs the committed model's fit (``pyramid-2.5x``, the 2,048 images ``hetvit fit
 --num-images 2048 --seed 0`` draws, 20 passes, mixup 1.0, one thread) with the given changes and
@@ -11,6 +12,8 @@ average of their weights (the same plan, so the same parameters).
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --aug-seed 1 --out runs/w/s1
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --drop-path 0.1 --out runs/w/dp
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --freeze 2 --out runs/w/fz
+    PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --teacher-flips --passes 14 \\
+        --out runs/w/tta
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py evaluate \\
         s1=runs/w/s1/final soup=assets/cifar10-fitted+runs/w/s1/final
 """
@@ -92,6 +95,21 @@ def set_drop_path(model: torch.nn.Module, rate: float) -> None:
         block.drop_path1 = block.drop_path2 = DropPath(r) if r else torch.nn.Identity()
 
 
+def flip_averaged_teacher(teacher: torch.nn.Module) -> None:
+    """Make fits distil from the teacher's probabilities averaged over each view and its mirror
+    (a test-time-augmented teacher, 78.91% where the teacher alone is 78.47%), for the price of
+    a second teacher forward a step."""
+    plain = fitting.logits
+
+    def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if model is not teacher:
+            return plain(model, x)
+        probs = (plain(model, x).softmax(-1) + plain(model, x.flip(-1)).softmax(-1)) / 2
+        return probs.log()
+
+    fitting.logits = logits
+
+
 def run_fit(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     teacher = hetvit.load(ROOT / "assets" / "cifar10-teacher").eval()
@@ -102,8 +120,10 @@ def run_fit(args: argparse.Namespace) -> None:
     set_drop_path(student, args.drop_path)
     if args.freeze:
         freeze_first(args.freeze)
-    config = fitting.FitConfig(passes=20, mixup=args.mixup, lr_new=args.lr_new,
-                               seed=args.aug_seed)
+    if args.teacher_flips:
+        flip_averaged_teacher(teacher)
+    config = fitting.FitConfig(passes=args.passes, mixup=args.mixup, lr_new=args.lr_new,
+                               crop=args.crop, cutmix=args.cutmix, seed=args.aug_seed)
     averages = WeightAverages(DECAYS)
     fitted = fitting.fit(student, teacher, images, config)
     averages.handle.remove()
@@ -145,6 +165,11 @@ def main() -> None:
     f.add_argument("--freeze", type=int, default=0, help="blocks before this one stay frozen")
     f.add_argument("--mixup", type=float, default=1.0)
     f.add_argument("--lr-new", type=float, default=5e-2)
+    f.add_argument("--passes", type=int, default=20)
+    f.add_argument("--crop", type=int, default=0, help="as hetvit fit --crop")
+    f.add_argument("--cutmix", type=float, default=0.0, help="as hetvit fit --cutmix")
+    f.add_argument("--teacher-flips", action="store_true",
+                   help="distil from the teacher averaged over each view and its mirror")
     e = sub.add_parser("evaluate")
     e.add_argument("models", nargs="+", help="NAME=DIR or NAME=DIR+DIR+... (weight average)")
     args = ap.parse_args()

@@ -50,8 +50,6 @@ TRAINABLE = ("all", "norms", "new")
 few percent of the weights: cheap to store as a delta); or the new parameters alone."""
 
 
-
-
 @dataclass(frozen=True)
 class FitConfig:
     """How a fit runs. Recorded with the fitted model (``fit.json``).
