@@ -85,6 +85,25 @@ def test_trainable_restricts_what_moves(vit, pool, trainable):
     assert all(p.requires_grad for p in fitted.parameters())
 
 
+def test_freeze_early_keeps_the_teacher_up_to_the_plan_s_first_change(vit, pool):
+    plan = Plan(static=(3,), pyramid=((2, 4),))  # the first change: a stage before layer 2
+    student = hetvit.compress(vit, plan, calibration=pool[:16])
+
+    def moved(config: FitConfig) -> set[str]:
+        fitted = fit(student, vit, pool[:32], config)
+        assert all(p.requires_grad for p in fitted.parameters())
+        return {k for k, v in fitted.state_dict().items()
+                if not torch.equal(v, student.state_dict()[k])}
+
+    early = ("cls_token", "pos_embed", "patch_embed.", "blocks.0.", "blocks.1.")
+    frozen = moved(FitConfig(passes=1, batch_size=16, freeze_early=True))
+    trained = moved(FitConfig(passes=1, batch_size=16))
+    assert not any(k.startswith(early) for k in frozen)
+    assert frozen == {k for k in trained if not k.startswith(early)}  # the rest trains as ever
+    assert any(k.startswith("blocks.0.") for k in trained)
+    assert {"blocks.2.weight", "blocks.3.attn.qkv.weight", "blocks.4.attn.logits"} <= frozen
+
+
 def test_fit_is_reproducible(vit, pool):
     student = hetvit.compress(vit, PLAN, calibration=pool[:16])
     config = FitConfig(passes=1, batch_size=16, mixup=0.5, seed=3)
@@ -257,10 +276,12 @@ def test_cli_fit_writes_a_loadable_checkpoint_with_its_record(vit, tmp_path):
     result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
                                       "--images", str(tmp_path / "imgs"), "--out", str(again),
                                       "--passes", "1", "--batch-size", "8", "--held-out", "5",
-                                      "--calibration-images", "8"])
+                                      "--calibration-images", "8", "--freeze-early"])
     assert result.exit_code == 0, result.output
     record = json.loads((again / "fit.json").read_text())
     assert record["images"] == 16 and record["match"]["held_out"]["images"] == 5
+    assert record["config"]["freeze_early"] and not json.loads(
+        (out / "fit.json").read_text())["config"]["freeze_early"]
     assert "on 5 held-out ones" in result.output
     result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
                                       "--images", str(tmp_path / "imgs"), "--out",

@@ -96,6 +96,23 @@ def test_prefix_tokens_are_the_family_s(row):
     assert host_of(model).prefix_tokens(describe(model)) == row.prefix
 
 
+def test_embedding_parameters_are_what_the_first_block_reads(row):
+    model = row.make()
+    host, seen = host_of(model), {}
+
+    def grab(_module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+    handle = host.layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    logits(model, _images(model, 2))
+    handle.remove()
+    params = list(model.parameters())
+    grads = torch.autograd.grad((seen["x"] * torch.randn_like(seen["x"])).sum(), params,
+                                allow_unused=True)
+    reads = {id(p) for p, g in zip(params, grads, strict=True) if g is not None and g.any()}
+    assert reads == {id(p) for p in host.embedding_parameters(model)}
+
+
 def test_identity_plan_gives_the_source_output(row):
     model = row.make()
     x = _images(model)

