@@ -1,7 +1,7 @@
-"""Levers on the weights of a fit, none of them an option of ``hetvit fit``: an exponential
-moving average of the weights, stochastic depth, frozen early blocks, a flip-averaged teacher,
-and weight averages ("soups") of fits that differ only in their augmentation seed; ``--crop``
-and ``--cutmix`` are ``hetvit fit``'s, to combine them with the rest.
+"""Levers on the weights of a fit that ``hetvit fit`` lacks: an exponential
+moving average of the weights, stochastic depth, a flip-averaged teacher, and weight averages
+("soups") of fits that differ only in their augmentation seed; ``--crop``, ``--cutmix`` and
+``--freeze-early`` are ``hetvit fit``'s, to combine them with the rest.
 
 ``fit`` runs the committed model's fit (``pyramid-2.5x``, the 2,048 images ``hetvit fit
 --num-images 2048 --seed 0`` draws, 20 passes, mixup 1.0, one thread) with the given changes and
@@ -11,7 +11,7 @@ average of their weights (the same plan, so the same parameters).
 
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --aug-seed 1 --out runs/w/s1
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --drop-path 0.1 --out runs/w/dp
-    PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --freeze 2 --out runs/w/fz
+    PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --freeze-early --out runs/w/fz
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --teacher-flips --passes 14 \\
         --out runs/w/tta
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py evaluate \\
@@ -67,25 +67,6 @@ class WeightAverages:
         return out
 
 
-def freeze_first(blocks: int) -> None:
-    """Make fits train nothing before block ``blocks`` (the patch embedding included): those
-    blocks run before the first reduction, so they already compute the teacher's tokens."""
-    plain = fitting.param_groups
-    early = ("patch_embed.", "cls_token", "pos_embed", *(f"blocks.{i}." for i in range(blocks)))
-
-    def param_groups(model: torch.nn.Module, config: fitting.FitConfig) -> list[dict]:
-        groups = plain(model, config)
-        frozen = {id(p) for name, p in model.named_parameters() if name.startswith(early)}
-        for p in model.parameters():
-            if id(p) in frozen:
-                p.requires_grad_(False)
-        for g in groups:
-            g["params"] = [p for p in g["params"] if id(p) not in frozen]
-        return [g for g in groups if g["params"]]
-
-    fitting.param_groups = param_groups
-
-
 def set_drop_path(model: torch.nn.Module, rate: float) -> None:
     """Stochastic depth rising linearly to ``rate`` in the last block (0: off); the token
     aggregations between the blocks have no residual branch to drop."""
@@ -118,12 +99,11 @@ def run_fit(args: argparse.Namespace) -> None:
                                                   seed=0, batch_size=256))
     student = hetvit.compress(teacher, plan, calibration=images[:256])
     set_drop_path(student, args.drop_path)
-    if args.freeze:
-        freeze_first(args.freeze)
     if args.teacher_flips:
         flip_averaged_teacher(teacher)
     config = fitting.FitConfig(passes=args.passes, mixup=args.mixup, lr_new=args.lr_new,
-                               crop=args.crop, cutmix=args.cutmix, seed=args.aug_seed)
+                               crop=args.crop, cutmix=args.cutmix,
+                               freeze_early=args.freeze_early, seed=args.aug_seed)
     averages = WeightAverages(DECAYS)
     fitted = fitting.fit(student, teacher, images, config)
     averages.handle.remove()
@@ -162,12 +142,12 @@ def main() -> None:
     f.add_argument("--out", type=Path, required=True)
     f.add_argument("--aug-seed", type=int, default=0, help="FitConfig.seed (the images stay)")
     f.add_argument("--drop-path", type=float, default=0.0)
-    f.add_argument("--freeze", type=int, default=0, help="blocks before this one stay frozen")
     f.add_argument("--mixup", type=float, default=1.0)
     f.add_argument("--lr-new", type=float, default=5e-2)
     f.add_argument("--passes", type=int, default=20)
     f.add_argument("--crop", type=int, default=0, help="as hetvit fit --crop")
     f.add_argument("--cutmix", type=float, default=0.0, help="as hetvit fit --cutmix")
+    f.add_argument("--freeze-early", action="store_true", help="as hetvit fit --freeze-early")
     f.add_argument("--teacher-flips", action="store_true",
                    help="distil from the teacher averaged over each view and its mirror")
     e = sub.add_parser("evaluate")
