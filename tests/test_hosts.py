@@ -99,13 +99,8 @@ def test_prefix_tokens_are_the_family_s(row):
 def test_embedding_parameters_are_what_the_first_block_reads(row):
     model = row.make()
     host, seen = host_of(model), {}
-
-    def grab(_module, args, kwargs):
-        seen["x"] = args[0] if args else kwargs["hidden_states"]
-
-    handle = host.layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
-    logits(model, _images(model, 2))
-    handle.remove()
+    with module_inputs(host.layers(model)[:1], lambda _, x: seen.setdefault("x", x)):
+        logits(model, _images(model, 2))
     params = list(model.parameters())
     grads = torch.autograd.grad((seen["x"] * torch.randn_like(seen["x"])).sum(), params,
                                 allow_unused=True)
