@@ -14,13 +14,11 @@ from hetvit.fitting import (
     FitConfig,
     FitError,
     augment,
-    cut_and_paste,
     fit,
     new_parameters,
-    resized_crop,
-    translate,
 )
 from hetvit.plan import Plan
+from hetvit.views import cut_and_paste, resized_crop, translate
 
 from .conftest import tiny_vit, write_images
 
