@@ -181,6 +181,20 @@ def test_finetune_refuses_a_foreign_out_before_any_work(tmp_path, colours):
     assert {p: p.read_text() for p in out.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.parametrize("start", [[], ["--plan", "fast", "--student", "student"]],
+                         ids=["neither", "both"])
+def test_finetune_needs_one_of_plan_and_student_before_loading_anything(tmp_path, colours,
+                                                                        start):
+    """Said before the teacher is read: the (missing) teacher is not what is wrong."""
+    result = CliRunner().invoke(app, ["finetune", "--teacher", str(tmp_path / "no-teacher"),
+                                      "--data", str(colours), "--out", str(tmp_path / "run"),
+                                      *start])
+    assert result.exit_code == 2, result.output
+    assert "give --plan" in one_line(result.output) and "Traceback" not in result.output
+    assert "neither" in result.output if not start else "both" in result.output
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_failed_check_leaves_no_run_directory(tmp_path, colours):
     from hetvit.data import DataError
     from hetvit.training import train

@@ -317,8 +317,13 @@ def test_cli_train_then_finetune_pass_every_shared_option_through(tmp_path):
     (["--auto-augment", "rand-q9"], "--auto-augment 'rand-q9'"),
     (["--mixup", "-1"], "--mixup must be >= 0"),
     (["--reprob", "1.5"], "--reprob is a probability"),
+    (["--hflip", "2"], "--hflip is a probability"),
+    (["--scale-min", "0"], "--scale-min is an area fraction"),
+    (["--accelerator", "tpu"], "--accelerator must be one of"),
+    (["--limit-train-batches", "-1"], "--limit-train-batches is a batch count"),
+    (["--limit-val-batches", "1.5"], "--limit-val-batches is a batch count"),
 ])
-def test_cli_train_refuses_a_bad_augmentation_before_writing(tmp_path, flags, message):
+def test_cli_train_refuses_a_bad_setting_before_writing(tmp_path, flags, message):
     from typer.testing import CliRunner
 
     from hetvit.cli import app

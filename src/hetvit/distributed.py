@@ -26,6 +26,9 @@ __all__ = ["STRATEGIES", "Processes", "check_processes", "is_writer", "shard", "
            "uses_gpu"]
 
 STRATEGIES = ("auto", "ddp")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+"""Lightning's accelerators a run may ask for; another (a TPU, say) needs packages hetvit does
+not install, and Lightning's own refusal of it is a traceback."""
 
 # The variables a launcher sets to say which process this is: torchrun (RANK), SLURM's srun
 # (SLURM_PROCID), Lightning's own launcher and its multi-machine convention (NODE_RANK,
@@ -103,6 +106,9 @@ def check_processes(devices: int = 1, num_nodes: int = 1, strategy: str = "auto"
     if strategy not in STRATEGIES:
         raise TrainingError(f"--strategy must be one of {', '.join(STRATEGIES)}, not "
                             f"{strategy!r}")
+    if accelerator not in ACCELERATORS:
+        raise TrainingError(f"--accelerator must be one of {', '.join(ACCELERATORS)}, not "
+                            f"{accelerator!r}")
     world = devices * num_nodes
     gpu = uses_gpu(accelerator)
     cores = cpu_cores()

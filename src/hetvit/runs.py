@@ -49,7 +49,8 @@ def check_precision(precision: str, accelerator: str) -> None:
     """Fail early, and clearly, on a precision the hardware cannot run."""
     allowed = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
     if precision not in allowed:
-        raise TrainingError(f"precision must be one of {', '.join(allowed)}, not {precision!r}")
+        raise TrainingError(f"--precision must be one of {', '.join(allowed)}, not "
+                            f"{precision!r}")
     on_gpu = uses_gpu(accelerator)
     if precision == "16-mixed" and not on_gpu:
         raise TrainingError("precision 16-mixed needs a CUDA GPU (none is used here); "
@@ -102,10 +103,13 @@ def check_run(config: TrainConfig, marker: str | None = None) -> None:
     for path in (config.data, config.val_data):
         if path is not None and not Path(path).exists():
             raise DataError(f"data path not found: {path}")
-    if config.reprob < 0:
-        raise TrainingError(f"--reprob must be >= 0, got {config.reprob}")
-    if config.reprob > 1:
-        raise TrainingError(f"--reprob is a probability, got {config.reprob}")
+    for name, value in (("reprob", config.reprob), ("hflip", config.hflip)):
+        if not 0 <= value <= 1:
+            raise TrainingError(f"--{name} is a probability in [0, 1], got {value}")
+    if not 0 < config.scale[0] <= config.scale[1] <= 1:
+        raise TrainingError(f"--scale-min is an area fraction in (0, 1], got {config.scale[0]}")
+    for name in ("limit_train_batches", "limit_val_batches"):
+        check_batch_limit(name, getattr(config, name))
     if config.auto_augment:
         try:  # timm checks the policy string only when it builds the transform
             create_transform(input_size=(3, 32, 32), is_training=True,
@@ -113,6 +117,18 @@ def check_run(config: TrainConfig, marker: str | None = None) -> None:
         except (AssertionError, ValueError, KeyError) as err:
             raise TrainingError(f"--auto-augment {config.auto_augment!r}: {err} (timm policies: "
                                 "rand-m9-mstd0.5-inc1, original, v0, augmix-m5, ...)") from None
+
+
+def check_batch_limit(name: str, value: int | float | None) -> None:
+    """A ``limit_*_batches`` is Lightning's: a count of batches (0 or more) or a fraction of
+    the loader in (0, 1]; refused here, before the run directory is touched, rather than by
+    Lightning once the trainer is built."""
+    if value is None:
+        return
+    if isinstance(value, int) and value >= 0 or isinstance(value, float) and 0 < value <= 1:
+        return
+    raise TrainingError(f"--{name.replace('_', '-')} is a batch count (0 or more) or a fraction "
+                        f"in (0, 1], got {value}")
 
 
 def run_processes(config: TrainConfig) -> Processes:

@@ -85,19 +85,20 @@ def fit_loaders(module: BaseModule, train_loader: Any, val_loader: Any = None, *
     try:
         with tempfile.TemporaryDirectory(prefix="hetvit-fit-") as scratch, _quiet_lightning():
             L.seed_everything(seed, workers=True, verbose=False)
-            trainer = _trainer(processes, epochs=epochs, out=out, resume=resume,
-                               accelerator=accelerator, precision=precision,
-                               scratch=Path(scratch), progress=progress, callbacks=callbacks,
-                               limit_train_batches=limit_train_batches,
-                               limit_val_batches=limit_val_batches)
             last = None if out is None else out / "checkpoints" / CHECKPOINT_NAME
             with warnings.catch_warnings():
                 # Lightning suggests workers on 2-core machines where they only steal compute.
                 warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-                try:
+                try:  # Lightning refuses some settings (a limit of 0 batches) only here
+                    trainer = _trainer(processes, epochs=epochs, out=out, resume=resume,
+                                       accelerator=accelerator, precision=precision,
+                                       scratch=Path(scratch), progress=progress,
+                                       callbacks=callbacks,
+                                       limit_train_batches=limit_train_batches,
+                                       limit_val_batches=limit_val_batches)
                     trainer.fit(module, train_loader, val_loader,
                                 ckpt_path=str(last) if resume and last is not None else None)
-                except MisconfigurationException as err:  # a --limit-*-batches of 0 batches
+                except MisconfigurationException as err:
                     raise TrainingError(str(err)) from None
             return trainer
     finally:

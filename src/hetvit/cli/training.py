@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from ..configs import FINETUNE_EPOCHS, TRAIN_OPTIM, DistillConfig, OptimConfig, TrainConfig
+from ..errors import UsageError
 from .common import (
     AggregationInitOpt,
     ClassMapOpt,
@@ -156,10 +157,11 @@ def finetune(
         config = _train_config(options)
         distill = DistillConfig(**{f.name: options[f.name]
                                    for f in dataclasses.fields(DistillConfig)})
-        source = open_teacher(teacher, model, checkpoint)
         if (plan is None) == (student is None):
-            raise ValueError("give --plan (a preset or plan.json) or --student DIR (a "
-                             "compressed model of the teacher, e.g. from hetvit fit)")
+            raise UsageError("give --plan (a preset or plan.json) or --student DIR (a "
+                             "compressed model of the teacher, e.g. from hetvit fit), not "
+                             f"{'both' if plan else 'neither'}")
+        source = open_teacher(teacher, model, checkpoint)
         start = open_model(None, student) if student is not None else None
         the_plan = resolve_plan(plan, source) if plan is not None else start.hetvit_plan
         target = finetune_run(source, the_plan, config, distill, student=start)
