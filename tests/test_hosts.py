@@ -8,6 +8,7 @@ second.
 from __future__ import annotations
 
 import copy
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -299,6 +300,26 @@ def test_hf_cli_compress(tmp_path):
     compressed = hetvit.load(tmp_path / "out")
     assert type(compressed).__name__ == "ViTForImageClassification"
     assert compressed.hetvit_plan.static or compressed.hetvit_plan.pyramid
+
+
+def test_hf_cli_plan_reads_the_directory(tmp_path):
+    """``plan --model hf:DIR`` shows the plan for the directory's own sizes, as compress would
+    make it."""
+    from typer.testing import CliRunner
+
+    from hetvit.cli import app
+    from hetvit.flops import formula_macs
+
+    model = _hf("ViTForImageClassification", "ViTConfig")()
+    model.save_pretrained(tmp_path / "vit")
+    result = CliRunner().invoke(app, ["plan", "--model", f"hf:{tmp_path / 'vit'}", "--plan",
+                                      "fast", "--json"])
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)  # transformers draws its loading bar on stderr
+    plan = hetvit.surgery.preset("fast", model)
+    assert shown["plan"]["static"] == list(plan.static)
+    assert shown["gmacs"]["plan"] == pytest.approx(formula_macs(describe(model), plan) / 1e9)
+    assert shown["gmacs"]["baseline"] == pytest.approx(formula_macs(describe(model)) / 1e9)
 
 
 def test_without_transformers_an_hf_model_is_one_clear_line(tmp_path, monkeypatch):

@@ -1,14 +1,14 @@
 """``hetvit demo``: the whole path on the committed CIFAR-10 teacher and its compressed models.
 
-It analyses the teacher's attention patterns, shows the students' plan, and evaluates and
-benchmarks four models: the teacher, its ``fast`` student fine-tuned with labels, a ``fast``
-student fitted without labels (``hetvit fit``) and training-free token merging (ToMe) of the
-teacher, each timed side by side with the teacher. It writes a markdown report with plots and
-warns when the machine was too busy for its speed figures. Nothing is trained or downloaded:
-the models are committed in ``assets/`` and the images are CIFAR-10 test images,
-read from ``../shared/data/cifar10-test.tar.gz`` beside the repository (or ``--images``). The
-images are not committed: their source carries no licence that lets the project redistribute
-them.
+It analyses the teacher's attention patterns, shows the students' plans, and evaluates and
+benchmarks four models: the teacher, its ``fast`` student fine-tuned with labels, a
+``pyramid-2.5x`` student (no static layers) fitted without labels (``hetvit fit``) and
+training-free token merging (ToMe) of the teacher, each timed side by side with the teacher.
+It writes a markdown report with plots and warns when the machine was too busy for its speed
+figures. Nothing is trained or downloaded: the models are committed in ``assets/`` and the
+images are CIFAR-10 test images, read from ``../shared/data/cifar10-test.tar.gz`` beside the
+repository (or ``--images``). The images are not committed: their source carries no licence
+that lets the project redistribute them.
 """
 
 from __future__ import annotations

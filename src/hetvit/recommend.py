@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -24,7 +25,7 @@ from .patterns import PatternReport
 from .plan import Plan
 
 __all__ = ["recommend", "Recommendation", "LayerChoice", "explain_plan", "token_ladder",
-           "PYRAMID_GAP", "RANK_METRICS"]
+           "check_settings", "PYRAMID_GAP", "RANK_METRICS"]
 
 PYRAMID_GAP = 2  # fewest layers between two recommended stages (the presets use 2-3)
 RANK_METRICS = ("rank90", "rank99", "effective_rank")
@@ -199,6 +200,34 @@ class Recommendation:
 
 
 # ----------------------------------------------------------------------------- the policy
+def check_settings(speedup: float | None = None, max_static: int | None = None,
+                   similarity: float = 0.9, rank: str = "rank90", *,
+                   names: Mapping[str, str] | None = None) -> None:
+    """Refuse settings :func:`recommend` cannot use, naming each as the caller spells it.
+
+    :func:`recommend` checks its arguments here; a caller that gets them from a user checks
+    them first, before the measurement they would otherwise spoil only at its end (``hetvit
+    analyze`` passes ``names={"speedup": "--recommend-speedup", ...}`` so the error names its
+    flag). Unnamed settings keep their parameter names.
+
+    ``similarity`` must lie in ``(0, 1]``: attention maps are non-negative, so their cosine
+    similarity is at least 0, and a threshold of 0 or less would make every layer static; one
+    above 1 no layer can reach (``max_static=0`` says that plainly). NaN, which fails every
+    comparison, is refused too.
+    """
+    def name(key: str) -> str:
+        return (names or {}).get(key, key)
+
+    if rank not in RANK_METRICS:
+        raise AnalysisError(f"{name('rank')} must be one of {RANK_METRICS}, got {rank!r}")
+    if speedup is not None and not speedup > 0:
+        raise AnalysisError(f"{name('speedup')} must be positive, got {speedup}")
+    if max_static is not None and max_static < 0:
+        raise AnalysisError(f"{name('max_static')} must be >= 0, got {max_static}")
+    if not 0 < similarity <= 1:
+        raise AnalysisError(f"{name('similarity')} must be in (0, 1], got {similarity}")
+
+
 def recommend(report: PatternReport, speedup: float | None = None,
               max_static: int | None = None, *, similarity: float = 0.9, rank: str = "rank90",
               margin: float = 1.0) -> Recommendation:
@@ -242,12 +271,7 @@ def recommend(report: PatternReport, speedup: float | None = None,
     moved to later layers, one layer at a time, for as long as the target still holds. A
     later stage only gives layers more tokens than their rank needs, never fewer.
     """
-    if rank not in RANK_METRICS:
-        raise AnalysisError(f"rank must be one of {RANK_METRICS}, got {rank!r}")
-    if speedup is not None and speedup <= 0:
-        raise AnalysisError(f"speedup must be positive, got {speedup}")
-    if max_static is not None and max_static < 0:
-        raise AnalysisError(f"max_static must be >= 0, got {max_static}")
+    check_settings(speedup, max_static, similarity, rank)
     arch = report.arch
     worst_sim = report.similarity.min(axis=1)
     run = 0
@@ -304,8 +328,7 @@ def explain_plan(report: PatternReport, plan: Plan, *, similarity: float = 0.9,
     tokens the plan gives it (flagged where it keeps fewer), and the plan's GMACs against the
     baseline; :meth:`Recommendation.explain` adds why a recommended plan is what it is.
     """
-    if rank not in RANK_METRICS:
-        raise AnalysisError(f"rank must be one of {RANK_METRICS}, got {rank!r}")
+    check_settings(similarity=similarity, rank=rank)
     return _text(plan, _assess(report, plan, similarity, rank), similarity, rank,
                  report.num_tokens, formula_macs(report.arch), formula_macs(report.arch, plan),
                  [])

@@ -18,35 +18,44 @@ from .common import (
     with_options,
 )
 
+RECOMMEND_FLAGS = {"speedup": "--recommend-speedup", "max_static": "--max-static",
+                   "similarity": "--similarity"}
+"""How ``hetvit analyze`` spells :func:`hetvit.recommend.recommend`'s settings, for its
+errors."""
+
 
 @app.command("analyze")
 @with_options(_model_options, first=True)
 @with_options(_size_options)
 def analyze_command(
     data: Annotated[Path, typer.Option(
-        "--data", help="Images: an ImageFolder directory or a .tar.gz of one (labels unused)."),
+        "--data", help="Images: a directory of image files at any depth (class folders or "
+        "none) or a .tar.gz of one; labels unused."),
     ],
     num_images: Annotated[int, typer.Option(
-        help="Images to analyse, drawn at random (seeded) from --data."),
+        min=2, help="Images to analyse, drawn at random (seeded) from --data; at least 2 (the "
+        "analysis compares images)."),
     ] = 1000,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
     rank_images: Annotated[int | None, typer.Option(
-        help="Take singular values of only this many images' maps (default: all). SVDs are "
-        "most of the cost on a CPU at 197 tokens."),
+        min=1, help="Take singular values of only this many images' maps (default: all). "
+        "SVDs are most of the cost on a CPU at 197 tokens."),
     ] = None,
     out: Annotated[Path | None, typer.Option(
         "--out", help="Write patterns.json, patterns.md and plots to this directory."),
     ] = None,
     recommend_speedup: Annotated[float | None, typer.Option(
-        "--recommend-speedup", help="Tune the recommended plan to this GMAC speedup."),
+        "--recommend-speedup", help="Tune the recommended plan to this GMAC speedup (> 0)."),
     ] = None,
     max_static: Annotated[int | None, typer.Option(
-        "--max-static", help="At most this many static (DGSSA) layers."),
+        "--max-static", help="At most this many static (DGSSA) layers (>= 0)."),
     ] = None,
     similarity: Annotated[float, typer.Option(
-        help="Static layers need worst-head cross-image cosine similarity at least this."),
+        help="Static layers need worst-head cross-image cosine similarity at least this, "
+        "in (0, 1]."),
     ] = 0.9,
-    workers: Annotated[int, typer.Option(help="Data-loading worker processes.")] = 0,
+    workers: Annotated[int, typer.Option(
+        min=0, help="Data-loading worker processes (0: load in this process).")] = 0,
     seed: Annotated[int, typer.Option(help="Seed of the random choice of images.")] = 0,
     **source: Any,
 ) -> None:
@@ -61,22 +70,26 @@ def analyze_command(
     from rich.console import Console
     from rich.table import Table
 
-    from ..data import make_loader, make_transform, open_dataset, random_subset
+    from ..data import make_loader, make_transform, open_images, random_subset
     from ..files import check_replaceable, check_writable
     from ..patterns import analyze
-    from ..recommend import recommend
+    from ..recommend import check_settings, recommend
     from ..render import save_report
 
     console = Console(stderr=True)
-    if num_images < 2:
-        fail("--num-images must be at least 2 (the analysis compares images)")
-    if out is not None:  # before the analysis, which takes minutes
+    # Everything a mistyped flag can spoil is refused before the model, the data and the
+    # analysis (minutes on the default 1,000 images), not by recommend() at the very end.
+    with user_errors():
+        check_settings(recommend_speedup, max_static, similarity, names=RECOMMEND_FLAGS)
+    if out is not None:
         with user_errors():
             check_replaceable(out, "patterns.json")
             check_writable(out)
     net, untrained = open_given_model(**source)
     with user_errors():
-        dataset = open_dataset(data, make_transform(net, training=False))
+        # Labels are unused, so any images will do, in class folders or not (as fit reads
+        # them): open_dataset would refuse a flat folder and warn about class maps.
+        dataset = open_images(data, make_transform(net, training=False))
         # A random subset in random order: classes mixed, as the pairwise JS estimate needs.
         loader = make_loader(random_subset(dataset, num_images, seed), batch_size, workers=workers)
         with warnings.catch_warnings():
@@ -131,7 +144,8 @@ def demo_command(
         "--assets", help="Directory with the committed cifar10-teacher, cifar10-fast and "
         "cifar10-fitted models (default: assets/ of the clone you run in).")] = None,
     eval_images: Annotated[int, typer.Option(
-        help="Test images to evaluate on, equally many per class.")] = 1000,
+        help="Test images to evaluate on, equally many per class: rounded down to a multiple "
+        "of 10 (15 evaluates 10), at least 10.")] = 1000,
     analysis_images: Annotated[int, typer.Option(
         help="Images whose attention maps are analysed.")] = 256,
     threads: TorchThreadsOpt = None,
@@ -139,9 +153,9 @@ def demo_command(
     """Show what hetvit does, in about a minute, on the committed CIFAR-10 models.
 
     Analyses the teacher's attention patterns, then evaluates and benchmarks (each beside the
-    teacher) its fast student fine-tuned with labels, a fast student fitted without labels and
-    token merging (ToMe) of the teacher, and writes a markdown report with plots to --out.
-    Warns when the machine was too busy for the speed figures.
+    teacher) its fast student fine-tuned with labels, a pyramid-2.5x student fitted without
+    labels and token merging (ToMe) of the teacher, and writes a markdown report with plots to
+    --out. Warns when the machine was too busy for the speed figures.
     """
     from rich.console import Console
 

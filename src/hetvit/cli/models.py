@@ -51,21 +51,22 @@ def _is_bench_result(path: Path) -> bool:
     return isinstance(data, dict) and {"model", "notes", "throughput", "settings"} <= set(data)
 
 
-def _timm_model(name: str, overrides: dict, weights: Path | None = None, meta: bool = False
-                ) -> Any:
-    """A timm ViT that hetvit can compress, by name, with clear errors; ``meta`` builds it
-    without memory or init (enough for shapes)."""
+def _named_model(name: str, overrides: dict, weights: Path | None = None, meta: bool = False
+                 ) -> Any:
+    """A ViT that hetvit can compress, by ``--model`` (a timm name or ``hf:DIR``), with clear
+    errors; ``meta`` builds a timm model without memory or init (enough for shapes; an HF
+    directory is read as it is, since its sizes are in its files)."""
     import warnings
 
     import torch
 
     from ..hosts import describe
     from ..hosts.timm import create_timm_model
-    from ..surgery import load_model
+    from ..surgery import HF_PREFIX, load_model
 
     with user_errors(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random weights": said once, by the caller
-        if meta:
+        if meta and not name.startswith(HF_PREFIX):
             with torch.device("meta"):
                 net = create_timm_model(name, **overrides)
         else:
@@ -111,7 +112,7 @@ def plan_command(
         with user_errors():
             files.check_file_replaceable(out, _is_plan_file, force)
     overrides = _overrides(sizes)
-    net = _timm_model(model, overrides, meta=True)
+    net = _named_model(model, overrides, meta=True)
     arch = describe(net)
     with user_errors():
         the_plan = resolve_plan(preset, net)
@@ -258,7 +259,7 @@ def _bench_models(model: str | None, checkpoint: Path | None, plan: str | None,
         if model is None:
             fail("give --model NAME (a timm ViT; --checkpoint FILE for its weights) or "
                  "--checkpoint DIR (a hetvit checkpoint)")
-        baseline = _timm_model(model, overrides, weights=checkpoint)
+        baseline = _named_model(model, overrides, weights=checkpoint)
         name = model
         notes.append(f"weights from {checkpoint}" if checkpoint else
                      "weights are random: speed does not depend on them")
