@@ -205,3 +205,65 @@ def test_cli_rejects_other_formats(checkpoint, tmp_path):
     res = runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--format", "tflite",
                               "--out", str(tmp_path / "m.tflite")])
     assert res.exit_code == 2 and "unsupported export format 'tflite'" in res.output
+
+
+# ----------------------------------------------------------------------------- nothing left
+def tree(directory) -> list[str]:
+    """Every file and folder under ``directory``, relative to it."""
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+def test_a_failed_api_export_removes_the_folders_it_made(student, tmp_path):
+    (tmp_path / "kept").mkdir()
+    before = tree(tmp_path)
+    with pytest.raises(ex.ParityError):
+        hetvit.export_onnx(student, tmp_path / "kept" / "new" / "newer" / "m.onnx", atol=1e-12)
+    assert tree(tmp_path) == before  # "kept" existed before: it stays
+
+
+def test_a_failed_cli_export_leaves_the_filesystem_as_it_was(checkpoint, tmp_path, monkeypatch):
+    from hetvit import quantize as hq
+
+    out = tmp_path / "runs" / "e1" / "m.onnx"
+    before = tree(tmp_path)
+
+    def fails(*args: str, code: int, message: str) -> None:
+        res = runner.invoke(app, ["export", "--out", str(out), *args])
+        assert res.exit_code == code, res.output
+        assert message in " ".join(res.output.split())
+        assert tree(tmp_path) == before
+
+    # before the checkpoint is read, after it is read, and after the temporary is written
+    fails("--checkpoint", str(tmp_path / "nope"), code=2, message="checkpoint not found")
+    fails("--checkpoint", str(checkpoint), "--images", str(tmp_path / "none"), code=2,
+          message="cannot read images from")
+    fails("--checkpoint", str(checkpoint), "--opset", "99", code=2, message="export of")
+    fails("--checkpoint", str(checkpoint), "--atol", "1e-12", code=1,
+          message="nothing was written")
+    other = hetvit.compress(tiny_vit(), PLAN)  # the int8 graph of another model disagrees
+    real_export = hq.export_onnx
+    monkeypatch.setattr(hq, "export_onnx", lambda model, path, **kw: real_export(other, path,
+                                                                                 **kw))
+    fails("--checkpoint", str(checkpoint), "--quantize", "int8", code=1,
+          message="nothing was written")
+
+
+def test_a_bug_in_an_export_keeps_its_traceback(checkpoint, tmp_path, monkeypatch):
+    def buggy(*args, **kwargs):
+        raise TypeError("a bug, not bad input")
+
+    monkeypatch.setattr(ex, "export_onnx", buggy)
+    res = runner.invoke(app, ["export", "--checkpoint", str(checkpoint), "--out",
+                              str(tmp_path / "out" / "m.onnx")])
+    assert isinstance(res.exception, TypeError)  # raised, not turned into "error: ..."
+    assert "error:" not in res.output and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("quantize, exclude, check", [
+    ("int4", None, True), (None, "softmax", True), ("int8", None, False)])
+def test_bad_quantization_options_are_usage_errors(quantize, exclude, check):
+    from hetvit.cli.deploy import _quantization_config
+    from hetvit.errors import UsageError
+
+    with pytest.raises(UsageError):  # a HetvitError, as user errors are; not a bare ValueError
+        _quantization_config(quantize, None, 0.98, None, exclude, check)

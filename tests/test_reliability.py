@@ -458,13 +458,13 @@ def test_stale_temporaries_of_killed_writes_are_cleaned_and_live_ones_kept(tmp_p
     import tarfile
 
     from hetvit.archives import extract_archive
-    from hetvit.export import _temp_beside
+    from hetvit.export import temp_beside
     from hetvit.files import sha256
 
     kept = {"live", "fresh", "other host", "unrelated"}
     dead = _dead_pid()
     beside_export = _temps(tmp_path / "out", "model.onnx", dead)
-    _temp_beside(tmp_path / "out" / "model.onnx").unlink()  # what an export does first
+    temp_beside(tmp_path / "out" / "model.onnx").unlink()  # what an export does first
     assert _left(beside_export) == kept
     beside_save = _temps(tmp_path / "out", "ckpt", dead)
     hetvit.save(small_vit(), tmp_path / "out" / "ckpt")
@@ -519,6 +519,18 @@ def test_calibration_images_do_not_advise_a_class_map_flag(tmp_path):
                      "--calibration", str(tmp_path / "images"), "--out", str(tmp_path / "s"))
     assert result.exit_code == 0, result.output
     assert "--class-map" not in result.output
+
+
+def test_compress_refuses_calibration_images_that_are_all_unreadable(tmp_path):
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for k in range(2):
+        (tmp_path / "images" / "a" / f"{k}.png").write_text("not an image")
+    hetvit.save(small_vit(), tmp_path / "m")
+    result = _invoke("compress", "--checkpoint", str(tmp_path / "m"), "--plan", "fast",
+                     "--calibration", str(tmp_path / "images"), "--out", str(tmp_path / "s"))
+    assert result.exit_code == 2, result.output
+    assert "no readable image" in one_line(result.output) and "Traceback" not in result.output
+    assert not (tmp_path / "s").exists()
 
 
 def test_flags_are_shown_as_flags_in_the_help():

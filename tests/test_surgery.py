@@ -193,3 +193,15 @@ def test_cluster_init_needs_calibration_and_a_known_name(images):
         hetvit.compress(tiny_vit(), plan, aggregation_init="cluster")
     with pytest.raises(ValueError, match="one of"):
         hetvit.compress(tiny_vit(), plan, calibration=images, aggregation_init="kmeans")
+
+
+def test_calibration_that_holds_no_image_is_refused_not_taken_for_none(images):
+    """Given but empty (every image unreadable, say), calibration is an error: starting the
+    static maps uniform, as without calibration, would hide that the images were lost."""
+    plan = Plan(static=(0,))
+    with pytest.raises(hetvit.errors.DataError, match="no readable image"):
+        hetvit.compress(tiny_vit(), plan, calibration=[])
+    with pytest.warns(UserWarning, match="uniform"):
+        hetvit.compress(tiny_vit(), plan)  # none given: uniform, and said
+    with pytest.raises(hetvit.errors.UsageError, match="init must be one of"):
+        hetvit.compress(tiny_vit(), plan, calibration=images, init="calbirate")

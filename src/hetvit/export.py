@@ -34,7 +34,7 @@ from .attention import StaticAttention
 from .batches import image_batches
 from .data import IMAGE_EXTENSIONS, data_config, make_transform, open_images
 from .errors import DataError, ExportError, UnsupportedModelError
-from .files import clean_stale_temps, current_umask, temp_prefix
+from .files import clean_stale_temps, current_umask, new_parents_removed_on_error, temp_prefix
 from .hosts import describe, host_of, logits
 from .io import _jsonable
 from .labels import class_names
@@ -47,8 +47,6 @@ __all__ = ["export_onnx", "check_parity", "layer_matmuls", "ort_session", "ort_r
 
 MIN_OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-
-
 
 
 @dataclass
@@ -114,7 +112,12 @@ class ParityError(ExportError):
 
 
 # ----------------------------------------------------------------------------- dependencies
-def _onnxruntime() -> Any:
+def import_onnxruntime() -> Any:
+    """The onnxruntime module, or an :class:`ExportError` saying how to get it.
+
+    Called before any work that needs it (the CLI calls it before loading the model), so that a
+    missing package costs one line, not an export thrown away.
+    """
     try:
         import onnxruntime
     except ImportError:
@@ -237,11 +240,13 @@ def is_onnx_export(path: str | os.PathLike) -> bool:
             or head[i + 1:i + 16] == b"\x12\x0donnx.quantize")
 
 
-def _temp_beside(path: Path) -> Path:
+def temp_beside(path: Path) -> Path:
     """An empty temporary file in ``path``'s directory (created if needed).
 
-    Creating it is also the check that the output can be written at all, done before any
-    export work. Stale temporaries of killed exports to ``path`` are removed first.
+    Beside the target, so that renaming it into place is atomic. Missing folders are created:
+    run it inside :func:`hetvit.files.new_parents_removed_on_error` so that a failure takes
+    them away again.
+    Stale temporaries of killed exports to ``path`` are removed first.
     """
     if path.is_dir():
         raise ExportError(f"cannot write {path}: it is a directory; give a file name such as "
@@ -297,9 +302,19 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = MIN_OPSE
                           "call model.float() first")
     _input_shape(model)
     if check:
-        _onnxruntime()  # fail before any work, not after the export
+        import_onnxruntime()  # fail before any work, not after the export
     path = Path(path)
-    tmp = _temp_beside(path)
+    with new_parents_removed_on_error(path):
+        return _export_checked(model, path, opset, batch_size, check, images, atol,
+                               random_images)
+
+
+def _export_checked(model: nn.Module, path: Path, opset: int, batch_size: int, check: bool,
+                    images: torch.Tensor | Iterable[Any] | None, atol: float,
+                    random_images: int) -> ExportResult:
+    """The export of :func:`export_onnx` once its arguments are checked: written to a
+    temporary beside ``path``, checked, and renamed into place only if the checks pass."""
+    tmp = temp_beside(path)
     try:
         try:
             _write_onnx(model, tmp, opset, batch_size)
@@ -383,7 +398,7 @@ def ort_session(onnx_path: str | os.PathLike, threads: int | None = None,
     worker threads are off by default: they keep cores busy after a run ends, which slows
     whatever runs next in the same process (the other model in a side-by-side benchmark).
     """
-    ort = _onnxruntime()
+    ort = import_onnxruntime()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL

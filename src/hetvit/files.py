@@ -237,3 +237,23 @@ def atomic_directory(directory: str | Path, marker: str) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def new_parents_removed_on_error(path: str | os.PathLike) -> Iterator[None]:
+    """Remove again, if the body fails, the folders above ``path`` that did not exist before it.
+
+    A temporary beside an output needs its folder, but a failed write must leave nothing: without
+    this, a typo in ``--out`` or a failed check would leave empty folders behind. Only empty
+    folders are removed, deepest first, so whatever else was put in them meanwhile stays.
+    """
+    missing = [p for p in Path(path).parents if not p.exists()]  # deepest first
+    try:
+        yield
+    except BaseException:
+        for folder in missing:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty: someone else's now
+                pass
+        raise

@@ -45,16 +45,16 @@ from .export import (
     ParityError,
     _input_shape,
     _onnx,
-    _onnxruntime,
-    _temp_beside,
     check_parity,
     export_onnx,
+    import_onnxruntime,
     is_onnx_export,
     layer_matmuls,
     metadata,
     ort_session,
+    temp_beside,
 )
-from .files import current_umask
+from .files import current_umask, new_parents_removed_on_error
 from .hosts import host_of
 from .surgery import plan_of
 
@@ -150,7 +150,8 @@ class QuantParity(Parity):
 
 
 # ----------------------------------------------------------------------------- dependencies
-def _quantization() -> Any:
+def import_quantization() -> Any:
+    """onnxruntime's quantization tools, or a :class:`QuantizeError` saying how to get them."""
     try:
         import onnxruntime.quantization as quantization
     except ImportError:
@@ -311,8 +312,8 @@ def quantize_onnx(model: nn.Module, path: str | os.PathLike,
     """
     config = (quantization if isinstance(quantization, Quantization)
               else Quantization.default(quantization))
-    q = _quantization()
-    _onnxruntime()
+    q = import_quantization()
+    import_onnxruntime()
     try:
         host_of(model)
     except UnsupportedModelError:
@@ -326,32 +327,33 @@ def quantize_onnx(model: nn.Module, path: str | os.PathLike,
         _check_source(Path(source))
     batches = _calibration_batches(calibration) if config.mode == "static" else None
     path = Path(path)
-    tmp = _temp_beside(path)
-    try:
-        with tempfile.TemporaryDirectory(prefix="hetvit-int8-") as d:
-            work = Path(d)
-            fp32 = Path(source) if source is not None else work / "fp32.onnx"
-            if source is None:
-                export_onnx(model, fp32, opset=opset, check=False)
-            try:
-                with _quiet_logging():
-                    _run_quantizer(q, config, model, fp32, tmp, batches, work)
-            except Exception as e:
-                raise QuantizeError(f"onnxruntime could not quantize the model: {e}") from e
-            _stamp(fp32, tmp, config)
-        result = ExportResult(path=path, opset=opset, static_layers=plan_of(model).static,
-                              quantization=config)
-        result.matmuls = layer_matmuls(model, tmp)
-        name, imgs = _agreement_images(images, batches, (random_images, c, h, w))
-        p = check_parity(model, ort_session(tmp), imgs, name=name)
-        result.parity.append(QuantParity(**{**vars(p), "min_agreement": config.min_agreement}))
-        if not result.passed:
-            raise ParityError(_failure_message(result), result)
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with new_parents_removed_on_error(path):  # the temporary makes any missing folders
+        tmp = temp_beside(path)
+        try:
+            with tempfile.TemporaryDirectory(prefix="hetvit-int8-") as d:
+                work = Path(d)
+                fp32 = Path(source) if source is not None else work / "fp32.onnx"
+                if source is None:
+                    export_onnx(model, fp32, opset=opset, check=False)
+                try:
+                    with _quiet_logging():
+                        _run_quantizer(q, config, model, fp32, tmp, batches, work)
+                except Exception as e:
+                    raise QuantizeError(f"onnxruntime could not quantize the model: {e}") from e
+                _stamp(fp32, tmp, config)
+            result = ExportResult(path=path, opset=opset, static_layers=plan_of(model).static,
+                                  quantization=config)
+            result.matmuls = layer_matmuls(model, tmp)
+            name, imgs = _agreement_images(images, batches, (random_images, c, h, w))
+            p = check_parity(model, ort_session(tmp), imgs, name=name)
+            result.parity.append(QuantParity(**{**vars(p), "min_agreement": config.min_agreement}))
+            if not result.passed:
+                raise ParityError(_failure_message(result), result)
+            os.chmod(tmp, 0o666 & ~current_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return result
 
 

@@ -107,6 +107,7 @@ def plan_of(model: nn.Module) -> Plan:
 
 
 AGGREGATION_INITS = ("pool", "cluster")
+INITS = ("calibrate", "none")
 CALIBRATION_IMAGES = 256  # drawn at random from a calibration folder or archive (as the CLI)
 
 
@@ -151,6 +152,8 @@ def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any 
     if aggregation_init not in AGGREGATION_INITS:
         raise UsageError(f"aggregation_init must be one of {AGGREGATION_INITS}, not "
                          f"{aggregation_init!r}")
+    if init not in INITS:  # a typo would otherwise skip calibration without a word
+        raise UsageError(f"init must be one of {INITS}, not {init!r}")
     plan, plan_file = _plan_for(model, plan)
     cluster = aggregation_init == "cluster" and init == "calibrate" and bool(plan.pyramid)
     if cluster and calibration is None:
@@ -224,8 +227,9 @@ def _calibrate(model: nn.Module, layers: Iterable[int], calibration: Any,
 
     with attention_maps(model, layers, add):
         count = _run_images(model, calibration, max_batches)
-    if count == 0:
-        return dict.fromkeys(layers)
+    if count == 0:  # given, but empty or all unreadable: not the same as giving none
+        raise DataError("the calibration images hold no readable image: give images, or no "
+                        "calibration to start the static maps uniform")
     return {i: sums[i] / count for i in layers}
 
 

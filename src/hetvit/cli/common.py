@@ -59,8 +59,9 @@ USER_ERRORS: tuple[type[Exception], ...] = (HetvitError, OSError)
 keeps its traceback."""
 
 
-def fail(message: str) -> None:
-    """Print a short error (no traceback) and exit with status 2.
+def fail(message: str, code: int = 2) -> None:
+    """Print a short error (no traceback) and exit with status ``code``: 2, bad input, unless
+    the command documents another (``hetvit export``: 1 for failed checks).
 
     Long messages (a state-dict mismatch lists every tensor) keep their first lines.
     """
@@ -71,7 +72,7 @@ def fail(message: str) -> None:
         message = "\n".join(lines[:4]) + f"\n... ({len(lines) - 4} more lines)"
     # soft_wrap: the terminal wraps; no newlines inside the message for logs and grep
     Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
 
 
 class user_errors:  # noqa: N801 - used as a context manager, reads like a statement

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import ForceOpt, app, flag, open_model
+from ..errors import UsageError
+from .common import ForceOpt, app, fail, flag, open_model, user_errors
 
 
 @app.command("export")
@@ -65,67 +66,72 @@ def export_command(
     from rich.console import Console
     from rich.table import Table
 
-    from ..export import (
-        ExportError,
-        ParityError,
-        _onnxruntime,
-        _temp_beside,
-        export_onnx,
-        is_onnx_export,
-    )
-    from ..files import check_file_replaceable
-    err = Console(stderr=True, soft_wrap=True)
+    from ..export import ParityError
 
-    def fail(message: str, code: int = 2) -> None:
-        err.print(f"[red]error:[/red] {message}", highlight=False, markup=True)
-        raise typer.Exit(code)
+    with user_errors():
+        config = _checked_options(checkpoint, out, fmt, check, force, quantize, calibration,
+                                  min_agreement, per_channel, exclude)
+        try:
+            result = _export(checkpoint, out, config, opset=opset, check=check, images=images,
+                             limit=limit, atol=atol, calibration=calibration,
+                             calibration_images=calibration_images)
+        except ParityError as e:
+            _print_export(e.result, Console(soft_wrap=True), Table)
+            fail(str(e).splitlines()[0] + " (figures above)", code=1)
+        else:
+            _print_export(result, Console(soft_wrap=True), Table)
+
+
+def _checked_options(checkpoint: Path, out: Path, fmt: str, check: bool, force: bool,
+                     quantize: str | None, calibration: Path | None, min_agreement: float,
+                     per_channel: bool | None, exclude: str | None) -> Any:
+    """The quantization asked for (None: fp32), once every option has been checked.
+
+    Everything that can be checked without the model is, before it is loaded: a typo, a
+    missing package or an unwritable ``--out`` costs one line, not a model load and an export.
+    Nothing is created here (the folders of ``--out`` appear when the file is written).
+    """
+    from ..export import import_onnxruntime, is_onnx_export
+    from ..files import check_file_replaceable
 
     if fmt.lower() != "onnx":
-        fail(f"unsupported export format {fmt!r}: hetvit exports onnx")
-    config = None
-    try:
-        config = _quantization_config(quantize, calibration, min_agreement, per_channel,
-                                      exclude, check)
-        if check:
-            _onnxruntime()
-        if config is not None:
-            from ..quantize import _quantization
+        raise UsageError(f"unsupported export format {fmt!r}: hetvit exports onnx")
+    config = _quantization_config(quantize, calibration, min_agreement, per_channel, exclude,
+                                  check)
+    if check:
+        import_onnxruntime()
+    if config is not None:
+        from ..quantize import import_quantization
 
-            _quantization()
-        check_file_replaceable(out, is_onnx_export, force)
-        _temp_beside(out).unlink()  # is --out writable? (before the model is loaded)
-        if checkpoint.is_file() and is_onnx_export(checkpoint):
-            raise ValueError(f"{checkpoint} is an ONNX export, not a hetvit checkpoint: give the "
-                             "checkpoint it was exported from (the PyTorch model is the "
-                             "reference the export is checked against)")
-    except (ExportError, ValueError, OSError) as e:
-        fail(str(e))
-    try:
-        model = open_model(None, checkpoint, model_flag=False)
-        real = None
-        if images is not None and check:
-            from ..export import load_images
+        import_quantization()  # onnxruntime's quantization tools
+    check_file_replaceable(out, is_onnx_export, force)
+    if checkpoint.is_file() and is_onnx_export(checkpoint):
+        raise UsageError(f"{checkpoint} is an ONNX export, not a hetvit checkpoint: give the "
+                         "checkpoint it was exported from (the PyTorch model is the reference "
+                         "the export is checked against)")
+    return config
 
-            real = load_images(images, model, limit=limit)
-        if config is None:
-            result = export_onnx(model, out, opset=opset, check=check, images=real, atol=atol)
-        else:
-            from ..data import sample_images
-            from ..quantize import quantize_onnx
 
-            cal = (sample_images(calibration, model, calibration_images)
-                   if calibration is not None else None)
-            result = quantize_onnx(model, out, config, calibration=cal, images=real,
-                                   opset=opset)
-    except typer.Exit:
-        raise
-    except ParityError as e:
-        result = e.result
-        _print_export(result, Console(soft_wrap=True), Table)
-        fail(str(e).splitlines()[0] + " (figures above)", code=1)
-    except (ExportError, ValueError, TypeError, RuntimeError, OSError) as e:
-        fail(str(e))
-    _print_export(result, Console(soft_wrap=True), Table)
+def _export(checkpoint: Path, out: Path, config: Any, *, opset: int, check: bool,
+            images: Path | None, limit: int, atol: float, calibration: Path | None,
+            calibration_images: int) -> Any:
+    """Load the model and write its checked export (fp32, or int8 with ``config``) to ``out``.
+
+    Raises what the library raises: a :class:`~hetvit.errors.HetvitError` (a
+    :class:`~hetvit.export.ParityError` when the checks fail) or an ``OSError``.
+    """
+    from ..export import export_onnx, load_images
+
+    model = open_model(None, checkpoint, model_flag=False)
+    real = load_images(images, model, limit=limit) if images is not None and check else None
+    if config is None:
+        return export_onnx(model, out, opset=opset, check=check, images=real, atol=atol)
+    from ..data import sample_images
+    from ..quantize import quantize_onnx
+
+    cal = (sample_images(calibration, model, calibration_images)
+           if calibration is not None else None)
+    return quantize_onnx(model, out, config, calibration=cal, images=real, opset=opset)
 
 
 def _quantization_config(quantize: str | None, calibration: Path | None, min_agreement: float,
@@ -133,12 +139,13 @@ def _quantization_config(quantize: str | None, calibration: Path | None, min_agr
     """The :class:`hetvit.quantize.Quantization` the export options ask for, or None."""
     if quantize is None:
         if calibration is not None or exclude is not None or per_channel is not None:
-            raise ValueError("--calibration, --exclude and --per-channel go with --quantize int8")
+            raise UsageError("--calibration, --exclude and --per-channel go with --quantize "
+                             "int8")
         return None
     if quantize.lower() != "int8":
-        raise ValueError(f"--quantize {quantize!r}: hetvit quantizes to int8")
+        raise UsageError(f"--quantize {quantize!r}: hetvit quantizes to int8")
     if not check:
-        raise ValueError("--quantize needs the checks (its agreement is the point): drop "
+        raise UsageError("--quantize needs the checks (its agreement is the point): drop "
                          "--no-check")
     from ..quantize import Quantization
 
@@ -162,8 +169,8 @@ def _print_export(result: Any, console: Any, table_cls: Any) -> None:
         table.add_column(name, justify="right")
     for layer, count in result.matmuls.items():
         kind = "static" if layer in static else "dynamic"
-        flag = " [red](q k^T left!)[/red]" if layer in static and count else ""
-        table.add_row(str(layer), kind, f"{count}{flag}")
+        left = " [red](q k^T left!)[/red]" if layer in static and count else ""
+        table.add_row(str(layer), kind, f"{count}{left}")
     console.print(table)
     for parity in result.parity:
         console.print(str(parity), highlight=False)
