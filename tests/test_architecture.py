@@ -121,6 +121,23 @@ def test_the_top_level_api_is_small_and_every_name_resolves():
     assert out.stdout.strip() == "False"
 
 
+def test_every_submodule_is_reachable_after_a_plain_import():
+    """``hetvit.NAME`` loads any library module on first use (the CLI aside), new ones too."""
+    import subprocess
+    import sys
+
+    modules = sorted(p.stem if p.name != "__init__.py" else p.parent.name
+                     for p in [*PACKAGE.glob("*.py"), *PACKAGE.glob("*/__init__.py")]
+                     if p.stem not in ("__init__", "__main__") or p.parent != PACKAGE)
+    modules = [m for m in modules if m != "cli"]
+    code = ("import hetvit, sys; names = sys.argv[1:]; "
+            "print(all(getattr(hetvit, n).__name__ == 'hetvit.' + n for n in names))")
+    out = subprocess.run([sys.executable, "-c", code, *modules], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "True", out.stderr
+    assert "views" in modules and "bench_results" in modules and set(modules) <= set(dir(hetvit))
+
+
 def test_every_hetvit_name_the_benchmarks_import_exists():
     """The benchmarks are scripts no test runs; a renamed module or function must still fail
     here rather than at the start of a half-hour measurement."""

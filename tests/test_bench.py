@@ -326,3 +326,23 @@ def test_cli_bench_weights_file_and_uncompressed_checkpoint_dir(tmp_path):
     _fails(["bench", "--model", "deit_tiny_patch16_224", "--checkpoint",
             str(tmp_path / "tiny.safetensors"), *FAST_BENCH], "does not fit the model",
            "more lines")
+
+
+def test_a_registered_runtime_times_both_models(pair, monkeypatch):
+    """``register_runtime`` plugs a runner in: compare() times both models through it, on
+    their own inputs, and unknown names stay refused."""
+    model, student = pair
+    seen: list[tuple[torch.nn.Module, tuple[int, ...]]] = []
+
+    def counting(net: torch.nn.Module, inputs: torch.Tensor, settings: object):
+        seen.append((net, tuple(inputs.shape)))
+        return lambda: net(inputs)
+
+    monkeypatch.setattr(bench, "RUNTIMES", dict(bench.RUNTIMES))  # the registration is undone
+    bench.register_runtime("counting", counting)
+    result = bench.compare(model, student, batch_size=3, runtime="counting", **QUICK)
+    assert result.speedup > 0
+    assert {shape for _, shape in seen} == {(3, 3, 32, 32)}
+    assert len({id(net) for net, _ in seen}) == 2  # the baseline and the compressed model
+    with pytest.raises(bench.BenchError, match="unknown runtime 'nope'"):
+        bench.compare(model, student, runtime="nope", **QUICK)

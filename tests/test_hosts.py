@@ -170,6 +170,7 @@ def test_save_load_gives_identical_outputs(row, tmp_path):
     assert type(loaded) is type(model)
     with torch.no_grad():
         assert torch.equal(logits(loaded, x), logits(compressed, x))
+
     def same_kinds(cfg: dict) -> dict:  # JSON gives lists where timm has tuples
         return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
 

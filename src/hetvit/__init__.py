@@ -16,6 +16,7 @@ Everything else lives in the submodules (``hetvit.recommend``, ``hetvit.bench``,
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from typing import Any
 
 from .errors import HetvitError
@@ -32,12 +33,10 @@ _LAZY = {
     "quantize_onnx": "quantize",
 }
 __all__ = ["Plan", "HetvitError", *_LAZY, "__version__"]
-_SUBMODULES = ("aggregation", "archives", "attention", "baselines", "batches", "bench",
-               "bench_int8", "cache", "capture", "configs", "data", "demo", "demo_inputs",
-               "distill", "errors", "evaluation", "export", "files", "fitting", "flops", "grid",
-               "hosts", "io", "labels", "lightning_modules", "metrics", "modes", "onnx_model",
-               "patterns", "plan", "quantize", "recommend", "render", "runs", "surgery",
-               "trainer", "training", "weights")
+_SUBMODULES = tuple(sorted(m.name for m in pkgutil.iter_modules(__path__)
+                           if m.name not in ("cli", "__main__")))
+"""Every submodule but the CLI's (``__main__`` would run it), read off the package itself so
+that a new module is reachable as ``hetvit.NAME`` without a list to keep."""
 
 
 def __getattr__(name: str) -> Any:

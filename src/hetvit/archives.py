@@ -20,7 +20,6 @@ __all__ = ["ARCHIVE_SUFFIXES", "cache_root", "is_archive", "extract_archive"]
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 
 
-
 def cache_root() -> Path:
     """Where unpacked archives live: ``$HETVIT_CACHE/data`` or ``~/.cache/hetvit/data``."""
     base = os.environ.get("HETVIT_CACHE") or os.path.join("~", ".cache", "hetvit")

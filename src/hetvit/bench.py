@@ -98,7 +98,8 @@ RUNTIMES: dict[str, RunnerFactory] = {"torch": _torch_runner,
 
 
 def register_runtime(name: str, factory: RunnerFactory) -> None:
-    """Make ``compare(..., runtime=name)`` (and ``hetvit bench --runtime name``) use ``factory``.
+    """Make ``compare(..., runtime=name)`` use ``factory`` (the CLI's ``--runtime`` offers the
+    built-in runtimes only).
 
     A factory takes ``(model, inputs, settings)`` and returns a function that runs one
     forward pass on ``inputs``; the built-in ``"onnxruntime"`` entry is one, for example::

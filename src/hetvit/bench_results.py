@@ -30,7 +30,6 @@ class Settings:
     runtime: str = "torch"
 
 
-
 # ----------------------------------------------------------------------------- results
 @dataclass
 class Paired:

@@ -24,8 +24,6 @@ __all__ = ["OptimConfig", "DistillConfig", "TrainConfig", "TrainingError", "TRAI
 FINETUNE_EPOCHS = 3
 
 
-
-
 def _at_least(config: Any, names: tuple[str, ...], least: float) -> None:
     """One-line errors named after the CLI flags, as every run check of hetvit is."""
     for name in names:

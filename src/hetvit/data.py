@@ -48,8 +48,6 @@ CLASS_MAP_NAMES = ("synsets.txt", "class_map.txt", "classes.txt")
 ClassMapArg = str | os.PathLike | Sequence[str] | dict[str, int] | None
 
 
-
-
 # --------------------------------------------------------------------------------------------
 # layout and class maps
 

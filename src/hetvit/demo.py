@@ -64,8 +64,6 @@ BUSY_LOAD = 0.5
 the speed figures are then not to be quoted (the demo says so)."""
 
 
-
-
 @dataclass
 class DemoResult:
     """What the demo measured; ``report`` is the written report directory.
@@ -159,7 +157,6 @@ def fit_command(record: dict[str, Any], plan: Any) -> str:
     """The ``hetvit fit`` command that remakes the fitted model, from its ``fit.json``: the
     settings that differ from the defaults, and the images it used. Settings that have no
     flag (``fit()`` in Python only) are named in a trailing comment."""
-
 
     defaults = asdict(FitConfig())
     plan_arg = plan.label or f"assets/{FITTED}/plan.json"
@@ -370,7 +367,6 @@ def run(out: str | os.PathLike = "demo-report", *, assets: str | os.PathLike | N
     ``warning: ...`` line per reason the speed figures are unreliable (also in the report and
     ``result.warnings``).
     """
-
 
     start = time.perf_counter()
     load_start = _load_average()

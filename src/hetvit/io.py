@@ -31,8 +31,6 @@ FIT_FILE = "fit.json"
 FORMAT = 1
 
 
-
-
 def _first_line(err: BaseException) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return " ".join(lines[:2]) if lines else type(err).__name__
@@ -43,8 +41,7 @@ def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else None))
 
 
-def save(model: nn.Module, directory: str | Path, plan: Plan | None = None,
-         classes: list[str] | None = None) -> Path:
+def save(model: nn.Module, directory: str | Path, classes: list[str] | None = None) -> Path:
     """Write ``model`` (compressed or not) to ``directory`` atomically; returns the directory.
 
     ``classes`` (default: the model's own, see :func:`class_names`) are recorded in
@@ -57,7 +54,7 @@ def save(model: nn.Module, directory: str | Path, plan: Plan | None = None,
         raise UsageError(f"this model runs the {model.hetvit_baseline['method']} baseline, which "
                          "a checkpoint does not record: save the model it was made from and "
                          "apply hetvit.baselines again after loading")
-    plan = plan or plan_of(model)
+    plan = plan_of(model)
     arch = describe(model)
     classes = class_names(model) if classes is None else classes
     pretrained_cfg = _jsonable(dict(getattr(model, "pretrained_cfg", None) or {}))

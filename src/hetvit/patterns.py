@@ -298,6 +298,7 @@ class _Progress:
         if self.bar is not None:
             self.bar.__exit__(*exc)
 
+
 # ----------------------------------------------------------------------------- the report
 ARRAYS = ("similarity", "js", "static_kl", "effective_rank", "rank90", "rank99", "redundancy",
           "spectra")
@@ -464,4 +465,3 @@ class PatternReport:
 def _rank_frac(total: torch.Tensor | None, s: _LayerStats) -> np.ndarray:
     n_tokens = s.map_sum.shape[-1]
     return (total / s.rank_n / n_tokens).cpu().numpy()
-

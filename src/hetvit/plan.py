@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import PlanError
+from .files import atomic_write_text
 from .grid import pool_grid, token_grid
 
 __all__ = ["Plan", "PlanError", "PRESETS", "preset_for"]
-
-
 
 
 @dataclass(frozen=True)
@@ -93,7 +92,8 @@ class Plan:
         return cls.from_dict(d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the plan as JSON, atomically (a plan file is read by later commands)."""
+        atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:

@@ -380,4 +380,3 @@ def _failure_message(result: ExportResult) -> str:
         lines.append(f"static layer(s) {bad} have activation x activation MatMuls")
     lines += [str(p) for p in result.parity if not p.passed]
     return "\n".join(lines)
-

@@ -151,4 +151,3 @@ def plots(report: PatternReport, directory: Path) -> list[str]:
             ax.legend(fontsize=6)
     save(fig, "spectra.png")
     return written
-

@@ -327,6 +327,7 @@ def read_run_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise TrainingError(f"cannot read the checkpoint {path} ({first}): is it damaged, or "
                             "not from hetvit train / finetune?") from None
 
+
 def recorded_classes(init: Path) -> list[str] | None:
     """The class names recorded with ``--init`` weights (a checkpoint directory or a run's
     ``.ckpt``), if any."""
@@ -338,5 +339,3 @@ def recorded_classes(init: Path) -> list[str] | None:
     except (OSError, ValueError, TrainingError):
         return None  # the weights loaded; an unreadable record only loses the names
     return None
-
-

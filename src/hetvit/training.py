@@ -281,4 +281,3 @@ def train(model_name: str, model_kwargs: dict[str, Any], config: TrainConfig,
             module.model.eval()
             save_model(module.model.float().cpu(), target, model_name, model_kwargs)
     return target
-

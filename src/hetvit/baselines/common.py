@@ -29,8 +29,6 @@ __all__ = ["BaselineError", "TokenAttention", "check_model", "baseline_of", "is_
            "patch_tokens"]
 
 
-
-
 def replace_layers(model: nn.Module, new: dict[int, nn.Module]) -> None:
     """Swap the blocks of plan layers ``new`` (a baseline model holds no aggregation)."""
     host = host_of(model)

@@ -128,7 +128,6 @@ def analyze_command(
         console.print(f"report written to {target}")
 
 
-
 # --- demo -------------------------------------------------------------------------------------
 
 

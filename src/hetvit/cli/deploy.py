@@ -178,5 +178,3 @@ def _print_export(result: Any, console: Any, table_cls: Any) -> None:
         console.print(f"wrote {result.path} (parity not checked: --no-check)")
     elif result.passed:
         console.print(f"[green]ok:[/green] wrote {result.path}")
-
-

@@ -146,4 +146,3 @@ def fit_command(
         line += (f", {100 * match['held_out']['agreement']:.1f}% on {held_out} held-out ones "
                  f"(KL {match['fit']['kl']:.3f} / {match['held_out']['kl']:.3f})")
     console.print(line, highlight=False)
-

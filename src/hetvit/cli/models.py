@@ -207,7 +207,6 @@ def compress(
                   f"({base / new:.2f}x fewer); saved to [bold]{out}[/]")
 
 
-
 def _bench_models(model: str | None, checkpoint: Path | None, plan: str | None,
                   overrides: dict, method: dict[str, Any] | None = None
                   ) -> tuple[Any, Any, str, list[str]]:
@@ -384,7 +383,6 @@ def bench_command(
                 name, notes)
 
 
-
 def _bench_int8(baseline: Any, compressed: Any, name: str, notes: list[str], out: Path | None,
                 as_json: bool, batch_size: int, options: dict[str, Any]) -> None:
     """``bench --quantize int8``: the four models of :func:`hetvit.bench_int8.compare_int8`."""
@@ -422,6 +420,3 @@ def _show_bench(data: dict[str, Any], out: Path | None, as_json: bool,
         Console().print(table(f"{name} at {h}x{w}"))
     for note in notes:
         Console(stderr=True).print(f"note: {note}", highlight=False)
-
-
-# --- export -----------------------------------------------------------------------------------

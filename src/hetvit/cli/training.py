@@ -241,8 +241,6 @@ def evaluate_command(
     Console().print(table)
 
 
-
-
 def _open_onnx(source: dict[str, Any], method: dict[str, Any], threads: int | None) -> Any:
     """The ``--checkpoint FILE.onnx`` of ``evaluate`` as a model run by onnxruntime, or None
     when the checkpoint is not an ONNX file."""
