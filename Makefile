@@ -1,6 +1,7 @@
 # One-command set-up: each target creates .venv and installs hetvit into it first.
 PYTHON ?= python3
 VENV ?= .venv
+DEMO_ARGS ?=  # e.g. DEMO_ARGS="--images PATH" where the CIFAR-10 test archive lies elsewhere
 BIN := $(VENV)/bin
 
 .PHONY: setup demo test lint
@@ -14,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(BIN)/hetvit demo
+	$(BIN)/hetvit demo $(DEMO_ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -q

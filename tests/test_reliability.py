@@ -579,3 +579,10 @@ def test_lightning_info_lines_are_silenced_during_a_run_only(tmp_path, colours, 
     err = capfd.readouterr().err + caplog.text
     assert "GPU available" not in err and "Tip:" not in err
     assert all(logging.getLogger(n).level == logging.NOTSET for n in LIGHTNING_INFO_LOGGERS)
+
+
+def test_version_is_printed_without_a_command():
+    from hetvit import __version__
+
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0 and result.output.strip() == f"hetvit {__version__}"

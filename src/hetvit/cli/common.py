@@ -29,6 +29,22 @@ app = typer.Typer(
 )
 
 
+def _print_version(given: bool) -> None:
+    if given:
+        from .. import __version__
+
+        typer.echo(f"hetvit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", metavar="", is_eager=True, callback=_print_version,
+        help="Print hetvit's version and exit.")] = False) -> None:
+    """hetvit: make pretrained Vision Transformers faster with static early attention (DGSSA)
+    and a token aggregation pyramid (GLAD)."""
+
+
 def main() -> None:
     """The ``hetvit`` entry point: warnings as one readable line each, then the app."""
     import warnings

@@ -55,8 +55,8 @@ def fit_command(
         min=0, help="Shift each image by up to this many pixels (reflect padding) every "
         "step (0: off).")] = 0,
     scale: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Smallest area fraction of a random resized crop of each image "
-        "every step (1: off).")] = 1.0,
+        help="Smallest area fraction of a random resized crop of each image every step, in "
+        "(0, 1] (1: off).")] = 1.0,
     cutmix: Annotated[float, typer.Option(
         min=0.0, max=1.0, help="Probability that a step uses CutMix (a pasted box) instead "
         "of mixup (0: mixup only).")] = 0.0,

@@ -87,7 +87,7 @@ def plan_command(
         "--json", help="Print the plan, its layers and GMACs as JSON instead of a table.")
     ] = False,
     out: Annotated[Path | None, typer.Option(
-        "--out", help="Also write the plan to this file (for --plan of compress, bench and "
+        "--out", help="Also write the plan to this file (for --plan of compress, bench, fit and "
         "finetune); an earlier plan there is replaced, another file only with --force.")
     ] = None,
     force: ForceOpt = False,
