@@ -89,6 +89,7 @@ def test_finetune_with_out_writes_a_run_whose_model_is_the_returned_student(tmp_
     (lambda: DistillConfig(guidance=-0.5), "--guidance must be >= 0"),
     (lambda: DistillConfig(calibration_images=-1), "--calibration-images must be >= 0"),
     (lambda: DistillConfig(calibration_images=2.5), "--calibration-images must be a whole"),
+    (lambda: DistillConfig(aggregation_init="kmeans"), "--aggregation-init must be one of"),
 ])
 def test_bad_settings_are_one_line_training_errors(make, message):
     with pytest.raises(TrainingError, match=message) as err:
@@ -99,7 +100,6 @@ def test_bad_settings_are_one_line_training_errors(make, message):
 @pytest.mark.parametrize("change, message", [
     ({"epochs": 0}, "--epochs must be at least 1, got 0"),
     ({"plan": "fast"}, "plan must be a hetvit.Plan"),
-    ({"distill": DistillConfig(aggregation_init="kmeans")}, "--aggregation-init must be one of"),
     ({"distill": DistillConfig(features=1.0), "plan": Plan(static=(0,))}, "no pyramid"),
     ({"precision": "8-bit"}, "precision must be one of"),
 ])

@@ -586,3 +586,19 @@ def test_version_is_printed_without_a_command():
 
     result = CliRunner().invoke(app, ["--version"])
     assert result.exit_code == 0 and result.output.strip() == f"hetvit {__version__}"
+
+
+@pytest.mark.parametrize("verb", ["compress", "fit", "finetune"])
+def test_an_unknown_aggregation_init_is_refused_before_anything_is_read(tmp_path, verb):
+    """The images named do not exist: the flag's error must come first, and nothing is made."""
+    args = {"compress": ["--checkpoint", str(tmp_path / "m"), "--calibration",
+                         str(tmp_path / "none")],
+            "fit": ["--teacher", str(tmp_path / "m"), "--images", str(tmp_path / "none")],
+            "finetune": ["--teacher", str(tmp_path / "m"), "--data", str(tmp_path / "none")]}
+    result = CliRunner().invoke(app, [verb, *args[verb], "--plan", "fast", "--aggregation-init",
+                                      "kmeans", "--out", str(tmp_path / "out")],
+                                env={"COLUMNS": "200"})
+    assert result.exit_code == 2, result.output
+    assert "one of pool, cluster, not 'kmeans'" in result.output
+    assert "not found" not in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()

@@ -19,9 +19,12 @@ from typing import Any
 from .errors import TrainingError
 
 __all__ = ["OptimConfig", "DistillConfig", "TrainConfig", "TrainingError", "TRAIN_OPTIM",
-           "FINETUNE_EPOCHS"]
+           "FINETUNE_EPOCHS", "AGGREGATION_INITS"]
 
 FINETUNE_EPOCHS = 3
+AGGREGATION_INITS = ("pool", "cluster")
+"""How a pyramid stage may start (:func:`hetvit.compress`'s ``aggregation_init``); here, in a
+module the CLI imports at start-up, so that a typo is refused before any model is read."""
 
 
 def _at_least(config: Any, names: tuple[str, ...], least: float) -> None:
@@ -95,6 +98,9 @@ class DistillConfig:
                 self.calibration_images, bool):
             raise TrainingError("--calibration-images must be a whole number, got "
                                 f"{self.calibration_images!r}")
+        if self.aggregation_init not in AGGREGATION_INITS:
+            raise TrainingError(f"--aggregation-init must be one of "
+                                f"{', '.join(AGGREGATION_INITS)}, not {self.aggregation_init!r}")
 
     def loss_settings(self) -> dict[str, Any]:
         """The settings the fine-tuning module uses (its checkpoint's hyper-parameters); the

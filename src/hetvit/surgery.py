@@ -22,6 +22,7 @@ from .aggregation import TokenAggregation, cluster_matrix
 from .attention import StaticAttention, warn_uniform
 from .batches import image_batches
 from .capture import StopForward, attention_maps, module_inputs
+from .configs import AGGREGATION_INITS
 from .data import sample_images
 from .errors import DataError, PlanError, UsageError
 from .grid import token_grid
@@ -106,7 +107,6 @@ def plan_of(model: nn.Module) -> Plan:
     return getattr(model, "hetvit_plan", None) or Plan()
 
 
-AGGREGATION_INITS = ("pool", "cluster")
 INITS = ("calibrate", "none")
 CALIBRATION_IMAGES = 256  # drawn at random from a calibration folder or archive (as the CLI)
 

@@ -47,7 +47,7 @@ from .runs import (
     save_model,
     write_run_config,
 )
-from .surgery import AGGREGATION_INITS, compress, load_weights
+from .surgery import compress, load_weights
 from .trainer import fit, fit_loaders, open_run_data
 
 __all__ = ["finetune", "finetune_run", "train", "TrainConfig", "OptimConfig", "DistillConfig",
@@ -58,9 +58,6 @@ FINETUNE_CONFIG = "finetune_config.json"
 
 def _check_distill(plan: Plan, distill: DistillConfig) -> bool:
     """Refuse settings this plan cannot use; whether the pyramid starts from k-means."""
-    if distill.aggregation_init not in AGGREGATION_INITS:
-        raise TrainingError(f"--aggregation-init must be one of {', '.join(AGGREGATION_INITS)}, "
-                            f"not {distill.aggregation_init!r}")
     if distill.features > 0 and not plan.pyramid:
         raise TrainingError("feature distillation compares tokens at the end of each pyramid "
                             "stage, and this plan has no pyramid: drop --features")

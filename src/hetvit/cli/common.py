@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ..configs import TRAIN_OPTIM, OptimConfig, TrainConfig
+from ..configs import AGGREGATION_INITS, TRAIN_OPTIM, OptimConfig, TrainConfig
 from ..errors import HetvitError, UsageError
 
 app = typer.Typer(
@@ -257,7 +257,16 @@ ValDataOpt = Annotated[Path | None, typer.Option(
 MinLrOpt = Annotated[float, typer.Option(
     help="Learning rate at the end of the cosine decay."),
 ]
+
+
+def _aggregation_init(value: str) -> str:
+    if value not in AGGREGATION_INITS:  # now, not once the images are read
+        raise typer.BadParameter(f"one of {', '.join(AGGREGATION_INITS)}, not {value!r}")
+    return value
+
+
 AggregationInitOpt = Annotated[str, typer.Option(
+    callback=_aggregation_init,
     help="How the pyramid stages start: pool (average pooling of the token grid) or cluster "
     "(k-means of the tokens each stage receives over the calibration images: tokens alike "
     "across images are merged, wherever they lie)."),
