@@ -260,8 +260,12 @@ def test_a_resume_with_the_same_settings_adds_no_history(tmp_path, colours):
     ("finetune", ["--epochs", "0"]),
     ("evaluate", ["--limit", "-1"]),
     ("evaluate", ["--threads", "0"]),
-    ("compress", ["--num-images", "-1"]),
+    ("compress", ["--calibration-images", "-1"]),
     ("export", ["--limit", "-1"]),
+    ("bench", ["--batch-size", "0"]),
+    ("bench", ["--rounds", "0"]),
+    ("bench", ["--warmup", "-1"]),
+    ("bench", ["--min-time", "-0.5"]),
 ])
 def test_a_bad_number_is_a_one_line_error_before_any_work(tmp_path, command, flag):
     write_images(tmp_path / "data", ["a", "b"], per_class=1)
@@ -274,7 +278,9 @@ def test_a_bad_number_is_a_one_line_error_before_any_work(tmp_path, command, fla
             "evaluate": ["--checkpoint", str(tmp_path / "m"), "--data", str(tmp_path / "data")],
             "compress": ["--checkpoint", str(tmp_path / "m"), "--plan", "fast", "--calibration",
                          str(tmp_path / "data"), "--out", str(out)],
-            "export": ["--checkpoint", str(tmp_path / "m"), "--out", str(out)]}[command]
+            "export": ["--checkpoint", str(tmp_path / "m"), "--out", str(out)],
+            "bench": ["--checkpoint", str(tmp_path / "m"), "--plan", "fast", "--out",
+                      str(out)]}[command]
     result = CliRunner().invoke(app, [command, *args, *flag])
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{flag[0]}'" in one_line(result.output)

@@ -171,7 +171,9 @@ def compress(
         help="Images (ImageFolder dir or .tar.gz) whose mean attention initialises the static "
         "maps. Without it the maps start uniform.")] = None,
     num_images: Annotated[int, typer.Option(
-        min=1, help="Calibration images to use, drawn at random (seeded) from the set.")] = 256,
+        "--calibration-images", "--num-images", min=1, help="Calibration images to use, drawn "
+        "at random (seeded) from the set (--calibration-images, as in export, fit and "
+        "finetune).")] = 256,
     batch_size: Annotated[int, typer.Option(min=1, help="Calibration batch size.")] = 64,
     aggregation_init: AggregationInitOpt = "pool",
 ) -> None:
@@ -287,18 +289,20 @@ def bench_command(
         "--plan", help="fast, balanced or fastest (scaled to the model) or a plan.json file. "
         "Default: fast (not allowed with an already compressed --checkpoint DIR).")] = None,
     batch_size: Annotated[int, typer.Option(
-        "--batch-size", help="Images per call for the throughput measurement.")] = 32,
+        "--batch-size", min=1, help="Images per call for the throughput measurement.")] = 32,
     latency: Annotated[bool, flag(
         "--latency", help="Also measure batch-1 latency (median ms per image).")] = False,
     rounds: Annotated[int, typer.Option(
-        help="Timed runs per model at --batch-size, alternating baseline and compressed; the "
-        "speedup is the median over rounds.")] = 7,
+        min=1, help="Timed runs per model at --batch-size, alternating baseline and "
+        "compressed; the speedup is the median over rounds.")] = 7,
     latency_rounds: Annotated[int, typer.Option(
-        help="Alternating rounds for --latency (each run lasts --min-time).")] = 9,
+        min=1, help="Alternating rounds for --latency (each run lasts --min-time).")] = 9,
     warmup: Annotated[int, typer.Option(
-        help="Untimed calls per model first (they also cover --compile's compilation).")] = 2,
+        min=0, help="Untimed calls per model first (they also cover --compile's "
+        "compilation).")] = 2,
     min_time: Annotated[float, typer.Option(
-        help="Seconds each timed run lasts at least (several calls when one is quicker).")
+        min=0.0, help="Seconds each timed run lasts at least (several calls when one is "
+        "quicker).")
     ] = 1.0,
     compile: Annotated[bool, flag(
         "--compile", help="Run both models under torch.compile.")] = False,
@@ -344,11 +348,6 @@ def bench_command(
         fail(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     if runtime not in RUNTIMES:
         fail(f"--runtime {runtime!r}: available: {', '.join(RUNTIMES)}")
-    if batch_size < 1 or rounds < 1 or latency_rounds < 1 or warmup < 0 or min_time < 0:
-        fail("--batch-size, --rounds and --latency-rounds must be at least 1, --warmup and "
-             "--min-time at least 0")
-    if threads is not None and threads < 1:
-        fail("--threads must be at least 1")
     if device.startswith("cuda"):
         import torch
 
