@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,6 +105,32 @@ def test_interrupted_save_leaves_the_old_checkpoint(tmp_path, monkeypatch, image
     with pytest.raises(KeyboardInterrupt):
         hetvit.save(hetvit.compress(model, PLAN), tmp_path / "c")
     assert [p.name for p in tmp_path.iterdir()] == ["c"]  # no temporary left behind
+    with torch.no_grad():
+        assert torch.equal(hetvit.load(tmp_path / "c")(images), model(images))
+
+
+def test_a_save_that_fails_at_the_last_rename_keeps_the_old_checkpoint(tmp_path, monkeypatch,
+                                                                       images):
+    """The earlier checkpoint is moved aside before the new one is renamed into place: if that
+    rename fails, it is put back (and a save into new folders takes them away again)."""
+    import os
+
+    model = tiny_vit()
+    hetvit.save(model, tmp_path / "c")
+    rename = os.rename
+
+    def failing(src, dst):
+        if Path(src).name.endswith(".tmp"):
+            raise OSError("disk gone")
+        rename(src, dst)
+
+    monkeypatch.setattr(hetvit.files.os, "rename", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        hetvit.save(hetvit.compress(model, PLAN), tmp_path / "c")
+    with pytest.raises(OSError, match="disk gone"):
+        hetvit.save(model, tmp_path / "new" / "deeper" / "c")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
     with torch.no_grad():
         assert torch.equal(hetvit.load(tmp_path / "c")(images), model(images))
 

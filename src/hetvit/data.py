@@ -381,7 +381,7 @@ def collate_skipping(batch: list[Any]) -> Any:
 
 
 def random_subset(dataset: Dataset, n: int, seed: int = 0) -> Subset:
-    """``n`` images drawn at random (seeded) in random order: every class represented.
+    """``n`` images drawn at random (seeded) in random order: classes mixed as in the set.
 
     The first ``n`` of an ImageFolder set would all come from its first class folders, which
     would bias a calibration or an analysis towards a few classes.

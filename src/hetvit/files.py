@@ -214,29 +214,41 @@ def atomic_directory(directory: str | Path, marker: str) -> Iterator[Path]:
     """
     directory = Path(directory)
     check_replaceable(directory, marker)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale_temps(directory.parent, directory.name)
-    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(directory.name), suffix=".tmp",
-                                dir=directory.parent))
+    with new_parents_removed_on_error(directory):
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(directory.parent, directory.name)
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(directory.name), suffix=".tmp",
+                                    dir=directory.parent))
+        try:
+            yield tmp
+            umask = current_umask()
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    with open(f, "rb") as fh:
+                        os.fsync(fh.fileno())
+                    os.chmod(f, 0o666 & ~umask)  # some writers (safetensors) make files private
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is not
+            _replace_directory(tmp, directory)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _replace_directory(new: Path, directory: Path) -> None:
+    """Rename ``new`` to ``directory``, an earlier one moved aside first and removed after; if
+    the rename fails, the earlier one is put back, so a failed write leaves it as it was."""
+    old = None
+    if directory.exists():
+        old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        os.rename(directory, old)
     try:
-        yield tmp
-        umask = current_umask()
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
-                os.chmod(f, 0o666 & ~umask)  # some writers (safetensors) make files private
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is not
-        old = None
-        if directory.exists():
-            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            os.rename(directory, old)
-        os.rename(tmp, directory)
+        os.rename(new, directory)
+    except BaseException:
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            os.rename(old, directory)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
