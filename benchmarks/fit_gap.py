@@ -36,6 +36,7 @@ def main() -> None:
     teacher, student = hetvit.load(args.teacher).eval(), hetvit.load(args.student).eval()
     torch.manual_seed(0)
     lam = torch.distributions.Beta(1.0, 1.0).sample((2048, 1, 1, 1))
+
     def draw(split: str, count: int, seed: int) -> torch.Tensor:
         return collect_images(sample_images(DATA / f"cifar10-{split}.tar.gz", teacher, count,
                                             seed=seed, batch_size=256))

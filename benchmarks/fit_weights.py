@@ -1,7 +1,10 @@
-"""Levers on the weights of a fit that ``hetvit fit`` lacks: an exponential
-moving average of the weights, stochastic depth, a flip-averaged teacher, and weight averages
-("soups") of fits that differ only in their augmentation seed; ``--crop``, ``--cutmix`` and
-``--freeze-early`` are ``hetvit fit``'s, to combine them with the rest.
+"""Levers on a fit that ``hetvit fit`` lacks: an exponential moving average of the weights,
+stochastic depth, a flip-averaged teacher, weight averages ("soups") of fits that differ only in
+their augmentation seed, and three more targets per image than the logits' ten numbers: the
+pre-logit features (``--pre-logits W``), the cls token after every block from the first stage on
+(``--prefix-tokens W``), and views moved adversarially towards where student and teacher
+disagree (``--adversarial EPS``); ``--crop``, ``--cutmix`` and ``--freeze-early`` are ``hetvit
+fit``'s, to combine them with the rest.
 
 ``fit`` runs the committed model's fit (``pyramid-2.5x``, the 2,048 images ``hetvit fit
 --num-images 2048 --seed 0`` draws, 20 passes, mixup 1.0, one thread) with the given changes and
@@ -14,6 +17,8 @@ average of their weights (the same plan, so the same parameters).
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --freeze-early --out runs/w/fz
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --teacher-flips --passes 14 \\
         --out runs/w/tta
+    PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --freeze-early --pre-logits 10 \\
+        --out runs/w/pl10
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py evaluate \\
         s1=runs/w/s1/final soup=assets/cifar10-fitted+runs/w/s1/final
 """
@@ -30,6 +35,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 import hetvit
 from hetvit import fitting
+from hetvit.capture import module_inputs
 from hetvit.cli.common import resolve_plan
 from hetvit.data import make_loader, make_transform, open_dataset, sample_images
 
@@ -91,6 +97,62 @@ def flip_averaged_teacher(teacher: torch.nn.Module) -> None:
     fitting.logits = logits
 
 
+class PreLogitsLoss(fitting._Loss):
+    """The fit's loss plus the relative squared error of the student's pre-logit features (the
+    head's input: D numbers an image where the logits give ten) against the teacher's."""
+
+    weight = 0.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        feats: dict[str, torch.Tensor] = {}
+        with torch.no_grad(), module_inputs([self.teacher.head],
+                                            lambda k, f: feats.__setitem__("t", f)):
+            target = fitting.logits(self.teacher, x)
+        with module_inputs([self.model.head], lambda k, f: feats.__setitem__("s", f)):
+            loss = fitting.kd_loss(fitting.logits(self.model, x), target, self.config.temperature)
+        t, s = feats["t"], feats["s"]
+        return loss + self.weight * (s - t).pow(2).mean() / t.pow(2).mean()
+
+
+class PrefixLoss(fitting._Loss):
+    """The fit's loss plus the relative squared error of the prefix (cls) tokens at the output
+    of every block from ``first`` on: a pyramid never aggregates them, so the teacher's are a
+    target at every depth with no projection, D numbers a block and an image."""
+
+    weight = 0.0
+    first = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        t_layers, s_layers = self.teacher_layers[self.first:], self.student_layers[self.first:]
+        with torch.no_grad(), fitting.capture_outputs(t_layers) as targets:
+            target = fitting.logits(self.teacher, x)
+        with fitting.capture_outputs(s_layers) as tokens:
+            loss = fitting.kd_loss(fitting.logits(self.model, x), target, self.config.temperature)
+        p = self.prefix
+        errors = [(s[:, :p] - t[:, :p]).pow(2).mean() / t[:, :p].pow(2).mean()
+                  for s, t in zip(tokens, targets, strict=True)]
+        return loss + self.weight * sum(errors) / len(errors)
+
+
+class AdversarialLoss(fitting._Loss):
+    """The fit's loss on a view moved ``eps`` (sign of the gradient, in normalised pixel units)
+    towards where the student disagrees with the teacher most: the fit's images are matched
+    long before unseen ones are, and their neighbourhood is where the mismatch still is."""
+
+    eps = 0.0
+    share = 1.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        n = round(self.share * len(x))
+        probe = x[:n].detach().requires_grad_(True)
+        with torch.no_grad():
+            target = fitting.logits(self.teacher, probe)
+        gap = fitting.kd_loss(fitting.logits(self.model, probe), target, 1.0)
+        (grad,) = torch.autograd.grad(gap, probe)
+        x = torch.cat([(x[:n] + self.eps * grad.sign()).detach(), x[n:]])
+        return super().__call__(x)
+
+
 def run_fit(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     teacher = hetvit.load(ROOT / "assets" / "cifar10-teacher").eval()
@@ -101,6 +163,19 @@ def run_fit(args: argparse.Namespace) -> None:
     set_drop_path(student, args.drop_path)
     if args.teacher_flips:
         flip_averaged_teacher(teacher)
+    if sum(map(bool, (args.pre_logits, args.prefix_tokens, args.adversarial))) > 1:
+        raise SystemExit("--pre-logits, --prefix-tokens and --adversarial replace the same loss: "
+                         "give one")
+    if args.pre_logits:
+        PreLogitsLoss.weight = args.pre_logits
+        fitting._Loss = PreLogitsLoss
+    if args.prefix_tokens:
+        PrefixLoss.weight = args.prefix_tokens
+        PrefixLoss.first = min(layer for layer, _ in plan.pyramid)
+        fitting._Loss = PrefixLoss
+    if args.adversarial:
+        AdversarialLoss.eps, AdversarialLoss.share = args.adversarial, args.adversarial_share
+        fitting._Loss = AdversarialLoss
     config = fitting.FitConfig(passes=args.passes, mixup=args.mixup, lr_new=args.lr_new,
                                crop=args.crop, cutmix=args.cutmix,
                                freeze_early=args.freeze_early, seed=args.aug_seed)
@@ -150,6 +225,14 @@ def main() -> None:
     f.add_argument("--freeze-early", action="store_true", help="as hetvit fit --freeze-early")
     f.add_argument("--teacher-flips", action="store_true",
                    help="distil from the teacher averaged over each view and its mirror")
+    f.add_argument("--pre-logits", type=float, default=0.0,
+                   help="weight of the pre-logit feature error beside the logits' KL")
+    f.add_argument("--prefix-tokens", type=float, default=0.0,
+                   help="weight of the cls tokens' error at every block from the first stage on")
+    f.add_argument("--adversarial", type=float, default=0.0,
+                   help="eps of an adversarial step on each view (normalised pixel units)")
+    f.add_argument("--adversarial-share", type=float, default=1.0,
+                   help="share of each batch moved adversarially")
     e = sub.add_parser("evaluate")
     e.add_argument("models", nargs="+", help="NAME=DIR or NAME=DIR+DIR+... (weight average)")
     args = ap.parse_args()
