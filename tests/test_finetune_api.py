@@ -99,7 +99,7 @@ def test_bad_settings_are_one_line_training_errors(make, message):
 
 @pytest.mark.parametrize("change, message", [
     ({"epochs": 0}, "--epochs must be at least 1, got 0"),
-    ({"plan": "fast"}, "plan must be a hetvit.Plan"),
+    ({"plan": None}, "give a plan"),
     ({"distill": DistillConfig(features=1.0), "plan": Plan(static=(0,))}, "no pyramid"),
     ({"precision": "8-bit"}, "precision must be one of"),
 ])
@@ -110,6 +110,20 @@ def test_finetune_refuses_bad_arguments_before_any_work(tmp_path, change, messag
     with pytest.raises(TrainingError, match=message):
         hetvit.finetune(teacher, plan, _loader(teacher), **args)
     assert not (tmp_path / "run").exists()
+
+
+def test_finetune_takes_a_plan_as_compress_does(tmp_path):
+    """A preset name (scaled to the teacher) or a plan file, not only a Plan; anything else is a
+    usage error before any work."""
+    teacher = tiny_vit()
+    PLAN.save(tmp_path / "plan.json")
+    for plan, expected in (("fast", hetvit.surgery.preset("fast", teacher)),
+                           (tmp_path / "plan.json", PLAN)):
+        student = hetvit.finetune(teacher, plan, _loader(teacher), epochs=1, **RUN)
+        assert (student.hetvit_plan.static, student.hetvit_plan.pyramid) == (
+            expected.static, expected.pyramid)
+    with pytest.raises(hetvit.errors.UsageError, match="plan must be a hetvit.Plan, a preset"):
+        hetvit.finetune(teacher, 3, _loader(teacher), epochs=1, **RUN)
 
 
 def test_the_api_is_at_the_top_level():

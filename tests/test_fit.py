@@ -230,6 +230,10 @@ def test_bad_input_is_refused(vit, pool):
     student = hetvit.compress(vit, PLAN)
     with pytest.raises(FitError, match="no images"):
         fit(student, vit, [])
+    with pytest.raises(hetvit.errors.DataError, match="iterable of such batches.*got int"):
+        fit(student, vit, 5)
+    with pytest.raises(hetvit.errors.DataError, match="got str"):
+        fit(student, vit, ["a.png", "b.png"])
     with pytest.raises(FitError, match=r"\(3, 16, 16\).*takes \(3, 32, 32\)"):
         fit(student, vit, torch.randn(4, 3, 16, 16))
     with pytest.raises(FitError, match="not a compressed model"):

@@ -205,3 +205,15 @@ def test_calibration_that_holds_no_image_is_refused_not_taken_for_none(images):
         hetvit.compress(tiny_vit(), plan)  # none given: uniform, and said
     with pytest.raises(hetvit.errors.UsageError, match="init must be one of"):
         hetvit.compress(tiny_vit(), plan, calibration=images, init="calbirate")
+
+
+@pytest.mark.parametrize("bad, error, message", [
+    (5, "UsageError", "calibration must be images .* not int"),
+    ({"images": 1}, "UsageError", "not dict"),
+    (["a.png"], "DataError", "a batch of images must be a B x C x H x W tensor .* got str"),
+    ([torch.zeros(3, 32, 32)], "DataError", r"got shape \(3, 32, 32\)"),
+])
+def test_calibration_that_is_not_images_is_a_clear_error(bad, error, message):
+    """Not a TypeError or AttributeError from deep inside: a hetvit error saying what to pass."""
+    with pytest.raises(getattr(hetvit.errors, error), match=message):
+        hetvit.compress(tiny_vit(), Plan(static=(0,)), calibration=bad)

@@ -6,14 +6,14 @@ user can pass what they have. A leaf module: it imports only hetvit's errors.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 from .errors import DataError
 
-__all__ = ["image_batches"]
+__all__ = ["image_batches", "is_batches"]
 
 
 def image_batches(images: Any, batch_size: int | None = None) -> Iterator[torch.Tensor]:
@@ -24,11 +24,30 @@ def image_batches(images: Any, batch_size: int | None = None) -> Iterator[torch.
     is passed over: its images were already warned about and counted.
     """
     if isinstance(images, torch.Tensor):
-        if images.ndim != 4:
-            raise DataError(f"images must be a B x C x H x W tensor, got shape "
-                             f"{tuple(images.shape)}")
-        yield from (images.split(batch_size) if batch_size else (images,))
+        yield from (_checked(images).split(batch_size) if batch_size else (_checked(images),))
         return
+    if not is_batches(images):
+        raise DataError(f"images must be a B x C x H x W tensor or an iterable of such batches "
+                        f"(a DataLoader, say), got {type(images).__name__}")
     for item in images:
         if item is not None:
-            yield item[0] if isinstance(item, (tuple, list)) else item
+            yield _checked(item[0] if isinstance(item, (tuple, list)) else item)
+
+
+def is_batches(images: Any) -> bool:
+    """Whether ``images`` can be read as batches at all: a tensor or an iterable (a string or
+    a mapping is not, though Python iterates them)."""
+    return isinstance(images, torch.Tensor) or (
+        isinstance(images, Iterable) and not isinstance(images, str | bytes | Mapping))
+
+
+def _checked(batch: Any) -> torch.Tensor:
+    """``batch`` if it is a batch of images (a 4-d tensor), else a :class:`DataError` naming what
+    it is: a list of file names or arrays fails here, not deep inside a model."""
+    if not isinstance(batch, torch.Tensor):
+        raise DataError(f"a batch of images must be a B x C x H x W tensor (or an (images, "
+                        f"labels) pair), got {type(batch).__name__}")
+    if batch.ndim != 4:
+        raise DataError(f"images must be a B x C x H x W tensor, got shape "
+                        f"{tuple(batch.shape)}")
+    return batch

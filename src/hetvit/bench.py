@@ -128,7 +128,8 @@ def compress_for_speed(model: nn.Module, plan: Any) -> nn.Module:
 
 
 def model_info(model: nn.Module) -> ModelInfo:
-    """GMACs (closed form and counted) and parameters of a timm ViT, compressed or not."""
+    """GMACs (closed form and counted) and parameters of a ViT of a supported host, compressed
+    or not."""
     if getattr(model, "hetvit_baseline", None) is not None:  # ToMe, EViT: hetvit.baselines
         return ModelInfo(gmacs=baselines.formula_macs(model) / 1e9,
                          gmacs_counted=(count_macs(model) + baselines.selection_macs(model)) / 1e9,
@@ -273,9 +274,9 @@ def compare(baseline: nn.Module, compressed: nn.Module, batch_size: int = 32, *,
     """Throughput (and optionally batch-1 latency) of two models, side by side.
 
     Args:
-        baseline, compressed: timm ViTs taking the same input size (the compressed one usually
-            from :func:`hetvit.compress`). They are not modified: a converted copy is timed when
-            ``device`` or ``dtype`` differ from theirs.
+        baseline, compressed: ViTs of a supported host taking the same input size (the
+            compressed one usually from :func:`hetvit.compress`). They are not modified: a
+            converted copy is timed when ``device`` or ``dtype`` differ from theirs.
         batch_size: images per call for the throughput measurement.
         rounds: alternating timed runs per model; the speedup is the median over rounds.
         warmup: untimed calls per model first (they also cover ``torch.compile``).

@@ -273,8 +273,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = MIN_OPSE
     """Export ``model`` to ONNX at ``path`` with a dynamic batch axis; check it; return figures.
 
     Args:
-        model: a timm ``VisionTransformer``, compressed or not, in float32. It is exported in
-            eval mode (its mode is restored afterwards).
+        model: a ViT of a supported host (timm or Hugging Face), compressed or not, in
+            float32. It is exported in eval mode (its mode is restored afterwards).
         path: the ``.onnx`` file to write. It appears only once the export and its checks have
             passed; an existing file is replaced then.
         opset: ONNX opset, at least 17 (the first with LayerNormalization).

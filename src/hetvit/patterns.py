@@ -217,7 +217,8 @@ def analyze(model: nn.Module, images: Any, *, num_images: int | None = None,
     """Measure the attention patterns of ``model`` over ``images``.
 
     Args:
-        model: a timm ``VisionTransformer`` (not a compressed one: analyse its source model).
+        model: a ViT of a supported host (:func:`hetvit.hosts.supported`), not a compressed
+            one: analyse its source model.
         images: a ``B x C x H x W`` tensor (run in chunks of ``batch_size``), or an iterable of
             tensors or ``(images, labels)`` batches such as a DataLoader. Give the images in
             random order: the ``js`` estimate pairs consecutive images.

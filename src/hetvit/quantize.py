@@ -292,8 +292,8 @@ def quantize_onnx(model: nn.Module, path: str | os.PathLike,
     """Write an int8 ONNX graph of ``model`` to ``path``, checked against ``model`` in fp32.
 
     Args:
-        model: the hetvit model (a timm ``VisionTransformer``, compressed or not, float32): it is
-            exported, and it is the reference the int8 graph must agree with.
+        model: a ViT of a supported host (timm or Hugging Face), compressed or not, float32: it
+            is exported, and it is the reference the int8 graph must agree with.
         path: the ``.onnx`` file to write; it appears only once every check has passed.
         quantization: a :class:`Quantization`, or a mode name (its measured defaults).
         calibration: for static mode, the images whose activation ranges set the scales (a few
@@ -309,6 +309,8 @@ def quantize_onnx(model: nn.Module, path: str | os.PathLike,
             mode, onnxruntime's quantization tools missing).
         ParityError: the int8 graph failed the graph check or agreed too rarely (``.result``
             holds the figures); nothing is written.
+        ExportError: a model the fp32 export refuses (not float32, say: see
+            :func:`hetvit.export.export_onnx`).
     """
     config = (quantization if isinstance(quantization, Quantization)
               else Quantization.default(quantization))

@@ -20,7 +20,7 @@ from torch import nn
 
 from .aggregation import TokenAggregation, cluster_matrix
 from .attention import StaticAttention, warn_uniform
-from .batches import image_batches
+from .batches import image_batches, is_batches
 from .capture import StopForward, attention_maps, module_inputs
 from .configs import AGGREGATION_INITS
 from .data import sample_images
@@ -34,7 +34,8 @@ from .plan import PRESETS, Plan
 from .weights import read_state_dict
 
 __all__ = ["compress", "describe", "build_model", "load_model", "load_weights",
-           "is_compressed", "plan_of", "preset", "num_prefix_tokens", "source_mismatch"]
+           "is_compressed", "plan_of", "plan_for", "preset", "num_prefix_tokens",
+           "source_mismatch"]
 
 
 # ----------------------------------------------------------------------------- describe / build
@@ -111,7 +112,7 @@ INITS = ("calibrate", "none")
 CALIBRATION_IMAGES = 256  # drawn at random from a calibration folder or archive (as the CLI)
 
 
-def _plan_for(model: nn.Module, plan: Any) -> tuple[Plan, Path | None]:
+def plan_for(model: nn.Module, plan: Any) -> tuple[Plan, Path | None]:
     """``plan`` as a :class:`Plan`, and the file it came from: a preset name is scaled to
     ``model``, a path is loaded. Anything else is a :class:`UsageError` saying what to pass
     (not an ``AttributeError`` from deep inside)."""
@@ -154,7 +155,7 @@ def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any 
                          f"{aggregation_init!r}")
     if init not in INITS:  # a typo would otherwise skip calibration without a word
         raise UsageError(f"init must be one of {INITS}, not {init!r}")
-    plan, plan_file = _plan_for(model, plan)
+    plan, plan_file = plan_for(model, plan)
     cluster = aggregation_init == "cluster" and init == "calibrate" and bool(plan.pyramid)
     if cluster and calibration is None:
         raise UsageError("aggregation_init='cluster' groups tokens by what calibration images "
@@ -171,6 +172,10 @@ def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any 
         raise PlanError(f"{plan_file}: {e}" if plan_file else str(e)) from None
     if isinstance(calibration, str | os.PathLike):
         calibration = sample_images(calibration, model, CALIBRATION_IMAGES)
+    elif calibration is not None and not is_batches(calibration):
+        raise UsageError(f"calibration must be images (a B x C x H x W tensor, an iterable of "
+                         f"batches such as a DataLoader) or an image folder or archive, not "
+                         f"{type(calibration).__name__}")
     if plan.img_size is None:
         plan = Plan(plan.static, plan.pyramid, tuple(arch["img_size"]), plan.source, plan.label)
     if not plan.source.get("name") and arch.get("name"):

@@ -47,7 +47,7 @@ from .runs import (
     save_model,
     write_run_config,
 )
-from .surgery import compress, load_weights
+from .surgery import compress, load_weights, plan_for
 from .trainer import fit, fit_loaders, open_run_data
 
 __all__ = ["finetune", "finetune_run", "train", "TrainConfig", "OptimConfig", "DistillConfig",
@@ -110,8 +110,9 @@ def _teacher_kept(teacher: nn.Module) -> Iterator[None]:
         teacher.to(device).train(mode)
 
 
-def finetune(teacher: nn.Module, plan: Plan | None, train_loader: Any, val_loader: Any = None,
-             *, distill: DistillConfig = DistillConfig(), optim: OptimConfig = OptimConfig(),
+def finetune(teacher: nn.Module, plan: Plan | str | os.PathLike | None, train_loader: Any,
+             val_loader: Any = None, *, distill: DistillConfig = DistillConfig(),
+             optim: OptimConfig = OptimConfig(),
              epochs: int = FINETUNE_EPOCHS, out: str | os.PathLike | None = None,
              student: nn.Module | None = None, calibration: Any = None, seed: int = 0,
              accelerator: str = "auto", devices: int = 1, num_nodes: int = 1,
@@ -122,6 +123,9 @@ def finetune(teacher: nn.Module, plan: Plan | None, train_loader: Any, val_loade
     Returns the fine-tuned student (a new model, CPU, eval mode); ``teacher`` is not changed.
 
     Args:
+        plan: where the student's static layers and pyramid stages go: a :class:`Plan`, a
+            preset name (``"fast"``, scaled to ``teacher``) or a plan JSON file, as
+            :func:`hetvit.compress` takes; ``None`` with ``student``.
         train_loader: ``(images, labels)`` batches in the teacher's input format (labels are
             its output indices), e.g. a ``DataLoader`` over ``hetvit.data.open_dataset``;
             batches of bare images train on the teacher alone (set ``distill.ce`` to 0).
@@ -146,10 +150,11 @@ def finetune(teacher: nn.Module, plan: Plan | None, train_loader: Any, val_loade
     if student is not None:
         check_student(student, teacher)
         plan = student.hetvit_plan
-    if not isinstance(plan, Plan):
-        raise TrainingError(f"plan must be a hetvit.Plan (or None with student=), got "
-                            f"{type(plan).__name__}: make one with hetvit.Plan(...) or "
-                            "hetvit.surgery.preset(name, teacher)")
+    if plan is None:
+        raise TrainingError("give a plan (a hetvit.Plan, a preset name or a plan JSON file), or "
+                            "a compressed student= to start from")
+    if not isinstance(plan, Plan):  # a preset name or a plan file, as compress takes
+        plan = plan_for(teacher, plan)[0]
     cluster = _check_distill(plan, distill)
     run = None if out is None else Path(out)
     if run is not None:

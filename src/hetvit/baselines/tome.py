@@ -63,8 +63,8 @@ def tome_schedule(r: int | Sequence[int], depth: int, schedule: str = "constant"
     if schedule == "constant":
         return [r] * depth
     if schedule != "decreasing":
-        raise BaselineError(f"tome: schedule must be one of {', '.join(SCHEDULES)} or a list of "
-                            f"r per block, got {schedule!r}")
+        raise BaselineError(f"tome: schedule must be one of {', '.join(SCHEDULES)}, got "
+                            f"{schedule!r} (a list of r per block goes in r)")
     if depth == 1:
         return [r]
     exact = [2 * r * (depth - 1 - i) / (depth - 1) for i in range(depth)]
