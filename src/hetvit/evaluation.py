@@ -26,7 +26,8 @@ def evaluate(model: nn.Module, loader: Iterable[Any], device: str | torch.device
     Returns ``top1`` and ``top5`` (fractions in [0, 1]), ``loss`` (mean cross-entropy without
     label smoothing) and ``n`` (images counted). Batches that are ``None`` (every image
     unreadable, see :func:`hetvit.data.collate_skipping`) are passed over. The model is put in
-    eval mode and restored to its previous mode afterwards.
+    eval mode and restored to its previous mode afterwards. Batches are moved to ``device``
+    (default: where the model's parameters are); ``progress`` draws a progress bar.
     """
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))

@@ -88,7 +88,11 @@ def load(directory: str | Path, map_location: str | torch.device = "cpu",
          verify: bool = True) -> nn.Module:
     """Rebuild the model saved in ``directory``, in eval mode, with its saved weights.
 
-    Raises :class:`CheckpointError` naming the file when something is missing or damaged.
+    ``map_location`` is where the weights are put (``torch.load``'s sense). ``verify`` checks
+    the weights file against the hash :func:`save` recorded, so a truncated or altered file is
+    an error rather than a model with wrong weights; ``False`` skips the hashing (large
+    checkpoints read often). Raises :class:`CheckpointError` naming the file when something is
+    missing or damaged.
     """
     d = Path(directory)
     if not d.is_dir():

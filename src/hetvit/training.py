@@ -130,6 +130,11 @@ def finetune(teacher: nn.Module, plan: Plan | str | os.PathLike | None, train_lo
             its output indices), e.g. a ``DataLoader`` over ``hetvit.data.open_dataset``;
             batches of bare images train on the teacher alone (set ``distill.ce`` to 0).
         val_loader: ``(images, labels)`` batches scored (top-1/top-5) after every epoch.
+        distill: the loss (:class:`hetvit.DistillConfig`: labels, teacher logits, guidance
+            of the static maps, tokens at stage ends) and how the student starts.
+        optim: AdamW, its schedule and Mixup/CutMix (:class:`hetvit.OptimConfig`).
+        epochs: passes over ``train_loader``.
+        seed: seed of the weights' start, the shuffles and the augmentation.
         student: start from this compressed model of ``teacher`` (e.g. from
             :func:`hetvit.fit`) instead; ``plan`` is then its plan (give ``None``).
         calibration: images whose mean teacher attention starts the static maps (anything
@@ -142,6 +147,11 @@ def finetune(teacher: nn.Module, plan: Plan | str | os.PathLike | None, train_lo
             of a machine by running it again. Each process iterates its shard of the loaders
             with their own batch size, so one step sees ``world`` batches; loaders from
             :func:`hetvit.data.make_loader` shard exactly (``shard=True`` for validation).
+        accelerator, precision: Lightning's (``"cpu"``, ``"gpu"``; ``"32-true"``,
+            ``"bf16-mixed"``, ``"16-mixed"`` on a GPU).
+        threads: torch CPU threads of each process (default: its share of the cores).
+        progress: draw Lightning's progress bar.
+        callbacks: more Lightning callbacks, run with hetvit's own.
     """
     if epochs < 1:
         raise TrainingError(f"--epochs must be at least 1, got {epochs}")
