@@ -183,10 +183,25 @@ def test_report_says_how_each_model_was_made(quiet):
     assert f"- **ToMe r={TOME_R}**: token merging (ToMe) of the teacher" in report
     assert (f"hetvit fit --teacher assets/{TEACHER} --plan fast --images "
             f"../shared/data/cifar10-train.tar.gz --out assets/{FITTED} --num-images 8 "
-            "--passes 2 --batch-size 4 --mixup 0.5 # and temperature=2 (FitConfig; no flag)"
-            ) in report
+            "--passes 2 --batch-size 4 --temperature 2 --mixup 0.5\n") in report
     assert (f"hetvit evaluate --checkpoint assets/{TEACHER} --data {cifar} --method tome "
             f"--r {TOME_R}\n") in report
+
+
+def test_the_fit_command_of_an_older_record_says_what_it_ran_with():
+    """A fit.json from before ``freeze_early`` existed was fitted without it, which is no longer
+    the default; a setting with no flag is named in the comment."""
+    from hetvit.demo import fit_command
+
+    old = {"passes": 20, "batch_size": 64, "lr": 3e-4, "lr_new": 5e-2, "temperature": 1.0,
+           "mixup": 1.0, "flip": False, "trainable": "all", "warmup": 0.1, "seed": 0}
+    command = fit_command({"config": old, "images": 2048}, Plan(pyramid=((2, 8),),
+                                                                 label="pyramid-2.5x"))
+    assert command.endswith("--num-images 2048 --no-freeze-early # and flip=False (FitConfig; "
+                            "no flag)")
+    now = {**old, "flip": True, "freeze_early": True, "crop": 4}
+    assert fit_command({"config": now, "images": 2048}, Plan()).endswith(
+        "--num-images 2048 --crop 4")
 
 
 def test_the_token_merging_row_is_tome_of_the_teacher(quiet, busy):

@@ -95,7 +95,7 @@ def test_freeze_early_keeps_the_teacher_up_to_the_plan_s_first_change(vit, pool)
 
     early = ("cls_token", "pos_embed", "patch_embed.", "blocks.0.", "blocks.1.")
     frozen = moved(FitConfig(passes=1, batch_size=16, freeze_early=True))
-    trained = moved(FitConfig(passes=1, batch_size=16))
+    trained = moved(FitConfig(passes=1, batch_size=16, freeze_early=False))
     assert not any(k.startswith(early) for k in frozen)
     assert frozen == {k for k in trained if not k.startswith(early)}  # the rest trains as ever
     assert any(k.startswith("blocks.0.") for k in trained)
@@ -278,12 +278,12 @@ def test_cli_fit_writes_a_loadable_checkpoint_with_its_record(vit, tmp_path):
     result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
                                       "--images", str(tmp_path / "imgs"), "--out", str(again),
                                       "--passes", "1", "--batch-size", "8", "--held-out", "5",
-                                      "--calibration-images", "8", "--freeze-early"])
+                                      "--calibration-images", "8", "--no-freeze-early"])
     assert result.exit_code == 0, result.output
     record = json.loads((again / "fit.json").read_text())
     assert record["images"] == 16 and record["match"]["held_out"]["images"] == 5
-    assert record["config"]["freeze_early"] and not json.loads(
-        (out / "fit.json").read_text())["config"]["freeze_early"]
+    assert not record["config"]["freeze_early"] and json.loads(
+        (out / "fit.json").read_text())["config"]["freeze_early"]  # on unless switched off
     assert "on 5 held-out ones" in result.output
     result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
                                       "--images", str(tmp_path / "imgs"), "--out",

@@ -148,9 +148,16 @@ def _pattern_lines(report: Any, recommendation: Any) -> list[str]:
 
 
 FIT_FLAGS = {"passes": "--passes", "batch_size": "--batch-size", "lr": "--lr",
-             "lr_new": "--lr-new", "mixup": "--mixup", "trainable": "--trainable",
-             "seed": "--seed"}
-"""``hetvit fit``'s flag for each :class:`hetvit.fitting.FitConfig` setting that has one."""
+             "lr_new": "--lr-new", "mixup": "--mixup", "crop": "--crop", "scale": "--scale",
+             "cutmix": "--cutmix", "features": "--features", "anchor": "--anchor",
+             "temperature": "--temperature", "trainable": "--trainable",
+             "freeze_early": "--freeze-early", "seed": "--seed"}
+"""``hetvit fit``'s flag for each :class:`hetvit.fitting.FitConfig` setting that has one (a
+switch is ``--NAME`` / ``--no-NAME``)."""
+
+BEFORE_THEIR_TIME = {"freeze_early": False}
+"""Settings whose default changed after fits were first recorded: a ``fit.json`` without one
+was fitted with this value (every other setting added later was off, its default)."""
 
 
 def fit_command(record: dict[str, Any], plan: Any) -> str:
@@ -164,11 +171,14 @@ def fit_command(record: dict[str, Any], plan: Any) -> str:
              f"../shared/data/cifar10-train.tar.gz --out assets/{FITTED} --num-images "
              f"{record['images']}"]
     python_only = []
-    for key, value in record["config"].items():
+    config = {**defaults, **BEFORE_THEIR_TIME, **record["config"]}
+    for key, value in config.items():
         if key not in defaults or value == defaults[key]:
             continue
         shown = f"{value:g}" if isinstance(value, float) else str(value)
-        if key in FIT_FLAGS:
+        if key in FIT_FLAGS and isinstance(value, bool):
+            words.append(FIT_FLAGS[key] if value else f"--no-{FIT_FLAGS[key][2:]}")
+        elif key in FIT_FLAGS:
             words.append(f"{FIT_FLAGS[key]} {shown}")
         else:
             python_only.append(f"{key}={shown}")
