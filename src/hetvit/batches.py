@@ -24,7 +24,8 @@ def image_batches(images: Any, batch_size: int | None = None) -> Iterator[torch.
     is passed over: its images were already warned about and counted.
     """
     if isinstance(images, torch.Tensor):
-        yield from (_checked(images).split(batch_size) if batch_size else (_checked(images),))
+        images = _checked(images)
+        yield from (images.split(batch_size) if batch_size else (images,))
         return
     if not is_batches(images):
         raise DataError(f"images must be a B x C x H x W tensor or an iterable of such batches "

@@ -147,13 +147,11 @@ def _pattern_lines(report: Any, recommendation: Any) -> list[str]:
     ]
 
 
-FIT_FLAGS = {"passes": "--passes", "batch_size": "--batch-size", "lr": "--lr",
-             "lr_new": "--lr-new", "mixup": "--mixup", "crop": "--crop", "scale": "--scale",
-             "cutmix": "--cutmix", "features": "--features", "anchor": "--anchor",
-             "temperature": "--temperature", "trainable": "--trainable",
-             "freeze_early": "--freeze-early", "seed": "--seed"}
-"""``hetvit fit``'s flag for each :class:`hetvit.fitting.FitConfig` setting that has one (a
-switch is ``--NAME`` / ``--no-NAME``)."""
+FIT_FLAGS = frozenset({"passes", "batch_size", "lr", "lr_new", "mixup", "crop", "scale",
+                       "cutmix", "features", "anchor", "temperature", "trainable",
+                       "freeze_early", "seed"})
+"""The :class:`hetvit.fitting.FitConfig` settings ``hetvit fit`` has a flag for: ``--NAME``
+with hyphens (a switch is ``--NAME`` / ``--no-NAME``)."""
 
 BEFORE_THEIR_TIME = {"freeze_early": False}
 """Settings whose default changed after fits were first recorded: a ``fit.json`` without one
@@ -176,10 +174,11 @@ def fit_command(record: dict[str, Any], plan: Any) -> str:
         if key not in defaults or value == defaults[key]:
             continue
         shown = f"{value:g}" if isinstance(value, float) else str(value)
+        flag = key.replace("_", "-")
         if key in FIT_FLAGS and isinstance(value, bool):
-            words.append(FIT_FLAGS[key] if value else f"--no-{FIT_FLAGS[key][2:]}")
+            words.append(f"--{flag}" if value else f"--no-{flag}")
         elif key in FIT_FLAGS:
-            words.append(f"{FIT_FLAGS[key]} {shown}")
+            words.append(f"--{flag} {shown}")
         else:
             python_only.append(f"{key}={shown}")
     if python_only:

@@ -163,8 +163,7 @@ def finetune(teacher: nn.Module, plan: Plan | str | os.PathLike | None, train_lo
     if plan is None:
         raise TrainingError("give a plan (a hetvit.Plan, a preset name or a plan JSON file), or "
                             "a compressed student= to start from")
-    if not isinstance(plan, Plan):  # a preset name or a plan file, as compress takes
-        plan = plan_for(teacher, plan)[0]
+    plan = plan_for(teacher, plan)[0]  # a Plan as it is; a preset name or a plan file, read
     cluster = _check_distill(plan, distill)
     run = None if out is None else Path(out)
     if run is not None:

@@ -41,8 +41,7 @@ def _print_version(given: bool) -> None:
 def _root(version: Annotated[bool, typer.Option(
         "--version", metavar="", is_eager=True, callback=_print_version,
         help="Print hetvit's version and exit.")] = False) -> None:
-    """hetvit: make pretrained Vision Transformers faster with static early attention (DGSSA)
-    and a token aggregation pyramid (GLAD)."""
+    """The options of ``hetvit`` itself, before the verb (the help text is the app's)."""
 
 
 def main() -> None:
