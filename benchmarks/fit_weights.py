@@ -3,8 +3,11 @@ stochastic depth, a flip-averaged teacher, weight averages ("soups") of fits tha
 their augmentation seed, and three more targets per image than the logits' ten numbers: the
 pre-logit features (``--pre-logits W``), the cls token after every block from the first stage on
 (``--prefix-tokens W``), and views moved adversarially towards where student and teacher
-disagree (``--adversarial EPS``); ``--crop``, ``--cutmix`` and ``--freeze-early`` are ``hetvit
-fit``'s, to combine them with the rest.
+disagree (``--adversarial EPS``). Four more ask whether the fit's few images can be made to
+teach more: colour views (``--jitter S``), two images mixed patch by patch (``--patch-mix P``),
+less to memorise them with (``--keep-mlps`` keeps the teacher's MLP weights) and a student shown
+its view with patches blanked (``--mask-student R``). ``--crop``, ``--cutmix`` and
+``--freeze-early`` are ``hetvit fit``'s, to combine them with the rest.
 
 ``fit`` runs the committed model's fit (``pyramid-2.5x``, the 2,048 images ``hetvit fit
 --num-images 2048 --seed 0`` draws, 20 passes, mixup 1.0, one thread) with the given changes and
@@ -19,6 +22,8 @@ average of their weights (the same plan, so the same parameters).
         --out runs/w/tta
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --freeze-early --pre-logits 10 \\
         --out runs/w/pl10
+    PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --freeze-early --keep-mlps \\
+        --out runs/w/km
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py evaluate \\
         s1=runs/w/s1/final soup=assets/cifar10-fitted+runs/w/s1/final
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -153,6 +159,83 @@ class AdversarialLoss(fitting._Loss):
         return super().__call__(x)
 
 
+def photometric(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch.Tensor:
+    """Each image's own brightness, contrast and saturation, each drawn in ``1 +- strength``
+    (brightness as an offset of up to ``strength`` standard deviations): views of colours the
+    geometric views never give, on the normalised images the fit holds."""
+    b = x.shape[0]
+
+    def draw(*shape: int) -> torch.Tensor:
+        return (1 + strength * (2 * torch.rand(b, *shape, generator=gen) - 1)).to(x)
+
+    grey = x.mean(1, keepdim=True)
+    x = grey + draw(1, 1, 1) * (x - grey)  # saturation
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = mean + draw(1, 1, 1) * (x - mean)  # contrast
+    return x + (draw(1, 1, 1) - 1)  # brightness
+
+
+def patch_mix(x: torch.Tensor, other: torch.Tensor, patch: int, gen: torch.Generator
+              ) -> torch.Tensor:
+    """Each patch of the ViT's grid from ``x`` or ``other``, by a random mask of a random share
+    (uniform) per image: many more distinct mixtures of two images than one CutMix box."""
+    b, _, h, w = x.shape
+    share = torch.rand(b, 1, 1, 1, generator=gen)
+    mask = torch.rand(b, 1, h // patch, w // patch, generator=gen) < share
+    mask = mask.repeat_interleave(patch, 2).repeat_interleave(patch, 3).to(x.device)
+    return torch.where(mask, other, x)
+
+
+def extra_views(jitter: float, patch_share: float, patch: int) -> None:
+    """Make fits draw ``photometric`` views and, on ``patch_share`` of the steps, a
+    ``patch_mix`` in place of mixup."""
+    plain = fitting.augment
+
+    def augment(x: torch.Tensor, config: fitting.FitConfig, gen: torch.Generator
+                ) -> torch.Tensor:
+        if jitter:
+            x = photometric(x, jitter, gen)
+        if patch_share and float(torch.rand(1, generator=gen)) < patch_share:
+            x = plain(x, dataclasses.replace(config, mixup=0.0), gen)
+            return patch_mix(x, x[torch.randperm(len(x), generator=gen)], patch, gen)
+        return plain(x, config, gen)
+
+    fitting.augment = augment
+
+
+def keep_mlps() -> None:
+    """Make fits keep the teacher's MLP weights (two thirds of a block's) with the early
+    blocks': the fit then trains attention, norms, biases, head and the new parameters, a
+    capacity between ``trainable="norms"``, which underfits, and everything, which memorises
+    the fit's images."""
+    plain = fitting.early_parameters
+
+    def early_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        mlps = [p for b in model.blocks if hasattr(b, "mlp") for n, p in b.mlp.named_parameters()
+                if n.endswith("weight")]
+        return [*plain(model), *mlps]
+
+    fitting.early_parameters = early_parameters
+
+
+class MaskedStudentLoss(fitting._Loss):
+    """The fit's loss with the student shown its view with ``share`` of its patches blanked
+    (the normalised mean, 0) and the teacher the whole view: a noised student, as in Noisy
+    Student, with a noise that makes the fit's few images harder to memorise."""
+
+    share = 0.0
+    patch = 1
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = fitting.logits(self.teacher, x)
+        b, _, h, w = x.shape
+        grid = torch.rand(b, 1, h // self.patch, w // self.patch) >= self.share
+        keep = grid.repeat_interleave(self.patch, 2).repeat_interleave(self.patch, 3)
+        student = fitting.logits(self.model, x * keep.to(x))
+        return fitting.kd_loss(student, target, self.config.temperature)
+
+
 def run_fit(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     teacher = hetvit.load(ROOT / "assets" / "cifar10-teacher").eval()
@@ -163,9 +246,20 @@ def run_fit(args: argparse.Namespace) -> None:
     set_drop_path(student, args.drop_path)
     if args.teacher_flips:
         flip_averaged_teacher(teacher)
-    if sum(map(bool, (args.pre_logits, args.prefix_tokens, args.adversarial))) > 1:
-        raise SystemExit("--pre-logits, --prefix-tokens and --adversarial replace the same loss: "
-                         "give one")
+    if args.keep_mlps:
+        if not args.freeze_early:
+            raise SystemExit("--keep-mlps works through --freeze-early: give both")
+        keep_mlps()
+    if args.jitter or args.patch_mix:
+        extra_views(args.jitter, args.patch_mix, teacher.patch_embed.patch_size[0])
+    if sum(map(bool, (args.pre_logits, args.prefix_tokens, args.adversarial,
+                      args.mask_student))) > 1:
+        raise SystemExit("--pre-logits, --prefix-tokens, --adversarial and --mask-student "
+                         "replace the same loss: give one")
+    if args.mask_student:
+        MaskedStudentLoss.share = args.mask_student
+        MaskedStudentLoss.patch = teacher.patch_embed.patch_size[0]
+        fitting._Loss = MaskedStudentLoss
     if args.pre_logits:
         PreLogitsLoss.weight = args.pre_logits
         fitting._Loss = PreLogitsLoss
@@ -233,6 +327,14 @@ def main() -> None:
                    help="eps of an adversarial step on each view (normalised pixel units)")
     f.add_argument("--adversarial-share", type=float, default=1.0,
                    help="share of each batch moved adversarially")
+    f.add_argument("--jitter", type=float, default=0.0,
+                   help="strength of per-image brightness, contrast and saturation views")
+    f.add_argument("--patch-mix", type=float, default=0.0,
+                   help="share of steps mixing two images patch by patch instead of mixup")
+    f.add_argument("--keep-mlps", action="store_true",
+                   help="keep the teacher's MLP weights (with --freeze-early)")
+    f.add_argument("--mask-student", type=float, default=0.0,
+                   help="share of patches blanked in the student's view (not the teacher's)")
     e = sub.add_parser("evaluate")
     e.add_argument("models", nargs="+", help="NAME=DIR or NAME=DIR+DIR+... (weight average)")
     args = ap.parse_args()

@@ -128,9 +128,10 @@ def test_a_failed_parity_check_writes_nothing(student, tmp_path):
     assert onnx_files(tmp_path) == []
 
 
-def test_api_rejects_old_opsets_and_half_precision(student, tmp_path):
-    with pytest.raises(ex.ExportError, match="opset 13 is too old"):
-        hetvit.export_onnx(student, tmp_path / "m.onnx", opset=13)
+def test_api_rejects_unsupported_opsets_and_half_precision(student, tmp_path):
+    for opset in (13, ex.MAX_OPSET + 1):
+        with pytest.raises(ex.ExportError, match=f"opset {opset} is not supported: .* 17 to"):
+            hetvit.export_onnx(student, tmp_path / "m.onnx", opset=opset)
     with pytest.raises(ex.ExportError, match="float32"):
         hetvit.export_onnx(student.half(), tmp_path / "m.onnx")
     assert onnx_files(tmp_path) == []

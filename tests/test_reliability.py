@@ -547,6 +547,31 @@ def test_flags_are_shown_as_flags_in_the_help():
     assert "any timm ViT" not in result.output
 
 
+@pytest.mark.parametrize("args, message", [
+    (["fit", "--bogus"], "No such option: --bogus"),
+    (["fit"], "Missing option '--plan'"),
+    (["fitt"], "No such command 'fitt'"),
+])
+def test_usage_errors_are_one_line(args, message):
+    result = CliRunner().invoke(app, args, prog_name="hetvit", env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    [line] = result.output.strip().splitlines()
+    command = "hetvit fit" if args[0] == "fit" else "hetvit"
+    assert line.startswith(f"error: {message}") and line.endswith(f"(see '{command} --help')")
+
+
+def test_no_help_labels_a_flag_as_wanting_a_bool():
+    """``--help`` itself and the ``--a/--b`` pairs too: typer's default label is ``<bool>``."""
+    import typer
+
+    group = typer.main.get_command(app)
+    for name in ["", *group.commands]:
+        result = CliRunner().invoke(app, [name, "--help"] if name else ["--help"],
+                                    env={"COLUMNS": "200"})
+        assert result.exit_code == 0 and "Show this message" in result.output, name
+        assert "<bool>" not in result.output, name
+
+
 def test_export_of_a_weights_file_does_not_advise_model(tmp_path):
     torch.save(small_vit().state_dict(), tmp_path / "weights.pth")
     result = _invoke("export", "--checkpoint", str(tmp_path / "weights.pth"), "--out",

@@ -43,9 +43,21 @@ from .surgery import plan_of
 
 __all__ = ["export_onnx", "check_parity", "layer_matmuls", "ort_session", "ort_runner",
            "load_images", "is_onnx_export", "metadata",
-           "ExportError", "ParityError", "Parity", "ExportResult", "MIN_OPSET"]
+           "ExportError", "ParityError", "Parity", "ExportResult", "MIN_OPSET", "MAX_OPSET"]
 
 MIN_OPSET = 17
+
+
+def _max_opset() -> int:
+    """The newest opset the TorchScript exporter writes. Past it, torch fails with a dump of the
+    whole graph instead of a sentence, so :func:`export_onnx` checks it first; the constant is
+    private to torch, hence the fallback: 20, torch 2.14's value."""
+    from torch.onnx import _constants
+
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", 20))
+
+
+MAX_OPSET = _max_opset()
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
@@ -277,7 +289,7 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = MIN_OPSE
             float32. It is exported in eval mode (its mode is restored afterwards).
         path: the ``.onnx`` file to write. It appears only once the export and its checks have
             passed; an existing file is replaced then.
-        opset: ONNX opset, at least 17 (the first with LayerNormalization).
+        opset: ONNX opset, from 17 (the first with LayerNormalization) to ``MAX_OPSET``.
         batch_size: batch of the example input used for tracing; the batch axis is dynamic
             whatever it is. Token shapes are static: the model runs at its plan's input size.
         check: verify the graph (no ``q k^T`` in static layers) and compare onnxruntime with
@@ -291,9 +303,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, opset: int = MIN_OPSE
         ExportError: the model cannot be exported or ``path`` cannot be written.
         ParityError: the checks failed (``.result`` holds the figures); nothing is written.
     """
-    if opset < MIN_OPSET:
-        raise ExportError(f"opset {opset} is too old: hetvit exports with opset {MIN_OPSET} or "
-                          "newer")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ExportError(f"opset {opset} is not supported: hetvit exports with opsets "
+                          f"{MIN_OPSET} to {MAX_OPSET} (the oldest with LayerNormalization, and "
+                          "the newest torch's exporter writes)")
     if batch_size < 1:
         raise ExportError(f"batch_size must be at least 1, got {batch_size}")
     param = next(model.parameters(), None)

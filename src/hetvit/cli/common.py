@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -19,7 +20,57 @@ import typer
 from ..configs import AGGREGATION_INITS, TRAIN_OPTIM, OptimConfig, TrainConfig
 from ..errors import HetvitError, UsageError
 
-app = typer.Typer(
+click = importlib.import_module(typer.BadParameter.__module__)
+"""click's exceptions: click's own module, or the copy newer typers vendor, whichever this typer
+raises."""
+
+
+class _HelpWithoutType:
+    """typer labels every bool option ``<bool>``, its own ``--help`` included, which reads as
+    if it wanted a value; this gives the help option the empty metavar :func:`flag` gives the
+    others."""
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)  # type: ignore[misc]
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_HelpWithoutType, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_HelpWithoutType, typer.core.TyperGroup):
+    """The ``hetvit`` group, whose usage errors (an unknown option, a missing one, a value out
+    of range) read as one line in the style of :func:`fail`, instead of typer's boxed five."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as e:
+            if type(e).__name__ != "NoArgsIsHelpError":  # that one has printed the help
+                command = e.ctx.command_path if getattr(e, "ctx", None) else "hetvit"
+                hint = f" (see '{command} --help')" if isinstance(e, click.UsageError) else ""
+                _print_error(e.format_message().rstrip(".") + hint)
+            raise SystemExit(e.exit_code) from None
+        except click.Abort:
+            _print_error("aborted")
+            raise SystemExit(1) from None
+        raise SystemExit(code if isinstance(code, int) else 0)
+
+
+class _App(typer.Typer):
+    """The app, whose commands are :class:`_Command` unless they ask for another class."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any) -> Any:
+        return super().command(*args, cls=cls or _Command, **kwargs)
+
+
+app = _App(
+    cls=_Group,
     help="hetvit: make pretrained Vision Transformers faster with static early attention "
     "(DGSSA) and a token aggregation pyramid (GLAD).",
     no_args_is_help=True,
@@ -80,14 +131,18 @@ def fail(message: str, code: int = 2) -> None:
 
     Long messages (a state-dict mismatch lists every tensor) keep their first lines.
     """
-    from rich.console import Console
-
     lines = message.splitlines()
     if len(lines) > 4:
         message = "\n".join(lines[:4]) + f"\n... ({len(lines) - 4} more lines)"
+    _print_error(message)
+    raise typer.Exit(code)
+
+
+def _print_error(message: str) -> None:
+    from rich.console import Console
+
     # soft_wrap: the terminal wraps; no newlines inside the message for logs and grep
     Console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
 
 
 class user_errors:  # noqa: N801 - used as a context manager, reads like a statement

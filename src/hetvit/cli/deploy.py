@@ -23,7 +23,9 @@ def export_command(
         "an earlier export there is replaced, another file only with --force)."),
     ],
     fmt: Annotated[str, typer.Option("--format", help="Export format (onnx).")] = "onnx",
-    opset: Annotated[int, typer.Option(help="ONNX opset, 17 or newer.")] = 17,
+    opset: Annotated[int, typer.Option(
+        help="ONNX opset: 17 (the first with LayerNormalization) up to the newest torch's "
+        "exporter writes (20 in torch 2.14).")] = 17,
     check: Annotated[bool, flag(
         help="Check the graph and compare onnxruntime with PyTorch (max |diff| and top-1) before "
         "writing --out."),
@@ -48,8 +50,8 @@ def export_command(
         help="With --quantize: the smallest accepted fraction of images whose int8 top-1 is "
         "the fp32 model's.")] = 0.98,
     per_channel: Annotated[bool | None, typer.Option(
-        "--per-channel/--per-tensor", help="With --quantize: weight scales per output channel "
-        "or per tensor (default: the measured choice of the mode).")] = None,
+        "--per-channel/--per-tensor", metavar="", help="With --quantize: weight scales per "
+        "output channel or per tensor (default: the measured choice of the mode).")] = None,
     exclude: Annotated[str | None, typer.Option(
         help="With --quantize: node groups kept in float, comma-separated, from softmax, "
         "layernorm, static_maps, aggregation ('none' for none; default: the measured choice)."),
