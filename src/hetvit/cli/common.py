@@ -20,7 +20,7 @@ import typer
 from ..configs import AGGREGATION_INITS, TRAIN_OPTIM, OptimConfig, TrainConfig
 from ..errors import HetvitError, UsageError
 
-click = importlib.import_module(typer.BadParameter.__module__)
+_click_errors = importlib.import_module(typer.BadParameter.__module__)
 """click's exceptions: click's own module, or the copy newer typers vendor, whichever this typer
 raises."""
 
@@ -50,13 +50,14 @@ class _Group(_HelpWithoutType, typer.core.TyperGroup):
             return super().main(*args, standalone_mode=False, **kwargs)
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
-        except click.ClickException as e:
+        except _click_errors.ClickException as e:
             if type(e).__name__ != "NoArgsIsHelpError":  # that one has printed the help
                 command = e.ctx.command_path if getattr(e, "ctx", None) else "hetvit"
-                hint = f" (see '{command} --help')" if isinstance(e, click.UsageError) else ""
-                _print_error(e.format_message().rstrip(".") + hint)
+                usage = isinstance(e, _click_errors.UsageError)
+                _print_error(e.format_message().rstrip(".")
+                             + (f" (see '{command} --help')" if usage else ""))
             raise SystemExit(e.exit_code) from None
-        except click.Abort:
+        except _click_errors.Abort:
             _print_error("aborted")
             raise SystemExit(1) from None
         raise SystemExit(code if isinstance(code, int) else 0)
