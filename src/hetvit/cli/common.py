@@ -57,7 +57,7 @@ class _Group(_HelpWithoutType, typer.core.TyperGroup):
                 _print_error(e.format_message().rstrip(".")
                              + (f" (see '{command} --help')" if usage else ""))
             raise SystemExit(e.exit_code) from None
-        except _click_errors.Abort:
+        except typer.Abort:
             _print_error("aborted")
             raise SystemExit(1) from None
         raise SystemExit(code if isinstance(code, int) else 0)
