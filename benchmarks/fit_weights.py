@@ -13,7 +13,9 @@ its view with patches blanked (``--mask-student R``). ``--crop``, ``--cutmix`` a
 --num-images 2048 --seed 0`` draws, 20 passes, mixup 1.0, one thread) with the given changes and
 saves the fitted student to OUT/final and the EMA of its weights at each decay to OUT/ema<d>.
 ``evaluate`` prints top-1 on the 10,000 test images of saved students, where ``A+B`` is the
-average of their weights (the same plan, so the same parameters).
+average of their weights (the same plan, so the same parameters) and ``A*0.8+B*0.2`` a weighted
+one: with B the fit's start (``hetvit compress``), a fit pulled back towards the teacher after
+the fact (as WiSE-FT does).
 
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --aug-seed 1 --out runs/w/s1
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --drop-path 0.1 --out runs/w/dp
@@ -283,12 +285,22 @@ def run_fit(args: argparse.Namespace) -> None:
         hetvit.save(averages.averaged(fitted, decay), args.out / f"ema{decay}")
 
 
-def soup(models: list[torch.nn.Module]) -> torch.nn.Module:
-    """The first model holding the mean of all models' weights."""
+def soup(models: list[torch.nn.Module], shares: list[float] | None = None) -> torch.nn.Module:
+    """The first model holding the mean of all models' weights, or their mean weighted by
+    ``shares`` (which sum to 1)."""
+    shares = shares or [1 / len(models)] * len(models)
     out = copy.deepcopy(models[0])
     states = [m.state_dict() for m in models]
-    out.load_state_dict({k: sum(s[k].float() for s in states) / len(states) for k in states[0]})
+    out.load_state_dict({k: sum(w * s[k].float() for w, s in zip(shares, states, strict=True))
+                         for k in states[0]})
     return out
+
+
+def parse_soup(dirs: str) -> tuple[list[str], list[float]]:
+    """``A+B`` (equal shares) or ``A*0.8+B*0.2`` (the given shares, normalised)."""
+    parts = [part.rpartition("*") if "*" in part else (part, "", "1") for part in dirs.split("+")]
+    weights = [float(w) for _, _, w in parts]
+    return [d for d, _, _ in parts], [w / sum(weights) for w in weights]
 
 
 @torch.no_grad()
@@ -299,7 +311,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
                                             make_transform(teacher)), batch_size=500))
     for spec in args.models:
         name, _, dirs = spec.partition("=")
-        model = soup([hetvit.load(d) for d in dirs.split("+")]).eval()
+        paths, shares = parse_soup(dirs)
+        model = soup([hetvit.load(d) for d in paths], shares).eval()
         correct = sum((model(x).argmax(-1) == y).sum().item() for x, y in batches)
         print(f"{name}: {100 * correct / sum(len(y) for _, y in batches):.2f}%", flush=True)
 
@@ -336,7 +349,8 @@ def main() -> None:
     f.add_argument("--mask-student", type=float, default=0.0,
                    help="share of patches blanked in the student's view (not the teacher's)")
     e = sub.add_parser("evaluate")
-    e.add_argument("models", nargs="+", help="NAME=DIR or NAME=DIR+DIR+... (weight average)")
+    e.add_argument("models", nargs="+", help="NAME=DIR, NAME=DIR+DIR+... (weight average) or "
+                   "NAME=DIR*0.8+DIR*0.2 (weighted)")
     args = ap.parse_args()
     run_fit(args) if args.command == "fit" else run_evaluate(args)
 
