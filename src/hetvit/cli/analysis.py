@@ -7,16 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import (
-    TorchThreadsOpt,
-    _model_options,
-    _size_options,
-    app,
-    fail,
-    open_given_model,
-    user_errors,
-    with_options,
-)
+from .app import app, fail, user_errors
+from .common import TorchThreadsOpt, _model_options, _size_options, open_given_model, with_options
 
 RECOMMEND_FLAGS = {"speedup": "--recommend-speedup", "max_static": "--max-static",
                    "similarity": "--similarity"}

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 import typer
 
 from ..errors import UsageError
-from .common import ForceOpt, app, fail, flag, open_model, user_errors
+from .app import app, fail, flag, user_errors
+from .common import ForceOpt, open_model
 
 
 @app.command("export")

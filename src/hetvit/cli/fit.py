@@ -7,17 +7,15 @@ from typing import Annotated
 
 import typer
 
+from .app import app, flag, user_errors
 from .common import (
     AggregationInitOpt,
     TeacherModelOpt,
     TeacherOpt,
     TeacherWeightsOpt,
     TorchThreadsOpt,
-    app,
-    flag,
     open_teacher,
     resolve_plan,
-    user_errors,
 )
 
 

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from .common import fail, user_errors
+from .app import fail, user_errors
 
 
 def _method_options(

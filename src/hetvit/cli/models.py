@@ -7,18 +7,15 @@ from typing import Annotated, Any
 
 import typer
 
+from .app import app, fail, flag, user_errors
 from .common import (
     AggregationInitOpt,
     ForceOpt,
     TorchThreadsOpt,
     _overrides,
     _size_options,
-    app,
-    fail,
-    flag,
     open_model,
     resolve_plan,
-    user_errors,
     with_options,
 )
 from .methods import _method_options, apply_method, pop_method_options

@@ -10,6 +10,7 @@ import typer
 
 from ..configs import FINETUNE_EPOCHS, TRAIN_OPTIM, DistillConfig, OptimConfig, TrainConfig
 from ..errors import UsageError
+from .app import app, fail, flag, user_errors
 from .common import (
     AggregationInitOpt,
     ClassMapOpt,
@@ -26,14 +27,10 @@ from .common import (
     _run_options,
     _size_options,
     _train_config,
-    app,
-    fail,
-    flag,
     open_given_model,
     open_model,
     open_teacher,
     resolve_plan,
-    user_errors,
     with_options,
 )
 from .methods import _method_options, apply_method, pop_method_options
