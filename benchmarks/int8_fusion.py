@@ -28,6 +28,10 @@ from hetvit.export import export_onnx, ort_session
 from hetvit.quantize import node_groups
 from hetvit.surgery import preset
 
+if any(arg.startswith("-") for arg in sys.argv[1:]):  # --help, or a flag it does not take
+    print(__doc__)
+    sys.exit(0)
+
 torch.set_num_threads(2)
 torch.manual_seed(0)
 work = Path(tempfile.mkdtemp(prefix="int8fus-"))

@@ -182,7 +182,7 @@ def test_report_says_how_each_model_was_made(quiet):
     assert "- **fine-tuned**: the `fast` plan, fine-tuned with labels" in report
     assert f"- **ToMe r={TOME_R}**: token merging (ToMe) of the teacher" in report
     assert (f"hetvit fit --teacher assets/{TEACHER} --plan fast --images "
-            f"../shared/data/cifar10-train.tar.gz --out assets/{FITTED} --num-images 8 "
+            f"../shared/data/cifar10-train.tar.gz --out runs/{FITTED} --num-images 8 "
             "--passes 2 --batch-size 4 --temperature 2 --mixup 0.5\n") in report
     assert (f"hetvit evaluate --checkpoint assets/{TEACHER} --data {cifar} --method tome "
             f"--r {TOME_R}\n") in report
@@ -199,6 +199,8 @@ def test_the_fit_command_of_an_older_record_says_what_it_ran_with():
                                                                  label="pyramid-2.5x"))
     assert command.endswith("--num-images 2048 --no-freeze-early # and flip=False (FitConfig; "
                             "no flag)")
+    # a label that is no preset names no file: the plan saved beside the model does
+    assert f"--plan assets/{FITTED}/plan.json " in command and "pyramid-2.5x" not in command
     now = {**old, "flip": True, "freeze_early": True, "crop": 4}
     assert fit_command({"config": now, "images": 2048}, Plan()).endswith(
         "--num-images 2048 --crop 4")

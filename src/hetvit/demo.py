@@ -46,6 +46,7 @@ from .fitting import FitConfig
 from .flops import formula_macs, plan_layers
 from .hosts import describe
 from .patterns import analyze
+from .plan import PRESETS
 from .recommend import recommend
 from .render import save_report
 from .surgery import plan_of
@@ -161,12 +162,16 @@ was fitted with this value (every other setting added later was off, its default
 def fit_command(record: dict[str, Any], plan: Any) -> str:
     """The ``hetvit fit`` command that remakes the fitted model, from its ``fit.json``: the
     settings that differ from the defaults, and the images it used. Settings that have no
-    flag (``fit()`` in Python only) are named in a trailing comment."""
+    flag (``fit()`` in Python only) are named in a trailing comment.
+
+    The plan is the preset's name, or else the plan file saved beside the model (a label such
+    as ``pyramid-2.5x`` names no file ``--plan`` can read); the remake goes to ``runs/``, so
+    that running it never replaces the committed model it is compared with."""
 
     defaults = asdict(FitConfig())
-    plan_arg = plan.label or f"assets/{FITTED}/plan.json"
+    plan_arg = plan.label if plan.label in PRESETS else f"assets/{FITTED}/plan.json"
     words = [f"hetvit fit --teacher assets/{TEACHER} --plan {plan_arg} --images "
-             f"../shared/data/cifar10-train.tar.gz --out assets/{FITTED} --num-images "
+             f"../shared/data/cifar10-train.tar.gz --out runs/{FITTED} --num-images "
              f"{record['images']}"]
     python_only = []
     config = {**defaults, **BEFORE_THEIR_TIME, **record["config"]}
