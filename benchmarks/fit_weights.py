@@ -177,15 +177,21 @@ def photometric(x: torch.Tensor, strength: float, gen: torch.Generator) -> torch
     return x + (draw(1, 1, 1) - 1)  # brightness
 
 
+def patch_mask(x: torch.Tensor, patch: int, share: float | torch.Tensor,
+               gen: torch.Generator | None = None) -> torch.Tensor:
+    """A ``B x 1 x H x W`` mask of ``x``'s shape that picks each patch of the ViT's grid with
+    probability ``share`` (a number, or one per image as ``B x 1 x 1 x 1``)."""
+    b, _, h, w = x.shape
+    grid = torch.rand(b, 1, h // patch, w // patch, generator=gen) < share
+    return grid.repeat_interleave(patch, 2).repeat_interleave(patch, 3).to(x.device)
+
+
 def patch_mix(x: torch.Tensor, other: torch.Tensor, patch: int, gen: torch.Generator
               ) -> torch.Tensor:
     """Each patch of the ViT's grid from ``x`` or ``other``, by a random mask of a random share
     (uniform) per image: many more distinct mixtures of two images than one CutMix box."""
-    b, _, h, w = x.shape
-    share = torch.rand(b, 1, 1, 1, generator=gen)
-    mask = torch.rand(b, 1, h // patch, w // patch, generator=gen) < share
-    mask = mask.repeat_interleave(patch, 2).repeat_interleave(patch, 3).to(x.device)
-    return torch.where(mask, other, x)
+    share = torch.rand(x.shape[0], 1, 1, 1, generator=gen)
+    return torch.where(patch_mask(x, patch, share, gen), other, x)
 
 
 def extra_views(jitter: float, patch_share: float, patch: int) -> None:
@@ -231,9 +237,7 @@ class MaskedStudentLoss(fitting._Loss):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             target = fitting.logits(self.teacher, x)
-        b, _, h, w = x.shape
-        grid = torch.rand(b, 1, h // self.patch, w // self.patch) >= self.share
-        keep = grid.repeat_interleave(self.patch, 2).repeat_interleave(self.patch, 3)
+        keep = ~patch_mask(x, self.patch, self.share)
         student = fitting.logits(self.model, x * keep.to(x))
         return fitting.kd_loss(student, target, self.config.temperature)
 
