@@ -6,8 +6,10 @@ pre-logit features (``--pre-logits W``), the cls token after every block from th
 disagree (``--adversarial EPS``). Four more ask whether the fit's few images can be made to
 teach more: colour views (``--jitter S``), two images mixed patch by patch (``--patch-mix P``),
 less to memorise them with (``--keep-mlps`` keeps the teacher's MLP weights) and a student shown
-its view with patches blanked (``--mask-student R``). ``--crop``, ``--cutmix`` and
-``--freeze-early`` are ``hetvit fit``'s, to combine them with the rest.
+its view with patches blanked (``--mask-student R``). Two more ask for minima that hold
+beyond the fit's images: sharpness-aware steps (``--sharpness RHO``) and mixtures of the
+hidden tokens where the plan's first change begins (``--token-mix P``). ``--crop``,
+``--cutmix`` and ``--freeze-early`` are ``hetvit fit``'s, to combine them with the rest.
 
 ``fit`` runs the committed model's fit (``pyramid-2.5x``, the 2,048 images ``hetvit fit
 --num-images 2048 --seed 0`` draws, 20 passes, mixup 1.0, one thread) with the given changes and
@@ -26,6 +28,8 @@ the fact (as WiSE-FT does).
         --out runs/w/pl10
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --freeze-early --keep-mlps \\
         --out runs/w/km
+    PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --freeze-early --sharpness 0.05 \\
+        --out runs/w/sam05
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py evaluate \\
         s1=runs/w/s1/final soup=assets/cifar10-fitted+runs/w/s1/final
 """
@@ -36,16 +40,22 @@ import argparse
 import copy
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import torch
 from timm.layers import DropPath
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 import hetvit
 from hetvit import fitting
 from hetvit.capture import module_inputs
 from hetvit.cli.common import resolve_plan
 from hetvit.data import make_loader, make_transform, open_dataset, sample_images
+from hetvit.hosts import host_of
+from hetvit.surgery import plan_of
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -242,6 +252,79 @@ class MaskedStudentLoss(fitting._Loss):
         return fitting.kd_loss(student, target, self.config.temperature)
 
 
+class SharpLoss(fitting._Loss):
+    """The fit's loss at the weights moved ``rho`` (in units of the gradient's norm) up its own
+    gradient, as sharpness-aware minimisation (Foret et al., ICLR 2021) takes it: a step then
+    lowers the loss over a neighbourhood of the weights, towards flat minima, the cure that
+    paper gives for fits on few examples. The move is undone (``undo``, run by an optimiser
+    pre-step hook) before the step applies the gradient taken there. Twice the student's
+    forward and backward a step; the teacher's targets are computed once."""
+
+    rho = 0.0
+    moved: list[tuple[torch.nn.Parameter, torch.Tensor]] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = fitting.logits(self.teacher, x)
+        t = self.config.temperature
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(fitting.kd_loss(fitting.logits(self.model, x), target, t),
+                                    params, allow_unused=True)
+        pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+        scale = self.rho / (torch.stack([g.norm() for _, g in pairs]).norm() + 1e-12)
+        with torch.no_grad():
+            SharpLoss.moved = [(p, g * scale) for p, g in pairs]
+            for p, e in SharpLoss.moved:
+                p.add_(e)
+        return fitting.kd_loss(fitting.logits(self.model, x), target, t)
+
+    @staticmethod
+    @torch.no_grad()
+    def undo(*_: object) -> None:
+        for p, e in SharpLoss.moved:
+            p.sub_(e)
+        SharpLoss.moved = []
+
+
+class TokenMix:
+    """Mixup of the hidden tokens instead of the pixels, on ``share`` of the steps (manifold
+    mixup, Verma et al., ICML 2019): where the plan's first change begins, both models' tokens
+    (the same ones: the blocks before it keep the teacher's weights) are replaced by the same
+    mixture of two images' tokens, and the teacher labels what its own later blocks make of it.
+    The mixtures are of what the early blocks computed, which no mixture of pixels gives.
+
+    The hooks are closures, not bound methods: ``fit`` deep-copies the student, and a copied
+    bound method would take a copy of this object's state with it."""
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, share: float) -> None:
+        plan = plan_of(student)
+        first = min((*plan.static, *(layer for layer, _ in plan.pyramid)))
+        if first < 1:
+            raise SystemExit("--token-mix needs a plan whose first change is after block 0")
+        state: dict[str, Any] = {"mix": None, "left": 0}
+        plain = fitting.augment
+
+        def augment(x: torch.Tensor, config: fitting.FitConfig, gen: torch.Generator
+                    ) -> torch.Tensor:
+            if float(torch.rand(1, generator=gen)) >= share:
+                return plain(x, config, gen)
+            lam = torch.distributions.Beta(config.mixup, config.mixup).sample((len(x), 1, 1))
+            state.update(mix=(lam.to(x), torch.randperm(len(x), generator=gen)), left=2)
+            return plain(x, dataclasses.replace(config, mixup=0.0), gen)
+
+        def mix(module: torch.nn.Module, inputs: object, out: torch.Tensor
+                ) -> torch.Tensor | None:
+            if not state["left"]:  # one teacher and one student forward a mixed step
+                return None
+            state["left"] -= 1
+            lam, perm = state["mix"]
+            return lam * out + (1 - lam) * out[perm.to(out.device)]
+
+        for model in (teacher, student):
+            host_of(model).layers(model)[first - 1].register_forward_hook(mix)
+        fitting.augment = augment
+
+
 def run_fit(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     teacher = hetvit.load(ROOT / "assets" / "cifar10-teacher").eval()
@@ -259,9 +342,18 @@ def run_fit(args: argparse.Namespace) -> None:
     if args.jitter or args.patch_mix:
         extra_views(args.jitter, args.patch_mix, teacher.patch_embed.patch_size[0])
     if sum(map(bool, (args.pre_logits, args.prefix_tokens, args.adversarial,
-                      args.mask_student))) > 1:
-        raise SystemExit("--pre-logits, --prefix-tokens, --adversarial and --mask-student "
-                         "replace the same loss: give one")
+                      args.mask_student, args.sharpness))) > 1:
+        raise SystemExit("--pre-logits, --prefix-tokens, --adversarial, --mask-student and "
+                         "--sharpness replace the same loss: give one")
+    if args.token_mix:
+        if not args.freeze_early:
+            raise SystemExit("--token-mix mixes the teacher's own early tokens: give "
+                             "--freeze-early too")
+        TokenMix(student, teacher, args.token_mix)
+    if args.sharpness:
+        SharpLoss.rho = args.sharpness
+        register_optimizer_step_pre_hook(SharpLoss.undo)
+        fitting._Loss = SharpLoss
     if args.mask_student:
         MaskedStudentLoss.share = args.mask_student
         MaskedStudentLoss.patch = teacher.patch_embed.patch_size[0]
@@ -352,6 +444,11 @@ def main() -> None:
                    help="keep the teacher's MLP weights (with --freeze-early)")
     f.add_argument("--mask-student", type=float, default=0.0,
                    help="share of patches blanked in the student's view (not the teacher's)")
+    f.add_argument("--sharpness", type=float, default=0.0,
+                   help="rho of sharpness-aware minimisation (0: off)")
+    f.add_argument("--token-mix", type=float, default=0.0,
+                   help="share of steps mixing the tokens at the first change instead of the "
+                   "pixels (with --freeze-early)")
     e = sub.add_parser("evaluate")
     e.add_argument("models", nargs="+", help="NAME=DIR, NAME=DIR+DIR+... (weight average) or "
                    "NAME=DIR*0.8+DIR*0.2 (weighted)")

@@ -6,6 +6,7 @@ fail here rather than in front of a newcomer.
 """
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ import hetvit
 from hetvit.curves import read_epochs
 from hetvit.demo import FITTED, STUDENT, TEACHER
 from hetvit.demo_inputs import find_assets, sample_indices
+from hetvit.flops import formula_macs
+from hetvit.grid import token_grid
+from hetvit.plan import Plan
 from hetvit.surgery import describe, preset
 
 CIFAR_TEST = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-test.tar.gz"
@@ -63,3 +67,16 @@ def test_fitted_model_is_a_label_free_fit_of_the_teacher(models):
     record = json.loads((find_assets() / FITTED / "fit.json").read_text())
     assert record["images"] <= 2048 and record["steps"] > 0  # the issue's training-free budget
     assert len(record["loss_per_pass"]) == record["config"]["passes"]
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "benchmarks"
+                                         / "plans").glob("*.json")), ids=lambda p: p.stem)
+def test_benchmark_plans_fit_the_teacher_and_are_named_by_their_cost(path, models):
+    """The README's fit commands name these files: each must be a valid plan for the teacher,
+    and the figure in its name (``pyramid-2.5x``) its MAC reduction to within 5% (the 1.55x
+    of ``pyramid-1.5x`` is the furthest)."""
+    arch = describe(models[0])
+    plan = Plan.load(path)
+    plan.validate(arch["depth"], token_grid(arch), tuple(arch["img_size"]))
+    named = float(re.search(r"(\d+(?:\.\d+)?)x$", path.stem).group(1))
+    assert formula_macs(arch) / formula_macs(arch, plan) == pytest.approx(named, rel=0.05)
