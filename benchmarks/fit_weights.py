@@ -8,7 +8,9 @@ teach more: colour views (``--jitter S``), two images mixed patch by patch (``--
 less to memorise them with (``--keep-mlps`` keeps the teacher's MLP weights) and a student shown
 its view with patches blanked (``--mask-student R``). Two more ask for minima that hold
 beyond the fit's images: sharpness-aware steps (``--sharpness RHO``) and mixtures of the
-hidden tokens where the plan's first change begins (``--token-mix P``). ``--crop``,
+hidden tokens where the plan's first change begins (``--token-mix P``), and one a start
+that does not bend the inherited weights to a crude aggregation: the new parameters fitted
+alone first (``--probe-passes N``, as LP-FT does with a head). ``--crop``,
 ``--cutmix`` and ``--freeze-early`` are ``hetvit fit``'s, to combine them with the rest.
 
 ``fit`` runs the committed model's fit (``pyramid-2.5x``, the 2,048 images ``hetvit fit
@@ -371,6 +373,12 @@ def run_fit(args: argparse.Namespace) -> None:
     config = fitting.FitConfig(passes=args.passes, mixup=args.mixup, lr_new=args.lr_new,
                                crop=args.crop, cutmix=args.cutmix,
                                freeze_early=args.freeze_early, seed=args.aug_seed)
+    if args.probe_passes:
+        # LP-FT (Kumar et al., ICLR 2022): fit the new parameters alone first, so the inherited
+        # weights are not bent to a crude start of them; then everything, as always.
+        probe = dataclasses.replace(config, passes=args.probe_passes, trainable="new")
+        student = fitting.fit(student, teacher, images, probe)
+        print(f"new parameters fitted in {student.hetvit_fit.seconds:.0f} s", flush=True)
     averages = WeightAverages(DECAYS)
     fitted = fitting.fit(student, teacher, images, config)
     averages.handle.remove()
@@ -449,6 +457,8 @@ def main() -> None:
     f.add_argument("--token-mix", type=float, default=0.0,
                    help="share of steps mixing the tokens at the first change instead of the "
                    "pixels (with --freeze-early)")
+    f.add_argument("--probe-passes", type=int, default=0,
+                   help="passes fitting only the new parameters before the fit (as LP-FT)")
     e = sub.add_parser("evaluate")
     e.add_argument("models", nargs="+", help="NAME=DIR, NAME=DIR+DIR+... (weight average) or "
                    "NAME=DIR*0.8+DIR*0.2 (weighted)")
