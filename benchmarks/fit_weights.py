@@ -57,7 +57,6 @@ from hetvit.capture import module_inputs
 from hetvit.cli.common import resolve_plan
 from hetvit.data import make_loader, make_transform, open_dataset, sample_images
 from hetvit.hosts import host_of
-from hetvit.surgery import plan_of
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -299,8 +298,7 @@ class TokenMix:
     bound method would take a copy of this object's state with it."""
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, share: float) -> None:
-        plan = plan_of(student)
-        first = min((*plan.static, *(layer for layer, _ in plan.pyramid)))
+        first = fitting.first_change(student)
         if first < 1:
             raise SystemExit("--token-mix needs a plan whose first change is after block 0")
         state: dict[str, Any] = {"mix": None, "left": 0}

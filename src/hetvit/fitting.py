@@ -227,12 +227,19 @@ def _is_norm_or_bias(name: str, param: nn.Parameter, module: nn.Module) -> bool:
     return name.endswith("bias") or isinstance(module, nn.LayerNorm) or param.ndim == 1
 
 
+def first_change(model: nn.Module) -> int:
+    """The first block a compressed model's plan changes (its first static layer, or the block
+    its first stage feeds); 0 when the plan changes nothing. Every block before it computes the
+    teacher's tokens."""
+    plan = plan_of(model)
+    return min((*plan.static, *(layer for layer, _ in plan.pyramid)), default=0)
+
+
 def early_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The inherited parameters of everything that runs before the first change a compressed
     model's plan made: its embeddings and the blocks before the first static layer or stage."""
-    host, plan = host_of(model), plan_of(model)
-    first = min((*plan.static, *(layer for layer, _ in plan.pyramid)), default=0)
-    blocks = host.layers(model)[:first]
+    host = host_of(model)
+    blocks = host.layers(model)[:first_change(model)]
     return [*host.embedding_parameters(model), *(p for b in blocks for p in b.parameters())]
 
 
