@@ -4,7 +4,7 @@
 Each run compresses the committed CIFAR-10 teacher with a plan, calibrates it on 256 training
 images, optionally applies one lever, distils it from the teacher on ``--ntrain`` unlabeled
 training images for ``--passes`` passes, and prints top-1 on ``--ntest`` test images (a seeded
-random subset). The README's "Accurate without training" section lists what each lever gave
+random subset). ``docs/fitting.md`` ("Levers on a proxy budget") lists what each lever gave
 (the proxy: 1,024 images, 8 passes, 2,000 test images). Levers:
 
 - ``--cf raw|simplex``: closed-form static maps, per head ``S = (C + l A_mean)(G + l I)^-1``

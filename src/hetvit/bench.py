@@ -160,7 +160,7 @@ def cpu_name() -> str:
 
 INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
 """The CPU flags int8 speed depends on: without a VNNI (or AMX) flag, onnxruntime's int8
-kernels gain little over fp32 (measured: 1.1x against 1.5-1.8x with VNNI; README, "int8")."""
+kernels gain little over fp32 (measured: 1.1x against 1.5-1.8x with VNNI; ``docs/int8.md``)."""
 
 
 def cpu_flags(wanted: tuple[str, ...] = INT8_FLAGS, cpuinfo: str = "/proc/cpuinfo"

@@ -6,8 +6,8 @@ its teacher, because every replaced layer is fitted to its own input, never to w
 the network needs. Fitting closes most of that gap without labels: the frozen teacher labels
 every image itself, so any image of the domain will do, and so will any mix of two images.
 
-The recipe, chosen by measurement on the CIFAR-10 teacher (README, "Accurate without
-training", lists every lever tried, including those that did not help):
+The recipe, chosen by measurement on the CIFAR-10 teacher (``docs/fitting.md`` lists every
+lever tried, including those that did not help):
 
 1. Knowledge distillation on the teacher's logits (``KL(teacher || student)``), on views
    augmented afresh every step (horizontal flips; mixup of two images, which shows the
@@ -76,7 +76,7 @@ class FitConfig:
             plan's first change (static layer or aggregation stage): those compute the
             teacher's tokens already, and the backward pass stops at the first change (with
             ``[2:32 5:16 8:9]`` 74.20% against 74.01% in 14% less time, with ``[5:32 9:16]``
-            76.78% against 76.73% in 27% less; see the README). On by default since; the
+            76.78% against 76.73% in 27% less; see ``docs/fitting.md``). On by default since; the
             committed ``assets/cifar10-fitted`` was fitted without it.
         warmup: fraction of the steps spent rising to the peak learning rate.
         features: weight of token distillation at the end of every pyramid stage (the

@@ -12,7 +12,7 @@ what to leave in float, the checks, and an atomic write:
   fails and nothing is written.
 
 The defaults (:data:`DEFAULTS`) were chosen by measurement on the CIFAR-10 ``fast`` student and
-DeiT-Small ``fast`` (README, "int8"); ``benchmarks/int8.py`` re-measures them.
+DeiT-Small ``fast`` (``docs/int8.md``); ``benchmarks/int8.py`` re-measures them.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
                "op_types": ("Conv", "MatMul", "Gemm")},
 }
 """Per mode, the per-channel setting, the groups kept in float and the op types quantized, as
-chosen by measurement (README, "int8"); the static mode's uint8 activations likewise."""
+chosen by measurement (``docs/int8.md``); the static mode's uint8 activations likewise."""
 
 
 @dataclass

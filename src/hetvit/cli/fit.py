@@ -48,7 +48,7 @@ def fit_command(
         help="Peak learning rate of the static logits and aggregation weights.")] = 5e-2,
     mixup: Annotated[float, typer.Option(
         min=0.0, help="Mixup of image pairs, Beta(a, a) (0: off); 1.0 gained on every plan "
-        "tried (README).")] = 1.0,
+        "tried (docs/fitting.md).")] = 1.0,
     crop: Annotated[int, typer.Option(
         min=0, help="Shift each image by up to this many pixels (reflect padding) every "
         "step (0: off).")] = 0,
