@@ -10,7 +10,10 @@ its view with patches blanked (``--mask-student R``). Two more ask for minima th
 beyond the fit's images: sharpness-aware steps (``--sharpness RHO``) and mixtures of the
 hidden tokens where the plan's first change begins (``--token-mix P``), and one a start
 that does not bend the inherited weights to a crude aggregation: the new parameters fitted
-alone first (``--probe-passes N``, as LP-FT does with a head). ``--crop``,
+alone first (``--probe-passes N``, as LP-FT does with a head). And one between training the
+norms only, which underfits, and everything, which memorises: each changed block's weights
+moved only by a low-rank update (``--low-rank R``, as LoRA adapts a model on little data).
+``--crop``,
 ``--cutmix`` and ``--freeze-early`` are ``hetvit fit``'s, to combine them with the rest.
 
 ``fit`` runs the committed model's fit (``pyramid-2.5x``, the 2,048 images ``hetvit fit
@@ -32,6 +35,8 @@ the fact (as WiSE-FT does).
         --out runs/w/km
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --freeze-early --sharpness 0.05 \\
         --out runs/w/sam05
+    PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py fit --freeze-early --low-rank 8 \\
+        --out runs/w/lr8
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py evaluate \\
         s1=runs/w/s1/final soup=assets/cifar10-fitted+runs/w/s1/final
 """
@@ -46,6 +51,7 @@ from typing import Any
 
 import torch
 from timm.layers import DropPath
+from torch.nn.utils import parametrize
 from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
@@ -237,6 +243,72 @@ def keep_mlps() -> None:
     fitting.early_parameters = early_parameters
 
 
+class LowRankDelta(torch.nn.Module):
+    """A weight's parametrisation ``W + B A`` with ``A`` (``r x in``) drawn small and ``B``
+    (``out x r``) zero, so the fit starts from the teacher's weights exactly (LoRA, Hu et al.,
+    ICLR 2022)."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, gen: torch.Generator) -> None:
+        super().__init__()
+        out_features, in_features = weight.shape
+        self.a = torch.nn.Parameter(torch.randn(rank, in_features, generator=gen)
+                                    / in_features ** 0.5)
+        self.b = torch.nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.b @ self.a
+
+
+def low_rank(student: torch.nn.Module, rank: int, lr: float) -> None:
+    """Give every linear layer of the blocks from the plan's first change on a rank-``rank``
+    update, and make fits train those updates (at ``lr``) instead of the weights themselves;
+    biases, norms, the head and the new parameters train as before."""
+    gen = torch.Generator().manual_seed(0)
+    first = fitting.first_change(student)
+    for block in host_of(student).layers(student)[first:]:
+        for linear in [m for m in block.modules() if isinstance(m, torch.nn.Linear)]:
+            parametrize.register_parametrization(
+                linear, "weight", LowRankDelta(linear.weight, rank, gen))
+    plain = fitting.param_groups
+
+    def param_groups(model: torch.nn.Module, config: fitting.FitConfig) -> list[dict[str, Any]]:
+        groups = plain(model, config)
+        deltas = [p for m in model.modules() if isinstance(m, LowRankDelta)
+                  for p in m.parameters()]
+        kept = {id(p) for n, p in model.named_parameters()
+                if n.endswith("parametrizations.weight.original")}
+        moved = kept | {id(p) for p in deltas}
+        for p in model.parameters():
+            if id(p) in kept:
+                p.requires_grad_(False)
+        for group in groups:
+            group["params"] = [p for p in group["params"] if id(p) not in moved]
+        return [*(g for g in groups if g["params"]),
+                {"params": deltas, "lr": lr, "name": "low-rank"}]
+
+    fitting.param_groups = param_groups
+
+
+def merge_low_rank(model: torch.nn.Module, plain: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``plain`` (the student before :func:`low_rank`) holding ``model``'s weights with
+    every low-rank update folded in. Copying the weights out, rather than removing the
+    parametrisations, leaves ``model`` and its copies whole: torch removes them from the
+    module's class, which every deep copy of the model shares."""
+    state = {}
+    for name, module in model.named_modules():
+        for key, value in module.named_parameters(prefix=name, recurse=False):
+            state[key] = value
+        for key, value in module.named_buffers(prefix=name, recurse=False):
+            state[key] = value
+        if parametrize.is_parametrized(module, "weight"):
+            state[f"{name}.weight"] = module.weight
+    out = copy.deepcopy(plain)
+    with torch.no_grad():
+        out.load_state_dict({k: v.detach() for k, v in state.items()
+                             if ".parametrizations." not in k})
+    return out
+
+
 class MaskedStudentLoss(fitting._Loss):
     """The fit's loss with the student shown its view with ``share`` of its patches blanked
     (the normalised mean, 0) and the teacher the whole view: a noised student, as in Noisy
@@ -377,14 +449,23 @@ def run_fit(args: argparse.Namespace) -> None:
         probe = dataclasses.replace(config, passes=args.probe_passes, trainable="new")
         student = fitting.fit(student, teacher, images, probe)
         print(f"new parameters fitted in {student.hetvit_fit.seconds:.0f} s", flush=True)
+    plain = copy.deepcopy(student)
+    if args.low_rank:
+        low_rank(student, args.low_rank, args.low_rank_lr)
     averages = WeightAverages(DECAYS)
     fitted = fitting.fit(student, teacher, images, config)
     averages.handle.remove()
     set_drop_path(fitted, 0.0)
     print(f"fitted in {fitted.hetvit_fit.seconds:.0f} s", flush=True)
-    hetvit.save(fitted, args.out / "final")
-    for decay in DECAYS:
-        hetvit.save(averages.averaged(fitted, decay), args.out / f"ema{decay}")
+    if args.low_rank:
+        final = merge_low_rank(fitted, plain)
+        final.hetvit_fit = fitted.hetvit_fit
+        emas = {d: merge_low_rank(averages.averaged(fitted, d), plain) for d in DECAYS}
+    else:
+        final, emas = fitted, {d: averages.averaged(fitted, d) for d in DECAYS}
+    hetvit.save(final, args.out / "final")
+    for decay, averaged in emas.items():
+        hetvit.save(averaged, args.out / f"ema{decay}")
 
 
 def soup(models: list[torch.nn.Module], shares: list[float] | None = None) -> torch.nn.Module:
@@ -457,6 +538,10 @@ def main() -> None:
                    "pixels (with --freeze-early)")
     f.add_argument("--probe-passes", type=int, default=0,
                    help="passes fitting only the new parameters before the fit (as LP-FT)")
+    f.add_argument("--low-rank", type=int, default=0,
+                   help="train a rank-R update of each changed block's weights instead of them")
+    f.add_argument("--low-rank-lr", type=float, default=1e-3,
+                   help="the learning rate of the low-rank updates")
     e = sub.add_parser("evaluate")
     e.add_argument("models", nargs="+", help="NAME=DIR, NAME=DIR+DIR+... (weight average) or "
                    "NAME=DIR*0.8+DIR*0.2 (weighted)")
