@@ -9,6 +9,7 @@ import torch
 from typer.testing import CliRunner
 
 import hetvit
+from hetvit import fitting
 from hetvit.cli import app
 from hetvit.fitting import (
     FitConfig,
@@ -313,3 +314,52 @@ def test_cli_fit_checks_out_before_any_work(vit, tmp_path):
                                       "--out", str(tmp_path / "file" / "out")])
     assert result.exit_code == 2  # the --out error comes first: the images are not looked at
     assert "is a file, not a directory" in result.output and "Traceback" not in result.output
+
+
+def test_a_budget_that_does_not_bind_changes_nothing(vit, pool):
+    student = hetvit.compress(vit, PLAN, calibration=pool[:16])
+    plain = fit(student, vit, pool, FitConfig(passes=2, batch_size=16, seed=1))
+    budgeted = fit(student, vit, pool, FitConfig(passes=2, batch_size=16, seed=1, minutes=60))
+    # the timed step leaves the model and the seeded streams as they were
+    assert all(torch.equal(v, budgeted.state_dict()[k]) for k, v in plain.state_dict().items())
+    assert budgeted.hetvit_fit.passes == plain.hetvit_fit.passes == 2
+    assert budgeted.hetvit_fit.step_seconds > 0 and plain.hetvit_fit.step_seconds is None
+
+
+def test_a_budget_cuts_the_passes_to_what_it_affords(vit, pool, monkeypatch):
+    student = hetvit.compress(vit, PLAN, calibration=pool[:16])
+    monkeypatch.setattr(fitting, "step_seconds", lambda *_: 1.0)  # a known pace: 3 s a pass
+    # 11.5 s, less 1.5 s for the closing check (half a step a batch): 3 passes, not 4
+    fitted = fit(student, vit, pool, FitConfig(passes=20, batch_size=16, minutes=11.5 / 60))
+    assert fitted.hetvit_fit.passes == 3 and fitted.hetvit_fit.steps == 3 * 3
+    assert len(fitted.hetvit_fit.loss_per_pass) == 3
+    # a budget too small for one pass still runs one: a fit that anneals, not none
+    assert fit(student, vit, pool, FitConfig(passes=20, batch_size=16, minutes=1e-4)
+               ).hetvit_fit.passes == 1
+    config = FitConfig(passes=20, minutes=1.0)
+    assert fitting.affordable_passes(config, pace=0.5, steps_per_pass=10, spent=0.0) == 12
+    assert fitting.affordable_passes(config, pace=0.5, steps_per_pass=10, spent=30.0) == 6
+    assert fitting.affordable_passes(config, pace=0.01, steps_per_pass=10, spent=0.0) == 20
+    with pytest.raises(FitError, match="minutes must be positive"):
+        FitConfig(minutes=0)
+
+
+def test_cli_fit_reports_what_its_budget_afforded(vit, tmp_path):
+    teacher_dir = tmp_path / "teacher"
+    hetvit.save(vit, teacher_dir)
+    write_images(tmp_path / "imgs", ["a", "b"], per_class=8)
+    out = tmp_path / "fitted"
+    result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
+                                      "--images", str(tmp_path / "imgs"), "--out", str(out),
+                                      "--passes", "2", "--batch-size", "8", "--minutes", "30",
+                                      "--calibration-images", "8"])
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "fit.json").read_text())
+    assert record["passes"] == 2 and record["inputs"]["minutes"] == 30
+    assert 29 < record["config"]["minutes"] < 30  # what the fit had left after loading
+    assert "afforded 2 of 2 passes" in result.output
+    result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
+                                      "--images", str(tmp_path / "imgs"), "--out",
+                                      str(tmp_path / "none"), "--minutes", "-1"])
+    assert result.exit_code != 0 and "minutes must be positive" in result.output
+    assert not (tmp_path / "none").exists()

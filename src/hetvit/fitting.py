@@ -45,7 +45,7 @@ from .surgery import is_compressed, plan_of, source_mismatch
 from .views import cut_and_paste, resized_crop, translate
 
 __all__ = ["FitConfig", "FitRecord", "FitError", "fit", "collect_images", "check_student",
-           "teacher_match", "TRAINABLE"]
+           "teacher_match", "step_seconds", "affordable_passes", "TRAINABLE"]
 
 TRAINABLE = ("all", "norms", "new")
 """Which parameters a fit trains: everything; the new parameters with every norm and bias (a
@@ -86,6 +86,13 @@ class FitConfig:
             AdamW's weight decay, but towards the teacher's weights instead of zero: a few
             thousand images are memorised long before they are matched; 0: off).
         seed: seed of the image order and augmentation (a fit is reproducible).
+        minutes: a budget of wall time for the whole fit (None: no budget). One step is
+            timed before the fit, and the passes are cut to what the budget affords at that
+            pace (at least one, at most ``passes``), so that the one-cycle schedule still
+            anneals by the end; the agreement check that ends a fit (about half a step's work
+            a batch) is reserved from the budget. The record keeps the passes run:
+            ``passes=`` of that number remakes the fit exactly, where the budget alone would
+            follow the machine's speed.
     """
 
     passes: int = 20
@@ -104,6 +111,7 @@ class FitConfig:
     features: float = 0.0
     anchor: float = 0.0
     seed: int = 0
+    minutes: float | None = None
 
     def __post_init__(self) -> None:
         if self.passes < 1:
@@ -126,6 +134,8 @@ class FitConfig:
             raise FitError(f"warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.trainable not in TRAINABLE:
             raise FitError(f"trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.minutes is not None and not self.minutes > 0:
+            raise FitError(f"minutes must be positive (or None: no budget), got {self.minutes}")
 
 
 @dataclass
@@ -136,6 +146,10 @@ class FitRecord:
     images: int
     steps: int
     seconds: float
+    passes: int = 0
+    """The passes run: ``config["passes"]``, or fewer where ``minutes`` cut them."""
+    step_seconds: float | None = None
+    """With ``minutes``, the timed pace of one step that the passes were chosen by."""
     loss_per_pass: list[float] = field(default_factory=list)
     threads: int = 1
     cpu_seconds: float = 0.0
@@ -337,6 +351,29 @@ class _Loss:
         return loss
 
 
+def step_seconds(loss_of: Callable[[torch.Tensor], torch.Tensor], model: nn.Module,
+                 teacher: nn.Module, x: torch.Tensor) -> float:
+    """Wall seconds of one step's work on the batch ``x`` (the teacher's forward, the
+    student's forward and backward), timed on the second of two runs: the first pays one-off
+    costs (allocations, kernel choice). The gradients are dropped, so the model is unchanged."""
+    model.train()
+    seconds = 0.0
+    with eval_mode(teacher):
+        for _ in range(2):
+            start = time.perf_counter()
+            loss_of(x).backward()
+            model.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - start
+    return seconds
+
+
+def affordable_passes(config: FitConfig, pace: float, steps_per_pass: int, spent: float) -> int:
+    """How many passes ``config.minutes`` affords at ``pace`` seconds a step, ``spent``
+    seconds in: whole passes, at least one, at most ``config.passes``."""
+    left = 60 * (config.minutes or 0.0) - spent
+    return max(1, min(config.passes, int(left // (pace * steps_per_pass))))
+
+
 ProgressFn = Callable[[int, int, float], None]
 """``progress(step, total_steps, loss)``, called after every step."""
 
@@ -380,19 +417,26 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
     inherited = next((g for g in opt.param_groups if g["name"] == "inherited"), None)
     anchored = _anchors(inherited["params"]) if config.anchor and inherited else []
     steps_per_pass = math.ceil(len(x_all) / config.batch_size)
-    total = config.passes * steps_per_pass
+    loss_of = _Loss(model, teacher, config)
+    passes, pace = config.passes, None
+    if config.minutes is not None:
+        pace = step_seconds(loss_of, model, teacher, x_all[:config.batch_size])
+        checked = len(x_all) + (0 if unseen is None else len(unseen))
+        closing = 0.5 * pace * checked / config.batch_size  # forwards only, no backward
+        passes = affordable_passes(config, pace, steps_per_pass,
+                                   time.perf_counter() - started + closing)
+    total = passes * steps_per_pass
     warm = max(1, round(config.warmup * total)) if config.warmup else 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: one_cycle(step, warm, total))
     gen = torch.Generator().manual_seed(config.seed)
     rng_state = torch.get_rng_state()
     torch.manual_seed(config.seed)  # mixup's Beta draws from the global generator
     losses: list[float] = []
-    loss_of = _Loss(model, teacher, config)
     step = 0
     model.train()
     with eval_mode(teacher):
         try:
-            for _ in range(config.passes):
+            for _ in range(passes):
                 order = torch.randperm(len(x_all), generator=gen)
                 running = 0.0
                 for i in range(0, len(x_all), config.batch_size):
@@ -416,6 +460,8 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
     model.eval()
     model.hetvit_fit = FitRecord(config=asdict(config), images=len(x_all), steps=step,
                                  seconds=round(time.perf_counter() - started, 1),
+                                 passes=passes,
+                                 step_seconds=None if pace is None else round(pace, 4),
                                  loss_per_pass=[round(v, 5) for v in losses],
                                  threads=torch.get_num_threads(),
                                  cpu_seconds=round(time.process_time() - cpu_started, 1))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -41,6 +43,11 @@ def fit_command(
     passes: Annotated[int, typer.Option(
         min=1, help="Passes over the images (each sees every image once, freshly augmented).",
     )] = 20,
+    minutes: Annotated[float | None, typer.Option(
+        help="A budget of wall time for the fit's steps: one step is timed first and the "
+        "passes cut to what the budget affords (at least 1, at most --passes). fit.json "
+        "records the passes run; --passes of that number remakes the fit exactly. The budget "
+        "covers the whole command: loading the images and the model count too.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the inherited weights.")
     ] = 3e-4,
@@ -101,6 +108,7 @@ def fit_command(
     from ..fitting import FitConfig, FitError, collect_images, fit
     from ..surgery import compress
 
+    started = time.perf_counter()
     console = Console(stderr=True)
     if threads is not None:
         torch.set_num_threads(threads)
@@ -108,7 +116,7 @@ def fit_command(
         config = FitConfig(passes=passes, batch_size=batch_size, lr=lr, lr_new=lr_new,
                            mixup=mixup, crop=crop, scale=scale, cutmix=cutmix, features=features,
                            anchor=anchor, temperature=temperature, trainable=trainable,
-                           freeze_early=freeze_early, seed=seed)
+                           freeze_early=freeze_early, seed=seed, minutes=minutes)
         files.check_writable(out)
         files.check_replaceable(out, io.SOURCE_FILE)
         source = open_teacher(teacher, model, checkpoint)
@@ -129,16 +137,23 @@ def fit_command(
             def progress(step: int, total: int, loss: float) -> None:
                 bar.update(task, completed=step, total=total, loss=loss)
 
+            if minutes is not None:  # the budget is the command's: loading counts too
+                left = minutes - (time.perf_counter() - started) / 60
+                config = replace(config, minutes=max(left, 1e-3))
             fitted = fit(student, source, pool, config, progress=progress, held_out=unseen)
         fitted.hetvit_fit.inputs = {
             "images": str(images), "num_images": num_images,
             "calibration_images": calibration_images, "aggregation_init": aggregation_init,
-            "plan": plan, "seed": seed, "held_out": held_out}
+            "plan": plan, "seed": seed, "held_out": held_out, "minutes": minutes}
         io.save(fitted, out)
     record = fitted.hetvit_fit
     console.print(f"fitted {fitted.hetvit_plan.describe()} on {record.images} images in "
                   f"{record.seconds:.0f} s ({record.steps} steps); saved to [bold]{out}[/]",
                   highlight=False)
+    if minutes is not None:
+        console.print(f"the {minutes:g}-minute budget ({config.minutes:.1f} of it left after "
+                      f"loading) afforded {record.passes} of {passes} passes "
+                      f"({record.step_seconds:.2f} s a step)", highlight=False)
     match = record.match
     line = f"agreement with the teacher: {100 * match['fit']['agreement']:.1f}% on its own images"
     if "held_out" in match:
