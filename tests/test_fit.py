@@ -36,6 +36,12 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
+def _fit_cli(teacher_dir, images, out, *options: str):
+    """``hetvit fit --teacher DIR --plan fast --images IMAGES --out OUT [options]``."""
+    return CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
+                                    "--images", str(images), "--out", str(out), *options])
+
+
 @pytest.fixture
 def vit() -> torch.nn.Module:
     """A tiny teacher whose predictions differ from image to image (random weights alone give
@@ -286,9 +292,7 @@ def test_cli_fit_writes_a_loadable_checkpoint_with_its_record(vit, tmp_path):
     assert not record["config"]["freeze_early"] and json.loads(
         (out / "fit.json").read_text())["config"]["freeze_early"]  # on unless switched off
     assert "on 5 held-out ones" in result.output
-    result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
-                                      "--images", str(tmp_path / "imgs"), "--out",
-                                      str(tmp_path / "none"), "--held-out", "21"])
+    result = _fit_cli(teacher_dir, tmp_path / "imgs", tmp_path / "none", "--held-out", "21")
     assert result.exit_code != 0 and "too few to keep 21" in result.output
     assert not (tmp_path / "none").exists()
 
@@ -349,17 +353,13 @@ def test_cli_fit_reports_what_its_budget_afforded(vit, tmp_path):
     hetvit.save(vit, teacher_dir)
     write_images(tmp_path / "imgs", ["a", "b"], per_class=8)
     out = tmp_path / "fitted"
-    result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
-                                      "--images", str(tmp_path / "imgs"), "--out", str(out),
-                                      "--passes", "2", "--batch-size", "8", "--minutes", "30",
-                                      "--calibration-images", "8"])
+    result = _fit_cli(teacher_dir, tmp_path / "imgs", out, "--passes", "2", "--batch-size", "8",
+                      "--minutes", "30", "--calibration-images", "8")
     assert result.exit_code == 0, result.output
     record = json.loads((out / "fit.json").read_text())
     assert record["passes"] == 2 and record["inputs"]["minutes"] == 30
     assert 29 < record["config"]["minutes"] < 30  # what the fit had left after loading
     assert "afforded 2 of 2 passes" in result.output
-    result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
-                                      "--images", str(tmp_path / "imgs"), "--out",
-                                      str(tmp_path / "none"), "--minutes", "-1"])
+    result = _fit_cli(teacher_dir, tmp_path / "imgs", tmp_path / "none", "--minutes", "-1")
     assert result.exit_code != 0 and "minutes must be positive" in result.output
     assert not (tmp_path / "none").exists()
