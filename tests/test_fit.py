@@ -332,7 +332,7 @@ def test_a_budget_that_does_not_bind_changes_nothing(vit, pool):
 
 def test_a_budget_cuts_the_passes_to_what_it_affords(vit, pool, monkeypatch):
     student = hetvit.compress(vit, PLAN, calibration=pool[:16])
-    monkeypatch.setattr(fitting, "step_seconds", lambda *_: 1.0)  # a known pace: 3 s a pass
+    monkeypatch.setattr(fitting, "time_one_step", lambda *_: 1.0)  # a known pace: 3 s a pass
     # 11.5 s, less 1.5 s for the closing check (half a step a batch): 3 passes, not 4
     fitted = fit(student, vit, pool, FitConfig(passes=20, batch_size=16, minutes=11.5 / 60))
     assert fitted.hetvit_fit.passes == 3 and fitted.hetvit_fit.steps == 3 * 3

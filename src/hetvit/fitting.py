@@ -45,7 +45,7 @@ from .surgery import is_compressed, plan_of, source_mismatch
 from .views import cut_and_paste, resized_crop, translate
 
 __all__ = ["FitConfig", "FitRecord", "FitError", "fit", "collect_images", "check_student",
-           "teacher_match", "step_seconds", "affordable_passes", "TRAINABLE"]
+           "teacher_match", "time_one_step", "affordable_passes", "TRAINABLE"]
 
 TRAINABLE = ("all", "norms", "new")
 """Which parameters a fit trains: everything; the new parameters with every norm and bias (a
@@ -351,8 +351,8 @@ class _Loss:
         return loss
 
 
-def step_seconds(loss_of: Callable[[torch.Tensor], torch.Tensor], model: nn.Module,
-                 teacher: nn.Module, x: torch.Tensor) -> float:
+def time_one_step(loss_of: Callable[[torch.Tensor], torch.Tensor], model: nn.Module,
+                  teacher: nn.Module, x: torch.Tensor) -> float:
     """Wall seconds of one step's work on the batch ``x`` (the teacher's forward, the
     student's forward and backward), timed on the second of two runs: the first pays one-off
     costs (allocations, kernel choice). The gradients are dropped, so the model is unchanged."""
@@ -420,7 +420,7 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
     loss_of = _Loss(model, teacher, config)
     passes, pace = config.passes, None
     if config.minutes is not None:
-        pace = step_seconds(loss_of, model, teacher, x_all[:config.batch_size])
+        pace = time_one_step(loss_of, model, teacher, x_all[:config.batch_size])
         checked = len(x_all) + (0 if unseen is None else len(unseen))
         closing = 0.5 * pace * checked / config.batch_size  # forwards only, no backward
         passes = affordable_passes(config, pace, steps_per_pass,

@@ -44,10 +44,10 @@ def fit_command(
         min=1, help="Passes over the images (each sees every image once, freshly augmented).",
     )] = 20,
     minutes: Annotated[float | None, typer.Option(
-        help="A budget of wall time for the fit's steps: one step is timed first and the "
-        "passes cut to what the budget affords (at least 1, at most --passes). fit.json "
-        "records the passes run; --passes of that number remakes the fit exactly. The budget "
-        "covers the whole command: loading the images and the model count too.")] = None,
+        help="A budget of wall time for the whole command, loading included: one step is "
+        "timed first and the passes cut to what the budget affords (at least 1, at most "
+        "--passes). fit.json records the passes run; --passes of that number remakes the fit "
+        "exactly.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 64,
     lr: Annotated[float, typer.Option(help="Peak learning rate of the inherited weights.")
     ] = 3e-4,
