@@ -13,8 +13,8 @@ that does not bend the inherited weights to a crude aggregation: the new paramet
 alone first (``--probe-passes N``, as LP-FT does with a head). And one between training the
 norms only, which underfits, and everything, which memorises: each changed block's weights
 moved only by a low-rank update (``--low-rank R``, as LoRA adapts a model on little data).
-``--crop``,
-``--cutmix`` and ``--freeze-early`` are ``hetvit fit``'s, to combine them with the rest.
+``--crop``, ``--cutmix`` and ``--freeze-early`` are ``hetvit fit``'s, to combine them with the
+rest.
 
 ``fit`` runs the committed model's fit (``pyramid-2.5x``, the 2,048 images ``hetvit fit
 --num-images 2048 --seed 0`` draws, 20 passes, mixup 1.0, one thread) with the given changes and
@@ -294,18 +294,12 @@ def merge_low_rank(model: torch.nn.Module, plain: torch.nn.Module) -> torch.nn.M
     every low-rank update folded in. Copying the weights out, rather than removing the
     parametrisations, leaves ``model`` and its copies whole: torch removes them from the
     module's class, which every deep copy of the model shares."""
-    state = {}
-    for name, module in model.named_modules():
-        for key, value in module.named_parameters(prefix=name, recurse=False):
-            state[key] = value
-        for key, value in module.named_buffers(prefix=name, recurse=False):
-            state[key] = value
-        if parametrize.is_parametrized(module, "weight"):
-            state[f"{name}.weight"] = module.weight
-    out = copy.deepcopy(plain)
+    state = {k: v for k, v in model.state_dict().items() if ".parametrizations." not in k}
     with torch.no_grad():
-        out.load_state_dict({k: v.detach() for k, v in state.items()
-                             if ".parametrizations." not in k})
+        state |= {f"{name}.weight": m.weight for name, m in model.named_modules()
+                  if parametrize.is_parametrized(m, "weight")}
+    out = copy.deepcopy(plain)
+    out.load_state_dict(state)
     return out
 
 
@@ -449,15 +443,16 @@ def run_fit(args: argparse.Namespace) -> None:
         probe = dataclasses.replace(config, passes=args.probe_passes, trainable="new")
         student = fitting.fit(student, teacher, images, probe)
         print(f"new parameters fitted in {student.hetvit_fit.seconds:.0f} s", flush=True)
-    plain = copy.deepcopy(student)
+    plain = None  # with --low-rank, the student before its parametrisation, to fold into
     if args.low_rank:
+        plain = copy.deepcopy(student)
         low_rank(student, args.low_rank, args.low_rank_lr)
     averages = WeightAverages(DECAYS)
     fitted = fitting.fit(student, teacher, images, config)
     averages.handle.remove()
     set_drop_path(fitted, 0.0)
     print(f"fitted in {fitted.hetvit_fit.seconds:.0f} s", flush=True)
-    if args.low_rank:
+    if plain is not None:
         final = merge_low_rank(fitted, plain)
         final.hetvit_fit = fitted.hetvit_fit
         emas = {d: merge_low_rank(averages.averaged(fitted, d), plain) for d in DECAYS}
