@@ -16,7 +16,7 @@ import hetvit
 from hetvit.baselines import tome
 from hetvit.cli import app
 from hetvit.data import make_loader, make_transform, open_dataset
-from hetvit.demo import FITTED, STUDENT, TEACHER, TOME_R, DemoError, run
+from hetvit.demo import FITTED, STUDENT, TEACHER, TOME_R, TOME_SCHEDULE, DemoError, run, tome_name
 from hetvit.demo_inputs import CIFAR10_CLASSES, sample_indices
 from hetvit.evaluation import evaluate
 from hetvit.flops import formula_macs
@@ -150,14 +150,14 @@ def test_report_holds_what_direct_measurements_give(quiet):
     fitted = hetvit.load(assets / FITTED)
     loader = _sample_loader(teacher, cifar)
     direct = {"teacher": teacher, "fine-tuned": student, "fitted": fitted,
-              "tome": tome(teacher, r=TOME_R)}
+              "tome": tome(teacher, r=TOME_R, schedule=TOME_SCHEDULE)}
     assert list(result.accuracy) == list(direct)
     for key, model in direct.items():
         assert result.accuracy[key] == pytest.approx(evaluate(model, loader))
         assert result.accuracy[key]["n"] == 20
     assert result.plan == student.hetvit_plan
     for key, name in (("teacher", "teacher"), ("fine-tuned", "fine-tuned"),
-                      ("fitted", "fitted"), ("tome", f"ToMe r={TOME_R}")):
+                      ("fitted", "fitted"), ("tome", tome_name(TOME_R, TOME_SCHEDULE))):
         assert result.names[key] == name
         assert f"| {name} | {100 * result.accuracy[key]['top1']:.1f}% |" in report
     assert list(result.bench) == ["fine-tuned", "fitted", "tome"]
@@ -180,12 +180,13 @@ def test_report_says_how_each_model_was_made(quiet):
             f"assets/{FITTED}): 8 unlabeled images, 2 passes, {record['seconds']:.0f} s "
             "(its fit.json)") in report
     assert "- **fine-tuned**: the `fast` plan, fine-tuned with labels" in report
-    assert f"- **ToMe r={TOME_R}**: token merging (ToMe) of the teacher" in report
+    assert (f"- **ToMe r={TOME_R} ({TOME_SCHEDULE})**: token merging (ToMe) of the teacher, "
+            f"{TOME_R} tokens merged per block on average") in report
     assert (f"hetvit fit --teacher assets/{TEACHER} --plan fast --images "
             f"../shared/data/cifar10-train.tar.gz --out runs/{FITTED} --num-images 8 "
             "--passes 2 --batch-size 4 --temperature 2 --mixup 0.5\n") in report
     assert (f"hetvit evaluate --checkpoint assets/{TEACHER} --data {cifar} --method tome "
-            f"--r {TOME_R}\n") in report
+            f"--r {TOME_R} --schedule {TOME_SCHEDULE}\n") in report
 
 
 def test_the_fit_command_of_an_older_record_says_what_it_ran_with():
@@ -207,12 +208,12 @@ def test_the_fit_command_of_an_older_record_says_what_it_ran_with():
 
 
 def test_the_token_merging_row_is_tome_of_the_teacher(quiet, busy):
-    """The default r changes the teacher's outputs; r = 0 merges nothing."""
+    """The default setting changes the teacher's outputs; r = 0 merges nothing."""
     merged, same = quiet[0], busy[0]
     assert TOME_R > 0
     assert merged.accuracy["tome"]["loss"] != pytest.approx(merged.accuracy["teacher"]["loss"])
-    assert merged.bench["tome"].compressed.plan.startswith(f"tome r={TOME_R}")
-    assert same.names["tome"] == "ToMe r=0"
+    assert merged.bench["tome"].compressed.plan.startswith(f"tome r={TOME_R} ({TOME_SCHEDULE}")
+    assert same.names["tome"] == f"ToMe r=0 ({TOME_SCHEDULE})"
     assert same.accuracy["tome"] == pytest.approx(same.accuracy["teacher"])
 
 
@@ -233,10 +234,11 @@ def test_a_busy_machine_is_warned_about(request, machine):
 def test_pairings_that_disagree_are_warned_about(busy):
     """The teacher slower and unsteady beside ToMe: both bench helpers' warnings show."""
     result, _, _, report, _ = busy
-    unsteady = "beside ToMe r=0, the teacher's own rounds disagree by more than 10%"
+    unsteady = (f"beside {result.names['tome']}, the teacher's own rounds disagree by more "
+                "than 10%")
     assert any(w.startswith(unsteady) for w in result.warnings)
     drift = [w for w in result.warnings if w.startswith("the teacher's median time moved")]
-    assert len(drift) == 1 and "beside ToMe r=0" in drift[0]
+    assert len(drift) == 1 and f"beside {result.names['tome']}" in drift[0]
     assert f"> **Warning:** {unsteady}" in report and f"> **Warning:** {drift[0]}" in report
 
 
@@ -305,11 +307,32 @@ def test_cli_prints_every_model_and_the_warnings_under_the_table(tmp_path, asset
                                       "--analysis-images", "8"])
     assert result.exit_code == 0, result.output
     rows = [line for line in result.output.splitlines() if line.startswith("│")]
-    names = ["teacher", "fine-tuned", "fitted", f"ToMe r={TOME_R}"]
+    names = ["teacher", "fine-tuned", "fitted", tome_name(TOME_R, TOME_SCHEDULE)]
     assert [r.split("│")[1].strip() for r in rows if r.split("│")[1].strip()] == names
     warned = result.output.index("warning: the machine was busy")
-    assert warned > result.output.index(f"ToMe r={TOME_R}")  # under the figures it is about
+    assert warned > result.output.index(names[-1])  # under the figures it is about
     assert result.output.count("warning: the machine was busy") == 1
+
+
+@pytest.mark.parametrize("width", [80, 200])
+def test_the_table_shows_the_plans_only_where_they_fit(quiet, width):
+    """Each model's numbers stay on one line; the plans join them on a wide terminal."""
+    from rich.console import Console
+
+    from hetvit.cli.analysis import _demo_table
+
+    result = quiet[0]
+    console = Console(width=width, record=True, file=open(os.devnull, "w"))  # noqa: SIM115
+    console.print(_demo_table(result, console))
+    rows = [line for line in console.export_text().splitlines() if line.startswith("│")]
+    assert [r.split("│")[1].strip() for r in rows] == list(result.names.values())
+    wide = width == 200
+    assert [c.header for c in _demo_table(result, console).columns][:2] == (
+        ["model", "plan"] if wide else ["model", "GMACs"])
+    assert all((b.compressed.plan.split()[0] in r) == wide
+               for b, r in zip(result.bench.values(), rows[1:], strict=True))
+    speedups = [f"{b.speedup:.2f}x" for b in result.bench.values()]
+    assert all(s in r for s, r in zip(speedups, rows[1:], strict=True))
 
 
 def test_the_committed_fitted_model_belongs_to_the_committed_teacher():

@@ -122,7 +122,6 @@ def analyze_command(
 
 # --- demo -------------------------------------------------------------------------------------
 
-
 @app.command("demo")
 def demo_command(
     out: Annotated[Path, typer.Option(
@@ -163,7 +162,11 @@ def demo_command(
     with user_errors():
         result = run(out, assets=assets, images=images, eval_images=eval_images,
                      analysis_images=analysis_images, threads=threads, log=log)
-    Console().print(_demo_table(result))
+    table = _demo_table(result, Console())
+    Console().print(table)
+    if "plan" not in [c.header for c in table.columns]:
+        console.print("(each model's plan is in the report; a wider terminal shows it here)",
+                      highlight=False)
     for warning in result.warnings:
         console.print(f"[yellow]warning: {warning}[/]", highlight=False)
     console.print(f"recommended by the analysis: {result.recommended.describe()}",
@@ -172,9 +175,20 @@ def demo_command(
                   highlight=False)
 
 
-def _demo_table(result: Any) -> Any:
+def _demo_table(result: Any, console: Any) -> Any:
     """One row per model; each speedup is from that model's own pairing with the teacher (the
-    teacher's img/s: the median over its pairings)."""
+    teacher's img/s: the median over its pairings). The plans join the table only where it
+    then fits ``console`` unwrapped: squeezed, each would wrap its row over five lines."""
+    from rich.measure import Measurement
+
+    wide = _demo_rows(result, with_plan=True)
+    unbounded = console.options.update(width=10_000)  # a measurement is clamped to its width
+    if Measurement.get(console, unbounded, wide).maximum <= console.width:
+        return wide
+    return _demo_rows(result, with_plan=False)
+
+
+def _demo_rows(result: Any, with_plan: bool) -> Any:
     import statistics
 
     from rich.table import Table
@@ -182,16 +196,19 @@ def _demo_table(result: Any) -> Any:
     first = next(iter(result.bench.values()))
     table = Table(title="CIFAR-10 teacher and its compressed models, on this machine",
                   title_justify="left")
-    for col in ("model", "plan", "GMACs", "top-1", f"img/s (batch {first.settings.batch_size})",
-                "speedup", "speedup (batch 1)"):
-        table.add_column(col, justify="left" if col in ("model", "plan") else "right")
+    for col in ("model", "plan", "GMACs", "top-1", f"img/s\n(batch {first.settings.batch_size})",
+                "speedup", "speedup\n(batch 1)"):
+        if col != "plan" or with_plan:
+            table.add_column(col, justify="left" if col in ("model", "plan") else "right",
+                             no_wrap=col != "plan")
     teacher_tp = statistics.median(b.throughput.median("baseline") for b in result.bench.values())
-    table.add_row(result.names["teacher"], "baseline", f"{first.baseline.gmacs:.4f}",
-                  f"{100 * result.accuracy['teacher']['top1']:.1f}%", f"{teacher_tp:.0f}", "",
-                  "")
+    rows = [(result.names["teacher"], "baseline", f"{first.baseline.gmacs:.4f}",
+             f"{100 * result.accuracy['teacher']['top1']:.1f}%", f"{teacher_tp:.0f}", "", "")]
     for key, b in result.bench.items():
         lat = f"{b.latency_speedup:.2f}x" if b.latency is not None else "-"
-        table.add_row(result.names[key], b.compressed.plan, f"{b.compressed.gmacs:.4f}",
-                      f"{100 * result.accuracy[key]['top1']:.1f}%",
-                      f"{b.throughput.median('compressed'):.0f}", f"{b.speedup:.2f}x", lat)
+        rows.append((result.names[key], b.compressed.plan, f"{b.compressed.gmacs:.4f}",
+                     f"{100 * result.accuracy[key]['top1']:.1f}%",
+                     f"{b.throughput.median('compressed'):.0f}", f"{b.speedup:.2f}x", lat))
+    for row in rows:
+        table.add_row(*(row if with_plan else row[:1] + row[2:]))
     return table
