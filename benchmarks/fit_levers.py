@@ -30,6 +30,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from fit_weights import content_aware  # the full-budget harness's, so both measure one module
 
 import hetvit
 from hetvit.aggregation import TokenAggregation
@@ -126,32 +127,8 @@ t0 = time.time()
 student = hetvit.compress(teacher, plan, calibration=xtr[:256], aggregation_init=a.agg)
 
 
-class ContentAggregation(TokenAggregation):
-    """``P = softmax(W + Q LN(X)^T / sqrt(D))``: M learned queries on top of the static logits."""
-
-    def __init__(self, num_in, num_out, num_prefix_tokens, grid_in, dim):
-        super().__init__(num_in, num_out, num_prefix_tokens, grid_in)
-        self.dim = dim
-        self.query = torch.nn.Parameter(torch.zeros(num_out, dim))
-
-    def forward(self, x, **_):
-        k = self.num_prefix_tokens
-        patches = x[:, k:]
-        keys = F.layer_norm(patches, (self.dim,))
-        logits = self.weight + (keys @ self.query.T).transpose(1, 2) * self.dim**-0.5
-        return torch.cat([x[:, :k], logits.softmax(-1) @ patches], 1)
-
-
 if a.content:
-    blocks = list(student.blocks)
-    for i, b in enumerate(blocks):
-        if isinstance(b, TokenAggregation):
-            c = ContentAggregation(
-                b.num_in, b.num_out, b.num_prefix_tokens, b.grid_in, dim=teacher.embed_dim
-            )
-            c.weight.data.copy_(b.weight.data)
-            blocks[i] = c
-    student.blocks = torch.nn.Sequential(*blocks)
+    content_aware(student)
 print("plan", plan.describe(), "calib", round(acc(student), 2), flush=True)
 
 
