@@ -23,6 +23,7 @@ The first run caches the images it reads as tensors under ``--cache`` (default
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +31,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from fit_weights import content_aware  # the full-budget harness's, so both measure one module
 
 import hetvit
 from hetvit.aggregation import TokenAggregation
@@ -123,12 +123,12 @@ else:  # "s0,1,2|3:32,6:16"
         static=[int(s) for s in st.split(",") if s],
         pyramid=[tuple(map(int, s.split(":"))) for s in py.split(",") if s],
     )
+if a.content:
+    plan = dataclasses.replace(plan, aggregation="content")
 t0 = time.time()
 student = hetvit.compress(teacher, plan, calibration=xtr[:256], aggregation_init=a.agg)
 
 
-if a.content:
-    content_aware(student)
 print("plan", plan.describe(), "calib", round(acc(student), 2), flush=True)
 
 

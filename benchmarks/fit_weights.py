@@ -14,10 +14,9 @@ alone first (``--probe-passes N``, as LP-FT does with a head). And one between t
 norms only, which underfits, and everything, which memorises: each changed block's weights
 moved only by a low-rank update (``--low-rank R``, as LoRA adapts a model on little data).
 ``--crop``, ``--cutmix`` and ``--freeze-early`` are ``hetvit fit``'s, to combine them with the
-rest. And one on the plan's own new parameters: content-aware aggregation (``--content``), M
-learned queries that score each image's tokens on top of the static logits, as PatchMerger does,
-measured at the full budget where the proxy (``fit_levers.py --content``) saw nothing; ``--plan``
-fits another plan than the committed one.
+rest. ``--plan`` fits another plan than the committed one, and ``--content`` makes its pyramid
+content-aware (``"aggregation": "content"``, :mod:`hetvit.content_aggregation`), to measure that
+option at the full budget with the rest.
 
 ``fit`` runs the committed model's fit (``pyramid-2.5x``, the 2,048 images ``hetvit fit
 --num-images 2048 --seed 0`` draws, 20 passes, mixup 1.0, one thread) with the given changes and
@@ -44,18 +43,6 @@ the fact (as WiSE-FT does).
         --plan benchmarks/plans/late-1.7x.json --out runs/w/content17
     PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py evaluate \\
         s1=runs/w/s1/final soup=assets/cifar10-fitted+runs/w/s1/final
-    PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py content runs/w/content17 \\
-        --static runs/fit/late-1.7x
-    PYTHONPATH=src .venv/bin/python benchmarks/fit_weights.py finetune runs/w/content17 \\
-        --out runs/w/content17-ft
-
-A content-aware fit cannot be saved as a hetvit model (``hetvit.load`` knows the static
-aggregation only): ``fit --content`` saves its weights to OUT/content.pt, and ``content``
-rebuilds it, prints its top-1 on the 10,000 test images and times it beside the teacher and
-beside the static model of the same plan (the fit given by ``--static``, else its unfitted start:
-the static stages cost the same whatever their weights), in one process. ``finetune`` gives it
-one labelled epoch with ``hetvit finetune --student DIR --epochs 1``'s defaults, for the
-fine-tuned side of the comparison.
 """
 
 from __future__ import annotations
@@ -67,8 +54,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file
 from timm.layers import DropPath
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import (
@@ -78,15 +63,10 @@ from torch.optim.optimizer import (
 
 import hetvit
 from hetvit import fitting
-from hetvit.aggregation import TokenAggregation
-from hetvit.bench import compare
 from hetvit.capture import module_inputs
 from hetvit.cli.common import resolve_plan
-from hetvit.configs import OptimConfig, TrainConfig
 from hetvit.data import make_loader, make_transform, open_dataset, sample_images
 from hetvit.hosts import host_of
-from hetvit.io import WEIGHTS_FILE
-from hetvit.training import finetune_run
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
@@ -416,58 +396,13 @@ class TokenMix:
         fitting.augment = augment
 
 
-class ContentAggregation(TokenAggregation):
-    """GLAD whose matrix also reads the image: ``P(X) = softmax(W + Q LN(X)^T / sqrt(D))``.
-
-    ``W`` is the static stage's logits and ``Q`` (``M x D``) M learned queries, one per output
-    token, as in PatchMerger (Renggli et al., 2022), but on top of the static logits and
-    starting at zero, so the fit starts from the static model exactly. It is still one dense
-    ``M x N`` product per image, with fixed shapes; what it adds is a product of the queries
-    with the normed tokens and a softmax per image, where the static stage reuses one matrix.
-    """
-
-    def __init__(self, stage: TokenAggregation, dim: int) -> None:
-        super().__init__(stage.num_in, stage.num_out, stage.num_prefix_tokens, stage.grid_in)
-        self.load_state_dict(stage.state_dict())
-        self.query = torch.nn.Parameter(torch.zeros(stage.num_out, dim))
-
-    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
-        k = self.num_prefix_tokens
-        patches = x[:, k:]
-        dim = patches.shape[-1]
-        scores = self.query @ F.layer_norm(patches, (dim,)).transpose(1, 2)
-        p = (self.weight + scores * dim ** -0.5).softmax(-1)
-        return torch.cat([x[:, :k], p @ patches], dim=1) if k else p @ patches
-
-
-def content_aware(student: torch.nn.Module) -> torch.nn.Module:
-    """``student`` with every aggregation stage made content-aware (in place)."""
-    dim = student.embed_dim
-    for i, block in enumerate(student.blocks):
-        if isinstance(block, TokenAggregation):
-            student.blocks[i] = ContentAggregation(block, dim)
-    return student
-
-
-def plan_student(teacher: torch.nn.Module, plan_file: Path
-                 ) -> tuple[torch.nn.Module, torch.Tensor]:
-    """The committed fit's start for ``plan_file`` and its 2,048 images (``hetvit fit
-    --num-images 2048 --seed 0``; the first 256 calibrate)."""
-    plan = resolve_plan(str(plan_file), teacher)
-    images = fitting.collect_images(sample_images(DATA / "cifar10-train.tar.gz", teacher, 2048,
-                                                  seed=0, batch_size=256))
-    return hetvit.compress(teacher, plan, calibration=images[:256]), images
-
-
 def run_fit(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     teacher = hetvit.load(ROOT / "assets" / "cifar10-teacher").eval()
-    student, images = plan_student(teacher, args.plan)
-    plan = student.hetvit_plan
-    if args.content:
-        if args.low_rank:
-            raise SystemExit("--content and --low-rank: give one")
-        content_aware(student)
+    plan = resolve_plan(str(args.plan), teacher, "content" if args.content else None)
+    images = fitting.collect_images(sample_images(DATA / "cifar10-train.tar.gz", teacher, 2048,
+                                                  seed=0, batch_size=256))
+    student = hetvit.compress(teacher, plan, calibration=images[:256])
     set_drop_path(student, args.drop_path)
     if args.teacher_flips:
         flip_averaged_teacher(teacher)
@@ -528,11 +463,6 @@ def run_fit(args: argparse.Namespace) -> None:
         emas = {d: merge_low_rank(averages.averaged(fitted, d), plain) for d in DECAYS}
     else:
         final, emas = fitted, {d: averages.averaged(fitted, d) for d in DECAYS}
-    if args.content:  # hetvit.save knows only the static stages
-        args.out.mkdir(parents=True, exist_ok=True)
-        torch.save({"plan": str(args.plan), "state": final.state_dict(),
-                    "fit": dataclasses.asdict(fitted.hetvit_fit)}, args.out / "content.pt")
-        return
     hetvit.save(final, args.out / "final")
     for decay, averaged in emas.items():
         hetvit.save(averaged, args.out / f"ema{decay}")
@@ -556,72 +486,18 @@ def parse_soup(dirs: str) -> tuple[list[str], list[float]]:
     return [d for d, _, _ in parts], [w / sum(weights) for w in weights]
 
 
-def test_batches(teacher: torch.nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return list(make_loader(open_dataset(DATA / "cifar10-test.tar.gz", make_transform(teacher)),
-                            batch_size=500))
-
-
 @torch.no_grad()
-def top1(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    correct = sum((model.eval()(x).argmax(-1) == y).sum().item() for x, y in batches)
-    return 100 * correct / sum(len(y) for _, y in batches)
-
-
 def run_evaluate(args: argparse.Namespace) -> None:
     torch.set_num_threads(2)
     teacher = hetvit.load(ROOT / "assets" / "cifar10-teacher")
-    batches = test_batches(teacher)
+    batches = list(make_loader(open_dataset(DATA / "cifar10-test.tar.gz",
+                                            make_transform(teacher)), batch_size=500))
     for spec in args.models:
         name, _, dirs = spec.partition("=")
         paths, shares = parse_soup(dirs)
-        model = soup([hetvit.load(d) for d in paths], shares)
-        print(f"{name}: {top1(model, batches):.2f}%", flush=True)
-
-
-def content_fit(teacher: torch.nn.Module, fit: Path
-                ) -> tuple[torch.nn.Module, torch.nn.Module, dict[str, Any]]:
-    """The static start of a ``fit --content`` run's plan, the content-aware fit rebuilt from
-    ``fit/content.pt``, and what that file holds."""
-    saved = torch.load(fit / "content.pt", weights_only=True)
-    start = plan_student(teacher, Path(saved["plan"]))[0]
-    student = content_aware(copy.deepcopy(start))
-    student.load_state_dict(saved["state"])
-    return start, student.eval(), saved
-
-
-def run_content(args: argparse.Namespace) -> None:
-    """A content-aware fit's top-1, and its speed beside the teacher and the static fit."""
-    torch.set_num_threads(2)
-    teacher = hetvit.load(ROOT / "assets" / "cifar10-teacher").eval()
-    start, student, saved = content_fit(teacher, args.fit)
-    batches = test_batches(teacher)
-    print(f"content-aware: {top1(student, batches):.2f}% after {saved['fit']['seconds']:.0f} s "
-          "of fit", flush=True)
-    if args.static:
-        static = hetvit.load(args.static).eval()
-        print(f"static ({args.static}): {top1(static, batches):.2f}%", flush=True)
-    else:  # the static stages' cost does not depend on their weights: time the fit's start
-        static = start.eval()
-    for name, base in (("teacher", teacher), ("static fit", static)):
-        r = compare(base, student, batch_size=64, rounds=args.rounds, latency=True, threads=2)
-        tp, lat = r.throughput.ratios, r.latency.ratios
-        print(f"content-aware beside the {name}: {r.speedup:.2f}x [{min(tp):.2f}-{max(tp):.2f}]"
-              f" at batch 64, {r.latency_speedup:.2f}x [{min(lat):.2f}-{max(lat):.2f}] at "
-              "batch 1", flush=True)
-
-
-def run_finetune(args: argparse.Namespace) -> None:
-    """One labelled epoch from a content-aware fit, with ``hetvit finetune``'s defaults
-    (``--student DIR --epochs 1 --val-data`` the test images), and its top-1."""
-    teacher = hetvit.load(ROOT / "assets" / "cifar10-teacher").eval()
-    _, student, _ = content_fit(teacher, args.fit)
-    config = TrainConfig(data=DATA / "cifar10-train.tar.gz", out=args.out,
-                         val_data=DATA / "cifar10-test.tar.gz", epochs=1, optim=OptimConfig(),
-                         threads=args.threads)
-    model = finetune_run(teacher, None, config, student=student)
-    student.load_state_dict(load_file(str(model / WEIGHTS_FILE)))
-    print(f"content-aware, one labelled epoch: {top1(student, test_batches(teacher)):.2f}%",
-          flush=True)
+        model = soup([hetvit.load(d) for d in paths], shares).eval()
+        correct = sum((model(x).argmax(-1) == y).sum().item() for x, y in batches)
+        print(f"{name}: {100 * correct / sum(len(y) for _, y in batches):.2f}%", flush=True)
 
 
 def main() -> None:
@@ -669,22 +545,12 @@ def main() -> None:
     f.add_argument("--plan", type=Path, default=COMMITTED_PLAN,
                    help="the plan to fit (default: the committed model's)")
     f.add_argument("--content", action="store_true",
-                   help="content-aware aggregation (saved to OUT/content.pt)")
+                   help="content-aware aggregation (the plan's aggregation set to content)")
     e = sub.add_parser("evaluate")
     e.add_argument("models", nargs="+", help="NAME=DIR, NAME=DIR+DIR+... (weight average) or "
                    "NAME=DIR*0.8+DIR*0.2 (weighted)")
-    c = sub.add_parser("content")
-    c.add_argument("fit", type=Path, help="the OUT of a fit --content")
-    c.add_argument("--static", type=Path,
-                   help="the static fit of the same plan (default: time its unfitted start)")
-    c.add_argument("--rounds", type=int, default=11)
-    t = sub.add_parser("finetune")
-    t.add_argument("fit", type=Path, help="the OUT of a fit --content")
-    t.add_argument("--out", type=Path, required=True, help="the run directory")
-    t.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    {"fit": run_fit, "evaluate": run_evaluate, "content": run_content,
-     "finetune": run_finetune}[args.command](args)
+    run_fit(args) if args.command == "fit" else run_evaluate(args)
 
 
 if __name__ == "__main__":

@@ -136,11 +136,21 @@ class TokenAggregation(nn.Module):
         self._cache.clear()
         return super().train(mode)
 
-    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+    def check_tokens(self, x: torch.Tensor) -> None:
+        """A clear error for a sequence of another length (an input of another size)."""
         k = self.num_prefix_tokens
         if x.shape[1] != k + self.num_in:
             raise DataError(f"token aggregation expects {k} prefix + {self.num_in} patch tokens, "
                              f"got {x.shape[1]}: the model only runs at its plan's input size")
+
+    def macs(self, dim: int) -> int:
+        """Multiply-accumulates an image on tokens of width ``dim``: ``M N D``, every new token
+        a weighted sum of the ``N`` old ones."""
+        return self.num_out * self.num_in * dim
+
+    def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
+        self.check_tokens(x)
+        k = self.num_prefix_tokens
         if not self.training:
             return torch.matmul(self._full_matrix(), x)
         patches = torch.matmul(self.matrix(), x[:, k:])

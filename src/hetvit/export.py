@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .aggregation import TokenAggregation
 from .attention import StaticAttention
 from .batches import image_batches
 from .data import IMAGE_EXTENSIONS, data_config, make_transform, open_images
@@ -375,7 +376,8 @@ def layer_matmuls(model: nn.Module, onnx_path: str | os.PathLike) -> dict[int, i
     A dynamic attention layer has two (``q k^T`` and ``A V``); a static layer none, because
     its map is a constant and its projections multiply by weights. Layers are numbered as in
     the plan; the host tells which layer a node's scoped name belongs to
-    (:meth:`hetvit.hosts.base.Host.layer_of_node`).
+    (:meth:`hetvit.hosts.base.Host.layer_of_node`). Aggregation stages are not layers: a
+    content-aware one reads the image by design (its scores and ``P(X) X``).
     """
     onnx = _onnx()
     host = host_of(model)
@@ -387,6 +389,8 @@ def layer_matmuls(model: nn.Module, onnx_path: str | os.PathLike) -> dict[int, i
         if any(name in dynamic for name in node.input):
             dynamic.update(node.output)
             if node.op_type in MATMULS and all(name in dynamic for name in _operands(node)):
+                if isinstance(host.module_of_node(model, node.name), TokenAggregation):
+                    continue
                 layer = host.layer_of_node(model, node.name)
                 if layer is None:
                     raise ExportError(f"graph check: cannot tell which layer the image x image "

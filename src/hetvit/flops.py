@@ -23,6 +23,10 @@ from .plan import Plan
 
 __all__ = ["formula_macs", "count_macs", "block_macs", "plan_layers"]
 
+AGGREGATION_PRODUCTS = {"static": 1, "content": 2}
+"""``M N D`` products a stage of each plan aggregation runs: ``P X``, and for a content-aware
+stage also the scores ``Q LN(X)^T`` (:mod:`hetvit.content_aggregation`)."""
+
 
 def block_macs(n: int, dim: int, hidden: int, static: bool) -> int:
     """MACs of one pre-norm transformer block on ``n`` tokens.
@@ -78,7 +82,7 @@ def count_macs(model: nn.Module, img_size: tuple[int, int] | None = None) -> int
 
     def aggregate(mod: TokenAggregation, args: tuple, out: torch.Tensor) -> None:
         nonlocal total
-        total += mod.num_out * mod.num_in * args[0].shape[-1]
+        total += mod.macs(args[0].shape[-1])
 
     host = host_of(model)
     chans, *size = host.input_size(describe(model))  # before the hooks: describe runs the stem
@@ -109,7 +113,8 @@ def plan_layers(arch: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
 
     Rows are dicts with ``layer``, ``kind`` (``dynamic``, ``static`` or ``aggregate``),
     ``tokens`` (patch tokens after the row; ``tokens_in`` for a stage), ``grid`` and ``macs``
-    (a stage costs ``M N D``: every new token is a weighted sum of the ``N`` old ones).
+    (a stage costs ``M N D``: every new token is a weighted sum of the ``N`` old ones; a
+    content-aware stage twice that, for its queries' scores).
     """
     dim, prefix = arch["embed_dim"], host_for(arch).prefix_tokens(arch)
     hidden = round(arch["mlp_ratio"] * dim)
@@ -120,7 +125,8 @@ def plan_layers(arch: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
             m = stages[layer]
             new_grid = pool_grid(grid, m) or (1, m)
             rows.append({"layer": layer, "kind": "aggregate", "tokens_in": n, "tokens": m,
-                         "grid_in": list(grid), "grid": list(new_grid), "macs": m * n * dim})
+                         "grid_in": list(grid), "grid": list(new_grid),
+                         "macs": AGGREGATION_PRODUCTS[plan.aggregation] * m * n * dim})
             n, grid = m, new_grid
         static = layer in plan.static
         rows.append({"layer": layer, "kind": "static" if static else "dynamic",

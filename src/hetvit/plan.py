@@ -10,7 +10,7 @@ import json
 import math
 import operator
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,12 @@ from .errors import PlanError
 from .files import atomic_write_text
 from .grid import pool_grid, token_grid
 
-__all__ = ["Plan", "PlanError", "PRESETS", "preset_for"]
+__all__ = ["Plan", "PlanError", "PRESETS", "preset_for", "AGGREGATIONS"]
+
+AGGREGATIONS = ("static", "content")
+"""How a pyramid stage forms its tokens: one learned matrix for every image (the paper's GLAD),
+or that matrix plus learned queries that score each image's tokens
+(:mod:`hetvit.content_aggregation`)."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,9 @@ class Plan:
             aggregation matrices have fixed shapes, so the plan only fits this size.
         source: the model the plan was made for (``name`` of the timm model, when known).
         label: where the plan came from: a preset name, "recommended", ... (informational).
+        aggregation: ``"static"`` (the paper's: one matrix for every image) or ``"content"``
+            (that matrix plus learned queries that read each image; see
+            :mod:`hetvit.content_aggregation`).
     """
 
     static: tuple[int, ...] = ()
@@ -40,6 +48,7 @@ class Plan:
     img_size: tuple[int, int] | None = None
     source: dict[str, Any] = field(default_factory=dict)
     label: str | None = None
+    aggregation: str = "static"
 
     def __post_init__(self) -> None:
         # Normalise lists from JSON into tuples so plans compare and hash by value.
@@ -51,6 +60,9 @@ class Plan:
             object.__setattr__(self, "img_size", tuple(int(s) for s in self.img_size))
         if len(set(self.static)) != len(self.static):
             raise PlanError(f"static layers repeat: {list(self.static)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise PlanError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, not "
+                            f"{self.aggregation!r}")
 
     # ----------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -62,7 +74,7 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Plan:
-        unknown = set(d) - {"static", "pyramid", "img_size", "source", "label"}
+        unknown = set(d) - {"static", "pyramid", "img_size", "source", "label", "aggregation"}
         if unknown:
             raise PlanError(f"unknown plan fields: {sorted(unknown)}")
         try:
@@ -72,6 +84,7 @@ class Plan:
                 img_size=d.get("img_size"),
                 source=dict(d.get("source") or {}),
                 label=d.get("label"),
+                aggregation=d.get("aggregation", "static"),  # plans from before the option
             )
         except (TypeError, ValueError) as e:
             if isinstance(e, PlanError):
@@ -168,13 +181,13 @@ class Plan:
         return n
 
     def with_source(self, **source: Any) -> Plan:
-        return Plan(self.static, self.pyramid, self.img_size, {**self.source, **source},
-                    self.label)
+        return replace(self, source={**self.source, **source})
 
     def describe(self) -> str:
         st = ",".join(map(str, self.static)) or "-"
         py = " ".join(f"{at}:{m}" for at, m in self.pyramid) or "-"
-        return f"static [{st}]  pyramid [{py}]"
+        content = " content" if self.aggregation == "content" and self.pyramid else ""
+        return f"static [{st}]  pyramid{content} [{py}]"
 
 
 def _whole(value: Any, what: str) -> int:

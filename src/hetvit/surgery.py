@@ -11,6 +11,7 @@ import copy
 import os
 import warnings
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from .attention import StaticAttention, warn_uniform
 from .batches import image_batches, is_batches
 from .capture import StopForward, attention_maps, module_inputs
 from .configs import AGGREGATION_INITS
+from .content_aggregation import ContentAggregation
 from .data import sample_images
 from .errors import DataError, PlanError, UsageError
 from .grid import token_grid
@@ -177,7 +179,7 @@ def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any 
                          f"batches such as a DataLoader) or an image folder or archive, not "
                          f"{type(calibration).__name__}")
     if plan.img_size is None:
-        plan = Plan(plan.static, plan.pyramid, tuple(arch["img_size"]), plan.source, plan.label)
+        plan = replace(plan, img_size=tuple(arch["img_size"]))
     if not plan.source.get("name") and arch.get("name"):
         plan = plan.with_source(name=arch["name"])
 
@@ -190,7 +192,8 @@ def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any 
     pyramid = dict(plan.pyramid)
     for i in range(len(layers)):
         if i in pyramid:
-            stages[i] = TokenAggregation(n, pyramid[i], prefix, cur_grid).to(device)
+            stages[i] = _stage(plan, n, pyramid[i], arch["embed_dim"], prefix,
+                               cur_grid).to(device)
             n, cur_grid = pyramid[i], stages[i].grid_out
         tokens_at[i] = prefix + n
     host.insert_stages(new, stages)
@@ -215,6 +218,14 @@ def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any 
     new.hetvit_source = arch
     new.train(model.training)
     return new
+
+
+def _stage(plan: Plan, num_in: int, num_out: int, dim: int, prefix: int,
+           grid: tuple[int, int]) -> TokenAggregation:
+    """A pyramid stage of the plan's kind, started as pooling of ``grid``."""
+    if plan.aggregation == "content":
+        return ContentAggregation(num_in, num_out, dim, prefix, grid)
+    return TokenAggregation(num_in, num_out, prefix, grid)
 
 
 @torch.no_grad()

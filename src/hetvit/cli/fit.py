@@ -12,6 +12,7 @@ import typer
 from .app import app, flag, user_errors
 from .common import (
     AggregationInitOpt,
+    AggregationOpt,
     TeacherModelOpt,
     TeacherOpt,
     TeacherWeightsOpt,
@@ -88,6 +89,7 @@ def fit_command(
         "student's top-1 agreement with the teacher on them shows how it does on unseen "
         "images (no labels needed).")] = 0,
     aggregation_init: AggregationInitOpt = "pool",
+    aggregation: AggregationOpt = None,
     seed: Annotated[int, typer.Option(help="Seed of the image draw, order and augmentation.")
     ] = 0,
     threads: TorchThreadsOpt = None,
@@ -120,7 +122,7 @@ def fit_command(
         files.check_writable(out)
         files.check_replaceable(out, io.SOURCE_FILE)
         source = open_teacher(teacher, model, checkpoint)
-        the_plan = resolve_plan(plan, source)
+        the_plan = resolve_plan(plan, source, aggregation)
         pool = collect_images(sample_images(images, source, num_images + held_out, seed=seed,
                                             batch_size=256))
         if held_out and len(pool) <= held_out:
@@ -144,7 +146,8 @@ def fit_command(
         fitted.hetvit_fit.inputs = {
             "images": str(images), "num_images": num_images,
             "calibration_images": calibration_images, "aggregation_init": aggregation_init,
-            "plan": plan, "seed": seed, "held_out": held_out, "minutes": minutes}
+            "plan": plan, "aggregation": the_plan.aggregation, "seed": seed,
+            "held_out": held_out, "minutes": minutes}
         io.save(fitted, out)
     record = fitted.hetvit_fit
     console.print(f"fitted {fitted.hetvit_plan.describe()} on {record.images} images in "

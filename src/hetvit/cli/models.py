@@ -10,6 +10,7 @@ import typer
 from .app import app, fail, flag, user_errors
 from .common import (
     AggregationInitOpt,
+    AggregationOpt,
     ForceOpt,
     TorchThreadsOpt,
     _overrides,
@@ -173,6 +174,7 @@ def compress(
         "finetune).")] = 256,
     batch_size: Annotated[int, typer.Option(min=1, help="Calibration batch size.")] = 64,
     aggregation_init: AggregationInitOpt = "pool",
+    aggregation: AggregationOpt = None,
 ) -> None:
     """Compress a ViT with a plan and save it as a hetvit checkpoint directory.
 
@@ -190,7 +192,7 @@ def compress(
     with user_errors():
         files.check_replaceable(out, io.SOURCE_FILE)
         source = open_model(model, checkpoint)
-        the_plan = resolve_plan(plan, source)
+        the_plan = resolve_plan(plan, source, aggregation)
         loader = None
         if calibration is not None:
             from ..data import sample_images

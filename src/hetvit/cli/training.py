@@ -13,6 +13,7 @@ from ..errors import UsageError
 from .app import app, fail, flag, user_errors
 from .common import (
     AggregationInitOpt,
+    AggregationOpt,
     ClassMapOpt,
     DataOpt,
     MinLrOpt,
@@ -132,6 +133,7 @@ def finetune(
         min=0, help="Training images whose mean attention initialises the static maps (0: uniform "
         "start).")] = DISTILL.calibration_images,
     aggregation_init: AggregationInitOpt = DISTILL.aggregation_init,
+    aggregation: AggregationOpt = None,
     warmup_epochs: Annotated[float, typer.Option(
         help="Warm-up length in epochs.")] = OPTIM.warmup_epochs,
     min_lr: MinLrOpt = OPTIM.min_lr,
@@ -158,9 +160,12 @@ def finetune(
             raise UsageError("give --plan (a preset or plan.json) or --student DIR (a "
                              "compressed model of the teacher, e.g. from hetvit fit), not "
                              f"{'both' if plan else 'neither'}")
+        if aggregation is not None and student is not None:
+            raise UsageError("--aggregation goes with --plan: a --student has its plan")
         source = open_teacher(teacher, model, checkpoint)
         start = open_model(None, student) if student is not None else None
-        the_plan = resolve_plan(plan, source) if plan is not None else start.hetvit_plan
+        the_plan = (resolve_plan(plan, source, aggregation) if plan is not None
+                    else start.hetvit_plan)
         target = finetune_run(source, the_plan, config, distill, student=start)
     if is_writer():
         console.print(f"student written to {target}")

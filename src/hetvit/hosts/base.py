@@ -143,14 +143,21 @@ class Host(ABC):
         how its path reads), or None."""
         return None
 
+    def module_of_node(self, model: nn.Module, node_name: str) -> nn.Module | None:
+        """The block or aggregation stage of :meth:`sequence` an exported ONNX node belongs to,
+        or None (the stem, the head)."""
+        position = self.sequence_position(node_name)
+        sequence = self.sequence(model)
+        return sequence[position] if position is not None and position < len(sequence) else None
+
     def layer_of_node(self, model: nn.Module, node_name: str) -> int | None:
         """The plan layer an exported ONNX node belongs to, or None (not in a block, or in an
         aggregation stage)."""
-        position = self.sequence_position(node_name)
-        sequence = self.sequence(model)
-        if position is None or position >= len(sequence) or isinstance(sequence[position],
-                                                                        TokenAggregation):
+        module = self.module_of_node(model, node_name)
+        if module is None or isinstance(module, TokenAggregation):
             return None
+        sequence = self.sequence(model)
+        position = next(i for i, b in enumerate(sequence) if b is module)
         return sum(not isinstance(b, TokenAggregation) for b in sequence[:position])
 
     # ------------------------------------------------------------------ geometry of an arch

@@ -304,17 +304,11 @@ class HFHost(Host):
                            num_heads=v.out_features // attention.head_dim,
                            norm=nn.Identity(), drop=nn.Identity())
 
-    def layer_of_node(self, model: nn.Module, node_name: str) -> int | None:
+    def sequence_position(self, node_name: str) -> int | None:
         """The exporter scopes nodes ``/vit/layers.<position>/...`` (``deit`` for DeiT);
         positions count stages too."""
         match = _LAYER_SCOPE.search(node_name)
-        if match is None:
-            return None
-        sequence = self.sequence(model)
-        position = int(match.group(1))
-        if position >= len(sequence) or isinstance(sequence[position], TokenAggregation):
-            return None
-        return sum(not isinstance(b, TokenAggregation) for b in sequence[:position])
+        return int(match.group(1)) if match else None
 
 
 def _read_preprocess(directory: Path) -> dict[str, Any] | None:
