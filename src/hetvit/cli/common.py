@@ -209,8 +209,8 @@ AggregationOpt = Annotated[str | None, typer.Option(
     callback=_aggregation,
     help="How the pyramid stages form their tokens: static (the paper's: one learned matrix for "
     "every image) or content (that matrix plus learned queries that score each image's "
-    "tokens; one more product a stage; fitted, +0.5 to +0.8 points on pyramids that start "
-    "late, at 1.7-1.9x, none from 2.25x: docs/fitting.md). Default: the plan's own (static "
+    "tokens; one more product a stage; fitted, +0.4 to +0.9 points on pyramids that start "
+    "late, at 1.5-1.9x, none from 2.25x: docs/fitting.md). Default: the plan's own (static "
     "for a preset)."),
 ]
 ForceOpt = Annotated[bool, flag(
