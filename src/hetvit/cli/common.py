@@ -95,11 +95,9 @@ def resolve_plan(plan: str, model: Any, aggregation: str | None = None) -> Any:
         the_plan = Plan.load(plan)
         _check_plan_file(the_plan, Path(plan), model)
     else:
-        the_plan = None
-    if the_plan is not None:
-        return the_plan if aggregation is None else replace(the_plan, aggregation=aggregation)
-    raise UsageError(f"--plan {plan!r} is neither a preset ({', '.join(PRESETS)}) nor a plan "
-                     "JSON file")
+        raise UsageError(f"--plan {plan!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+                         "plan JSON file")
+    return the_plan if aggregation is None else replace(the_plan, aggregation=aggregation)
 
 
 def _check_plan_file(plan: Any, path: Path, model: Any) -> None:

@@ -153,11 +153,11 @@ class Host(ABC):
     def layer_of_node(self, model: nn.Module, node_name: str) -> int | None:
         """The plan layer an exported ONNX node belongs to, or None (not in a block, or in an
         aggregation stage)."""
-        module = self.module_of_node(model, node_name)
-        if module is None or isinstance(module, TokenAggregation):
-            return None
+        position = self.sequence_position(node_name)
         sequence = self.sequence(model)
-        position = next(i for i, b in enumerate(sequence) if b is module)
+        if position is None or position >= len(sequence) or isinstance(sequence[position],
+                                                                        TokenAggregation):
+            return None
         return sum(not isinstance(b, TokenAggregation) for b in sequence[:position])
 
     # ------------------------------------------------------------------ geometry of an arch
