@@ -22,6 +22,23 @@ def tiny_vit(distilled: bool = False, **kwargs) -> VisionTransformer:
     return cls(**args).eval()
 
 
+def confident_vit() -> VisionTransformer:
+    """A tiny teacher whose predictions differ from image to image (random weights alone give
+    nearly uniform logits, which any student matches)."""
+    model = tiny_vit()
+    with torch.no_grad():
+        model.head.weight.mul_(30)
+    return model
+
+
+def exports_with_parity(model: torch.nn.Module, path: Path) -> bool:
+    """``model`` exports to ONNX at ``path`` and onnxruntime gives its outputs within 1e-4."""
+    import hetvit
+
+    result = hetvit.export_onnx(model, path, opset=17)
+    return result.passed and result.parity[0].max_abs_diff <= 1e-4
+
+
 def within_cluster_error(feats: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Reference: the sum over tokens (rows of ``feats``) of the squared distance to the mean
     of their cluster, for an aggregation matrix ``p`` that is a hard partition."""

@@ -21,7 +21,7 @@ from hetvit.fitting import (
 from hetvit.plan import Plan
 from hetvit.views import cut_and_paste, resized_crop, translate
 
-from .conftest import tiny_vit, write_images
+from .conftest import confident_vit, tiny_vit, write_images
 
 PLAN = Plan(static=(0,), pyramid=((2, 4),))
 
@@ -44,12 +44,7 @@ def _fit_cli(teacher_dir, images, out, *options: str):
 
 @pytest.fixture
 def vit() -> torch.nn.Module:
-    """A tiny teacher whose predictions differ from image to image (random weights alone give
-    nearly uniform logits, which any student matches)."""
-    model = tiny_vit()
-    with torch.no_grad():
-        model.head.weight.mul_(30)
-    return model
+    return confident_vit()
 
 
 @pytest.fixture

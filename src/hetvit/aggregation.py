@@ -146,7 +146,13 @@ class TokenAggregation(nn.Module):
     def macs(self, dim: int) -> int:
         """Multiply-accumulates an image on tokens of width ``dim``: ``M N D``, every new token
         a weighted sum of the ``N`` old ones."""
-        return self.num_out * self.num_in * dim
+        return self.cost(self.num_in, self.num_out, dim)
+
+    @staticmethod
+    def cost(num_in: int, num_out: int, dim: int) -> int:
+        """:meth:`macs` of a stage of these sizes, for the plan's formula
+        (:func:`hetvit.flops.plan_layers`)."""
+        return num_out * num_in * dim
 
     def forward(self, x: torch.Tensor, **_: object) -> torch.Tensor:
         self.check_tokens(x)

@@ -52,9 +52,10 @@ class ContentAggregation(TokenAggregation):
         merged = torch.matmul(self.image_matrices(patches), patches)
         return torch.cat([x[:, :k], merged], dim=1) if k else merged
 
-    def macs(self, dim: int) -> int:
+    @staticmethod
+    def cost(num_in: int, num_out: int, dim: int) -> int:
         """The scores ``Q LN(X)^T`` and the product ``P(X) X``: ``2 M N D`` an image."""
-        return 2 * super().macs(dim)
+        return 2 * num_out * num_in * dim
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, content-aware (dim {self.dim})"

@@ -20,12 +20,9 @@ from .grid import pool_grid, token_grid
 from .hosts import describe, host_for, host_of
 from .modes import eval_mode
 from .plan import Plan
+from .stages import stage_cost
 
 __all__ = ["formula_macs", "count_macs", "block_macs", "plan_layers"]
-
-AGGREGATION_PRODUCTS = {"static": 1, "content": 2}
-"""``M N D`` products a stage of each plan aggregation runs: ``P X``, and for a content-aware
-stage also the scores ``Q LN(X)^T`` (:mod:`hetvit.content_aggregation`)."""
 
 
 def block_macs(n: int, dim: int, hidden: int, static: bool) -> int:
@@ -113,8 +110,8 @@ def plan_layers(arch: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
 
     Rows are dicts with ``layer``, ``kind`` (``dynamic``, ``static`` or ``aggregate``),
     ``tokens`` (patch tokens after the row; ``tokens_in`` for a stage), ``grid`` and ``macs``
-    (a stage costs ``M N D``: every new token is a weighted sum of the ``N`` old ones; a
-    content-aware stage twice that, for its queries' scores).
+    (a stage costs what its module counts, :func:`hetvit.stages.stage_cost`: ``M N D`` for the
+    paper's, every new token a weighted sum of the ``N`` old ones).
     """
     dim, prefix = arch["embed_dim"], host_for(arch).prefix_tokens(arch)
     hidden = round(arch["mlp_ratio"] * dim)
@@ -126,7 +123,7 @@ def plan_layers(arch: dict[str, Any], plan: Plan) -> list[dict[str, Any]]:
             new_grid = pool_grid(grid, m) or (1, m)
             rows.append({"layer": layer, "kind": "aggregate", "tokens_in": n, "tokens": m,
                          "grid_in": list(grid), "grid": list(new_grid),
-                         "macs": AGGREGATION_PRODUCTS[plan.aggregation] * m * n * dim})
+                         "macs": stage_cost(plan.aggregation, n, m, dim)})
             n, grid = m, new_grid
         static = layer in plan.static
         rows.append({"layer": layer, "kind": "static" if static else "dynamic",

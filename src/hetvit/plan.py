@@ -20,10 +20,11 @@ from .grid import pool_grid, token_grid
 
 __all__ = ["Plan", "PlanError", "PRESETS", "preset_for", "AGGREGATIONS"]
 
-AGGREGATIONS = ("static", "content")
+AGGREGATIONS = ("static", "content", "merge")
 """How a pyramid stage forms its tokens: one learned matrix for every image (the paper's GLAD),
-or that matrix plus learned queries that score each image's tokens
-(:mod:`hetvit.content_aggregation`)."""
+that matrix plus learned queries that score each image's tokens
+(:mod:`hetvit.content_aggregation`), or each image's most alike tokens merged
+(:mod:`hetvit.merge_aggregation`)."""
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,10 @@ class Plan:
             aggregation matrices have fixed shapes, so the plan only fits this size.
         source: the model the plan was made for (``name`` of the timm model, when known).
         label: where the plan came from: a preset name, "recommended", ... (informational).
-        aggregation: ``"static"`` (the paper's: one matrix for every image) or ``"content"``
+        aggregation: ``"static"`` (the paper's: one matrix for every image), ``"content"``
             (that matrix plus learned queries that read each image; see
-            :mod:`hetvit.content_aggregation`).
+            :mod:`hetvit.content_aggregation`) or ``"merge"`` (each image's most alike tokens
+            averaged, to the same fixed counts; see :mod:`hetvit.merge_aggregation`).
     """
 
     static: tuple[int, ...] = ()
@@ -186,8 +188,8 @@ class Plan:
     def describe(self) -> str:
         st = ",".join(map(str, self.static)) or "-"
         py = " ".join(f"{at}:{m}" for at, m in self.pyramid) or "-"
-        content = " content" if self.aggregation == "content" and self.pyramid else ""
-        return f"static [{st}]  pyramid{content} [{py}]"
+        kind = f" {self.aggregation}" if self.aggregation != "static" and self.pyramid else ""
+        return f"static [{st}]  pyramid{kind} [{py}]"
 
 
 def _whole(value: Any, what: str) -> int:

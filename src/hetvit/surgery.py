@@ -24,7 +24,6 @@ from .attention import StaticAttention, warn_uniform
 from .batches import image_batches, is_batches
 from .capture import StopForward, attention_maps, module_inputs
 from .configs import AGGREGATION_INITS
-from .content_aggregation import ContentAggregation
 from .data import sample_images
 from .errors import DataError, PlanError, UsageError
 from .grid import token_grid
@@ -33,6 +32,7 @@ from .hosts.hf import load_hf
 from .hosts.timm import create_timm_model
 from .modes import eval_mode
 from .plan import PRESETS, Plan
+from .stages import make_stage
 from .weights import read_state_dict
 
 __all__ = ["compress", "describe", "build_model", "load_model", "load_weights",
@@ -223,9 +223,7 @@ def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any 
 def _stage(plan: Plan, num_in: int, num_out: int, dim: int, prefix: int,
            grid: tuple[int, int]) -> TokenAggregation:
     """A pyramid stage of the plan's kind, started as pooling of ``grid``."""
-    if plan.aggregation == "content":
-        return ContentAggregation(num_in, num_out, dim, prefix, grid)
-    return TokenAggregation(num_in, num_out, prefix, grid)
+    return make_stage(plan.aggregation, num_in, num_out, dim, prefix, grid)
 
 
 @torch.no_grad()

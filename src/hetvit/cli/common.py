@@ -206,10 +206,11 @@ def _aggregation(value: str | None) -> str | None:
 AggregationOpt = Annotated[str | None, typer.Option(
     callback=_aggregation,
     help="How the pyramid stages form their tokens: static (the paper's: one learned matrix for "
-    "every image) or content (that matrix plus learned queries that score each image's "
+    "every image), content (that matrix plus learned queries that score each image's "
     "tokens; one more product a stage; fitted, +0.4 to +0.9 points on pyramids that start "
-    "late, at 1.5-1.9x, none from 2.25x: docs/fitting.md). Default: the plan's own (static "
-    "for a preset)."),
+    "late, at 1.5-1.9x, none from 2.25x) or merge (each image's most alike tokens averaged, "
+    "at most halving a stage; 4-21 points over static before any fit, none after: "
+    "docs/fitting.md). Default: the plan's own (static for a preset)."),
 ]
 ForceOpt = Annotated[bool, flag(
     "--force", help="Overwrite --out even if it is a file this command did not write.")]
