@@ -121,3 +121,15 @@ def test_fit_trains_the_blocks_around_the_stages(images):
     assert fitted.hetvit_plan.aggregation == "merge"
     after = fitted.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("blocks.2"))
+
+
+def test_every_aggregation_a_plan_names_has_a_stage_kind_with_a_cost():
+    from hetvit.plan import AGGREGATIONS
+    from hetvit.stages import STAGE_KINDS, make_stage, stage_cost
+
+    assert set(STAGE_KINDS) == set(AGGREGATIONS)
+    by_hand = {"static": 8 * 16, "content": 2 * 8 * 16, "merge": 8 * 8 + 8 * 8}  # x D = 32
+    for kind in AGGREGATIONS:
+        stage = make_stage(kind, 16, 8, 32, 1, (4, 4))
+        assert type(stage) is STAGE_KINDS[kind]
+        assert stage_cost(kind, 16, 8, 32) == by_hand[kind] * 32
