@@ -12,7 +12,9 @@ runs at batch 1 with a handful of small ops a stage, where token merging matches
 A stage can at most halve the tokens (``r <= |A|``).
 
 Who merges with whom is a discrete choice, so no gradient flows through it; the merged values
-are plain averages of the inputs, so gradients reach every block before the stage. The stage
+are plain averages of the inputs, so gradients reach every block before the stage. For the same
+reason small changes in the tokens flip it: an int8 model no longer merges as the fp32 one does
+(docs/fitting.md, "Merging stages"). The stage
 has no parameters of its own. Its :meth:`matrix` is the average pooling the static stage starts
 from: what the bookkeeping that needs one matrix for every image (the token sizes of a
 size-weighted head, the teacher-to-student token map of token distillation) falls back on.
