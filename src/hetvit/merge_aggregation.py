@@ -1,23 +1,22 @@
 """Merging GLAD: a pyramid stage that merges each image's most alike tokens, to a fixed count.
 
 The paper's stage (:class:`~hetvit.aggregation.TokenAggregation`) averages the same windows of
-every image, so a model compressed with it loses 10-18 points until it is fitted. Token merging
+every image, so a model compressed with it loses 8-30 points until it is fitted. Token merging
 (Bolya et al., 2023) loses far less without any training, because it averages only tokens that
 already carry the same content. This stage brings that to GLAD's place in the network: the
 patch tokens are split in two alternating sets ``A`` (even positions) and ``B`` (odd), every
 token of ``A`` finds its most similar token of ``B`` (cosine of the tokens), and the ``r = N - M``
 best-matched ones are averaged into their match; the rest of ``A`` and all of ``B`` go on. The
-output count ``M`` is fixed by the plan, so the shapes stay fixed: the model exports to ONNX and
-runs at batch 1 with a handful of small ops a stage, where token merging matches in every block.
-A stage can at most halve the tokens (``r <= |A|``).
+output count ``M`` is fixed by the plan, so the shapes stay fixed and the model exports to
+ONNX. A stage can at most halve the tokens (``r <= |A|``). It costs a few dozen small ops, which
+show at batch 1 (docs/fitting.md, "Merging stages", has what it measured).
 
 Who merges with whom is a discrete choice, so no gradient flows through it; the merged values
 are plain averages of the inputs, so gradients reach every block before the stage. For the same
-reason small changes in the tokens flip it: an int8 model no longer merges as the fp32 one does
-(docs/fitting.md, "Merging stages"). The stage
-has no parameters of its own. Its :meth:`matrix` is the average pooling the static stage starts
-from: what the bookkeeping that needs one matrix for every image (the token sizes of a
-size-weighted head, the teacher-to-student token map of token distillation) falls back on.
+reason small changes in the tokens flip it: an int8 model no longer merges as the fp32 one does.
+The stage has no parameters of its own. Its :meth:`matrix` is the average pooling the static
+stage starts from: what the bookkeeping that needs one matrix for every image (the token sizes
+of a size-weighted head, the teacher-to-student token map of token distillation) falls back on.
 
 A plan asks for it with ``"aggregation": "merge"`` (:class:`hetvit.Plan`).
 """
