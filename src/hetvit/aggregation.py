@@ -104,6 +104,14 @@ class TokenAggregation(nn.Module):
         self.weight = nn.Parameter(torch.log(pool + eps))
         self._cache = EvalCache()
 
+    @classmethod
+    def for_plan(cls, num_in: int, num_out: int, dim: int, num_prefix_tokens: int,
+                 grid_in: tuple[int, int]) -> TokenAggregation:
+        """A stage built from what a plan knows, the same arguments for every kind
+        (:func:`hetvit.stages.make_stage`); ``dim``, the token width, is for the kinds that
+        need it."""
+        return cls(num_in, num_out, num_prefix_tokens, grid_in)
+
     def matrix(self) -> torch.Tensor:
         """``P = softmax(W)``: ``M x N_p``, each row a convex combination of input tokens."""
         return self.weight.softmax(dim=-1)

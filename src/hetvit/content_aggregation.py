@@ -39,6 +39,11 @@ class ContentAggregation(TokenAggregation):
         self.dim = dim
         self.query = nn.Parameter(torch.zeros(num_out, dim))
 
+    @classmethod
+    def for_plan(cls, num_in: int, num_out: int, dim: int, num_prefix_tokens: int,
+                 grid_in: tuple[int, int]) -> ContentAggregation:
+        return cls(num_in, num_out, dim, num_prefix_tokens, grid_in)
+
     def image_matrices(self, patches: torch.Tensor) -> torch.Tensor:
         """``B x M x N_p``: each image's aggregation matrix, from its ``B x N_p x D`` patches."""
         keys = F.layer_norm(patches, (self.dim,))

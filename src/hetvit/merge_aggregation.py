@@ -42,7 +42,7 @@ class MergeAggregation(TokenAggregation):
     def __init__(self, num_in: int, num_out: int, num_prefix_tokens: int = 1,
                  grid_in: tuple[int, int] | None = None, eps: float = 1e-8) -> None:
         super().__init__(num_in, num_out, num_prefix_tokens, grid_in, eps)
-        self.num_a, self.num_b = (num_in + 1) // 2, num_in // 2
+        self.num_a, self.num_b = _halves(num_in)
         self.merges = num_in - num_out
         if self.merges > self.num_a:
             raise PlanError(f"a merging stage can at most halve the tokens: {num_in} -> {num_out} "
@@ -67,13 +67,16 @@ class MergeAggregation(TokenAggregation):
         kept_place = torch.cumsum((~merged).long(), dim=-1) - 1 + self.num_b
         return torch.where(merged, match, kept_place)
 
+    def _members(self, patches: torch.Tensor) -> torch.Tensor:
+        """``B x M x |A|``, one-hot: which output token each token of ``A`` goes to."""
+        rows = torch.arange(self.num_out, device=patches.device)
+        return (rows[None, :, None] == self.destinations(patches)[:, None, :]).to(patches.dtype)
+
     def image_matrices(self, patches: torch.Tensor) -> torch.Tensor:
         """``B x M x N_p``: each image's aggregation matrix (rows average their members)."""
         b, n = patches.shape[:2]
-        dest = self.destinations(patches)
-        rows = torch.arange(self.num_out, device=patches.device)
         p = patches.new_zeros(b, self.num_out, n)
-        p[:, :, 0::2] = (dest[:, None, :] == rows[None, :, None]).to(patches.dtype)
+        p[:, :, 0::2] = self._members(patches)
         p[:, :self.num_b, 1::2] = torch.eye(self.num_b, dtype=patches.dtype, device=patches.device)
         return p / p.sum(dim=-1, keepdim=True)
 
@@ -82,9 +85,7 @@ class MergeAggregation(TokenAggregation):
         k = self.num_prefix_tokens
         patches = x[:, k:]
         a, b = patches[:, 0::2], patches[:, 1::2]
-        dest = self.destinations(patches)
-        rows = torch.arange(self.num_out, device=x.device)
-        onehot = (rows[None, :, None] == dest[:, None, :]).to(x.dtype)  # B x M x |A|
+        onehot = self._members(patches)
         sums = torch.matmul(onehot, a)
         counts = onehot.sum(dim=-1, keepdim=True)
         sums = torch.cat([sums[:, :self.num_b] + b, sums[:, self.num_b:]], dim=1)
@@ -95,8 +96,13 @@ class MergeAggregation(TokenAggregation):
     @staticmethod
     def cost(num_in: int, num_out: int, dim: int) -> int:
         """The similarities (``|A| |B| D``) and the one-hot sums (``M |A| D``) an image."""
-        num_a, num_b = (num_in + 1) // 2, num_in // 2
+        num_a, num_b = _halves(num_in)
         return (num_a * num_b + num_out * num_a) * dim
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, merging"
+
+
+def _halves(num_in: int) -> tuple[int, int]:
+    """Sizes of the alternating sets ``A`` (even positions) and ``B`` (odd) of ``num_in`` tokens."""
+    return (num_in + 1) // 2, num_in // 2

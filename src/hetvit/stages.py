@@ -23,9 +23,7 @@ def make_stage(kind: str, num_in: int, num_out: int, dim: int, prefix: int,
                grid: tuple[int, int]) -> TokenAggregation:
     """A pyramid stage of ``kind`` from ``num_in`` to ``num_out`` patch tokens of width ``dim``,
     its matrix started as the average pooling of ``grid``."""
-    if kind == "content":
-        return ContentAggregation(num_in, num_out, dim, prefix, grid)
-    return STAGE_KINDS[kind](num_in, num_out, prefix, grid)
+    return STAGE_KINDS[kind].for_plan(num_in, num_out, dim, prefix, grid)
 
 
 def stage_cost(kind: str, num_in: int, num_out: int, dim: int) -> int:
