@@ -16,7 +16,7 @@ moved only by a low-rank update (``--low-rank R``, as LoRA adapts a model on lit
 ``--crop``, ``--cutmix`` and ``--freeze-early`` are ``hetvit fit``'s, to combine them with the
 rest. ``--plan`` fits another plan than the committed one, and ``--content`` makes its pyramid
 content-aware (``"aggregation": "content"``, :mod:`hetvit.content_aggregation`), to measure that
-option at the full budget with the rest.
+option at the full budget with the rest; ``--static-stages K`` keeps its first K stages static.
 
 ``fit`` runs the committed model's fit (``pyramid-2.5x``, the 2,048 images ``hetvit fit
 --num-images 2048 --seed 0`` draws, 20 passes, mixup 1.0, one thread) with the given changes and
@@ -65,6 +65,7 @@ import hetvit
 from hetvit import fitting
 from hetvit.capture import module_inputs
 from hetvit.cli.common import resolve_plan
+from hetvit.content_aggregation import ContentAggregation
 from hetvit.data import make_loader, make_transform, open_dataset, sample_images
 from hetvit.hosts import host_of
 
@@ -363,10 +364,12 @@ class TokenMix:
     mixup, Verma et al., ICML 2019): where the plan's first change begins, both models' tokens
     (the same ones: the blocks before it keep the teacher's weights) are replaced by the same
     mixture of two images' tokens, and the teacher labels what its own later blocks make of it.
-    The mixtures are of what the early blocks computed, which no mixture of pixels gives.
+    The mixtures are of what the early blocks computed, which no mixture of pixels gives. The
+    hook sits on the teacher alone: the student's frozen front is handed the teacher's tokens,
+    mixed ones included (:mod:`hetvit.replay`).
 
-    The hooks are closures, not bound methods: ``fit`` deep-copies the student, and a copied
-    bound method would take a copy of this object's state with it."""
+    The hooks are closures, not bound methods, so that they keep this object's state and not a
+    copy of it."""
 
     def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, share: float) -> None:
         first = fitting.first_change(student)
@@ -380,20 +383,31 @@ class TokenMix:
             if float(torch.rand(1, generator=gen)) >= share:
                 return plain(x, config, gen)
             lam = torch.distributions.Beta(config.mixup, config.mixup).sample((len(x), 1, 1))
-            state.update(mix=(lam.to(x), torch.randperm(len(x), generator=gen)), left=2)
+            state.update(mix=(lam.to(x), torch.randperm(len(x), generator=gen)), left=1)
             return plain(x, dataclasses.replace(config, mixup=0.0), gen)
 
         def mix(module: torch.nn.Module, inputs: object, out: torch.Tensor
                 ) -> torch.Tensor | None:
-            if not state["left"]:  # one teacher and one student forward a mixed step
-                return None
+            if not state["left"]:  # the teacher's forward of a mixed step: the student's
+                return None      # frozen front replays its tokens (hetvit.replay)
             state["left"] -= 1
             lam, perm = state["mix"]
             return lam * out + (1 - lam) * out[perm.to(out.device)]
 
-        for model in (teacher, student):
-            host_of(model).layers(model)[first - 1].register_forward_hook(mix)
+        host_of(teacher).layers(teacher)[first - 1].register_forward_hook(mix)
         fitting.augment = augment
+
+
+def static_first_stages(student: torch.nn.Module, count: int) -> None:
+    """Keep the first ``count`` content-aware stages static: their queries stay at zero (where
+    they start, so those stages compute their one matrix, exactly GLAD's), and only the later
+    stages score the tokens. The queries bought nothing where the first stage sits early; this
+    asks whether content-awareness helps in the later stages alone."""
+    stages = [m for m in student.modules() if isinstance(m, ContentAggregation)]
+    if count > len(stages):
+        raise SystemExit(f"--static-stages {count}: the plan has {len(stages)} content stages")
+    for stage in stages[:count]:
+        stage.query.requires_grad_(False)
 
 
 def run_fit(args: argparse.Namespace) -> None:
@@ -404,6 +418,8 @@ def run_fit(args: argparse.Namespace) -> None:
                                                   seed=0, batch_size=256))
     student = hetvit.compress(teacher, plan, calibration=images[:256])
     set_drop_path(student, args.drop_path)
+    if args.static_stages:
+        static_first_stages(student, args.static_stages)
     if args.teacher_flips:
         flip_averaged_teacher(teacher)
     if args.keep_mlps:
@@ -546,6 +562,8 @@ def main() -> None:
                    help="the plan to fit (default: the committed model's)")
     f.add_argument("--content", action="store_true",
                    help="content-aware aggregation (the plan's aggregation set to content)")
+    f.add_argument("--static-stages", type=int, default=0,
+                   help="with --content, keep the first K stages static (their queries at zero)")
     e = sub.add_parser("evaluate")
     e.add_argument("models", nargs="+", help="NAME=DIR, NAME=DIR+DIR+... (weight average) or "
                    "NAME=DIR*0.8+DIR*0.2 (weighted)")
