@@ -108,3 +108,13 @@ def test_a_fit_with_replay_ends_where_the_fit_without_it_does(monkeypatch):
     for (name, a), b in zip(replayed.state_dict().items(), plain.state_dict().values(),
                             strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_no_replay_for_a_student_of_another_checkpoint_of_the_teacher_s_architecture():
+    teacher = confident_vit()
+    other = confident_vit()
+    with torch.no_grad():
+        host_of(other).layers(other)[1].mlp.fc1.weight.add_(0.1)
+    student = _student(other, FitConfig())  # distilled from `teacher`, its front is other's
+    with replaying_front(student, teacher, first_change(student)) as replay:
+        assert replay is None

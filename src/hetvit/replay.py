@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from .hosts import host_of
@@ -67,8 +68,22 @@ class ReplayedBlock(nn.Module):
         return self.block(*args, **kwargs)
 
 
-def _frozen(modules: list[nn.Module]) -> bool:
-    return not any(p.requires_grad for m in modules for p in m.parameters())
+def _front(model: nn.Module, depth: int) -> list[torch.Tensor]:
+    """The parameters and buffers that make a model's first ``depth`` blocks' output."""
+    host = host_of(model)
+    blocks = host.layers(model)[:depth]
+    return [*host.embedding_parameters(model),
+            *(t for b in blocks for t in (*b.parameters(), *b.buffers()))]
+
+
+def _same_front(student: nn.Module, teacher: nn.Module, depth: int) -> bool:
+    """Whether ``student``'s front is frozen and holds ``teacher``'s very values, so that on
+    the same view it computes the teacher's tokens. (A student compressed from another
+    checkpoint of the same architecture, distilled from this teacher, does not.)"""
+    mine, theirs = _front(student, depth), _front(teacher, depth)
+    return (not any(t.requires_grad for t in mine) and len(mine) == len(theirs)
+            and all(a.shape == b.shape and torch.equal(a, b)
+                    for a, b in zip(mine, theirs, strict=True)))
 
 
 @contextmanager
@@ -77,16 +92,15 @@ def replaying_front(student: nn.Module, teacher: nn.Module, depth: int
     """For the scope, the first ``depth`` blocks of ``student`` can replay ``teacher``'s.
 
     Yields the :class:`FrontReplay` to feed, or ``None`` where replaying would change what the
-    student computes: no front (``depth`` 0), or a front with a weight that trains. ``student``
-    must be a compressed copy of ``teacher`` (:func:`hetvit.fitting.check_student`), whose
-    embeddings and first ``depth`` blocks hold the teacher's weights; its block sequence is put
-    back as it was when the scope ends, also on error.
+    student computes: no front (``depth`` 0), a front with a weight that trains, or one whose
+    weights are not the teacher's. ``student`` is a compressed model of ``teacher``'s
+    architecture (:func:`hetvit.fitting.check_student`); its block sequence is put back as it
+    was when the scope ends, also on error.
     """
     host = host_of(student)
     sequence = host.sequence(student)
     front = host.layers(student)[:depth]
-    if depth < 1 or not _frozen(front) or any(p.requires_grad
-                                              for p in host.embedding_parameters(student)):
+    if depth < 1 or not _same_front(student, teacher, depth):
         yield None
         return
     replay = FrontReplay(depth, host_of(teacher).layers(teacher)[depth - 1])
