@@ -15,7 +15,7 @@ from hetvit.hosts import host_of, logits
 from hetvit.plan import Plan
 from hetvit.replay import ReplayedBlock, replaying_front
 
-from .conftest import confident_vit
+from .conftest import confident_vit, tiny_vit
 
 PLAN = Plan(pyramid=((2, 8), (3, 4)))  # the first change at block 2 of 4: a front of two
 
@@ -41,7 +41,8 @@ def _counted(blocks: list[torch.nn.Module]) -> list[int]:
     return calls
 
 
-@pytest.mark.parametrize("make", [confident_vit, _hf_vit], ids=["timm", "hf"])
+@pytest.mark.parametrize("make", [confident_vit, lambda: tiny_vit(global_pool="avg"), _hf_vit],
+                         ids=["timm", "timm-avg-pool", "hf"])
 def test_a_replayed_step_has_the_loss_and_gradients_of_the_plain_one(make):
     teacher = make()
     student = _student(teacher, FitConfig())
@@ -103,6 +104,7 @@ def test_a_fit_with_replay_ends_where_the_fit_without_it_does(monkeypatch):
 
     monkeypatch.setattr(fitting, "replaying_front", never)
     plain = fitting.fit(student, teacher, images, config)
+    assert (replayed.hetvit_fit.replayed_blocks, plain.hetvit_fit.replayed_blocks) == (2, 0)
     assert replayed.hetvit_fit.loss_per_pass == pytest.approx(plain.hetvit_fit.loss_per_pass,
                                                               rel=1e-5)
     for (name, a), b in zip(replayed.state_dict().items(), plain.state_dict().values(),

@@ -165,6 +165,9 @@ class FitRecord:
     fit that matches its own images far better than unseen ones has used up what they tell."""
     inputs: dict[str, Any] = field(default_factory=dict)
     """Where the images and the start came from (the CLI fills it: images, calibration)."""
+    replayed_blocks: int = 0
+    """Blocks of the student's frozen front handed the teacher's tokens instead of run
+    (:mod:`hetvit.replay`; 0: none), which the step's time depends on."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -487,7 +490,8 @@ def fit(student: nn.Module, teacher: nn.Module, images: Any, config: FitConfig |
                                  step_seconds=None if pace is None else round(pace, 4),
                                  loss_per_pass=[round(v, 5) for v in losses],
                                  threads=torch.get_num_threads(),
-                                 cpu_seconds=round(time.process_time() - cpu_started, 1))
+                                 cpu_seconds=round(time.process_time() - cpu_started, 1),
+                                 replayed_blocks=0 if replay is None else replay.depth)
     model.hetvit_fit.match["fit"] = teacher_match(model, teacher, x_all)
     if unseen is not None:
         model.hetvit_fit.match["held_out"] = teacher_match(model, teacher, unseen.to(param))
