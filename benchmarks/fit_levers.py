@@ -70,7 +70,7 @@ torch.manual_seed(0)
 _orig = StaticAttention.static_map
 
 
-def static_map(self):
+def static_map(self: StaticAttention) -> torch.Tensor:
     if getattr(self, "raw", False):
         return self.logits
     return _orig(self)
@@ -83,7 +83,7 @@ teacher = hetvit.load(
 ).eval()
 
 
-def cached(split, n):
+def cached(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``n`` of a seeded random draw of a CIFAR-10 split, eval transform, as tensors."""
     from hetvit.data import make_loader, make_transform, open_dataset, random_subset
 
@@ -105,7 +105,7 @@ xte, yte = xte[perm_te], yte[perm_te]
 
 
 @torch.no_grad()
-def acc(m):
+def acc(m: torch.nn.Module) -> float:
     m.eval()
     c = 0
     for i in range(0, len(xte), 500):
@@ -132,12 +132,12 @@ student = hetvit.compress(teacher, plan, calibration=xtr[:256], aggregation_init
 print("plan", plan.describe(), "calib", round(acc(student), 2), flush=True)
 
 
-def layer_blocks(m):
+def layer_blocks(m: torch.nn.Module) -> list[torch.nn.Module]:
     return [b for b in m.blocks if not isinstance(b, TokenAggregation)]
 
 
 @torch.no_grad()
-def closed_form(student, raw=True, ridge=0.1):
+def closed_form(student: torch.nn.Module, raw: bool = True, ridge: float = 0.1) -> None:
     prefix = 1
     sb, tb = layer_blocks(student), layer_blocks(teacher)
     student.eval()
@@ -188,7 +188,7 @@ def closed_form(student, raw=True, ridge=0.1):
         )
 
 
-def project_simplex(S):
+def project_simplex(S: torch.Tensor) -> torch.Tensor:
     # Euclidean projection of each row onto the probability simplex
     u, _ = torch.sort(S, dim=-1, descending=True)
     css = u.cumsum(-1) - 1
@@ -204,7 +204,7 @@ if a.cf != "none":
     print("closed-form", a.cf, round(acc(student), 2), f"{time.time() - t0:.0f}s", flush=True)
 
 
-def augment(x):
+def augment(x: torch.Tensor) -> torch.Tensor:
     if a.crop:
         x.shape[0]
         pad = a.crop

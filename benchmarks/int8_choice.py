@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import timm
 import torch
 
@@ -50,7 +51,7 @@ SETTINGS = {
 }
 
 
-def logits(session, x: torch.Tensor) -> np.ndarray:
+def logits(session: ort.InferenceSession, x: torch.Tensor) -> np.ndarray:
     return np.concatenate([session.run(None, {"images": x[i:i + 256].numpy()})[0]
                            for i in range(0, len(x), 256)])
 

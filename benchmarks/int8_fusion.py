@@ -44,10 +44,10 @@ cal = torch.randn(32, 3, 224, 224, generator=torch.Generator().manual_seed(1))
 
 
 class Reader(q.CalibrationDataReader):
-    def __init__(self):
+    def __init__(self) -> None:
         self.it = iter([{"images": cal[i:i + 8].numpy()} for i in range(0, 32, 8)])
 
-    def get_next(self):
+    def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.it, None)
 
 
@@ -58,8 +58,8 @@ def optimized(src: Path, dst: Path) -> Path:
     return dst
 
 
-def static(src: Path, dst: Path, model, fmt="QDQ",
-           exclude_groups=("static_maps", "aggregation")):
+def static(src: Path, dst: Path, model: torch.nn.Module, fmt: str = "QDQ",
+           exclude_groups: tuple[str, ...] = ("static_maps", "aggregation")) -> Path:
     groups = node_groups(model, src)
     exclude = [n for g in exclude_groups for n in groups[g]]
     prep = dst.with_suffix(".prep.onnx")
@@ -73,7 +73,7 @@ def static(src: Path, dst: Path, model, fmt="QDQ",
     return dst
 
 
-def dynamic(src: Path, dst: Path, op_types=None):
+def dynamic(src: Path, dst: Path, op_types: list[str] | None = None) -> Path:
     q.quantize_dynamic(str(src), str(dst), weight_type=q.QuantType.QInt8, per_channel=False,
                        op_types_to_quantize=op_types,
                        extra_options={"DefaultTensorType": 1})

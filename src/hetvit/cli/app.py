@@ -90,7 +90,8 @@ def main() -> None:
     """The ``hetvit`` entry point: warnings as one readable line each, then the app."""
     import warnings
 
-    def show(message, category, filename, lineno, file=None, line=None) -> None:
+    def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+             file: object = None, line: str | None = None) -> None:
         from rich.console import Console
 
         Console(stderr=True).print(f"[yellow]warning:[/] {message}", highlight=False)
