@@ -325,7 +325,7 @@ def test_cli_bench_weights_file_and_uncompressed_checkpoint_dir(tmp_path):
     # The same weights on the full-size model: a clear, short error.
     _fails(["bench", "--model", "deit_tiny_patch16_224", "--checkpoint",
             str(tmp_path / "tiny.safetensors"), *FAST_BENCH], "does not fit the model",
-           "more lines")
+           "differ in shape", "--embed-dim")
 
 
 def test_a_registered_runtime_times_both_models(pair, monkeypatch):

@@ -633,3 +633,74 @@ def test_an_unknown_aggregation_init_is_refused_before_anything_is_read(tmp_path
     assert "one of pool, cluster, not 'kmeans'" in result.output
     assert "not found" not in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
+
+
+# --- a user's own timm model, and an --out that is the input ----------------------------------
+OWN = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--patch-size", "4",
+       "--embed-dim", "64", "--depth", "2", "--num-heads", "2", "--num-classes", "5"]
+
+
+def test_compress_and_fit_build_the_user_s_own_architecture_from_its_options(tmp_path):
+    from safetensors.torch import save_file
+
+    model = small_vit()
+    save_file(model.state_dict(), str(tmp_path / "own.safetensors"))
+    write_images(tmp_path / "imgs", NAMES, per_class=2)
+    weights = ["--checkpoint", str(tmp_path / "own.safetensors")]
+    r = CliRunner().invoke(app, ["compress", *OWN, *weights, "--plan", "fast", "--out",
+                            str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["fit", *OWN, *weights, "--plan", "fast", "--images",
+                            str(tmp_path / "imgs"), "--passes", "1", "--batch-size", "4",
+                            "--out", str(tmp_path / "f")])
+    assert r.exit_code == 0, r.output
+    fitted = hetvit.load(tmp_path / "f")
+    # the inherited weights are the user's: the embedding before the first change is theirs
+    torch.testing.assert_close(fitted.patch_embed.proj.weight, model.patch_embed.proj.weight)
+    record = json.loads((tmp_path / "f" / "fit.json").read_text())
+    assert record["inputs"]["calibration_images"] == 10  # all there were, not the 256 asked
+
+
+def test_weights_of_another_shape_name_the_options_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(small_vit().state_dict(), str(tmp_path / "own.safetensors"))
+    r = CliRunner().invoke(app, ["compress", "--model", "vit_tiny_patch16_224", "--checkpoint",
+                            str(tmp_path / "own.safetensors"), "--plan", "fast", "--out",
+                            str(tmp_path / "c")])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    text = one_line(r.output)
+    assert "tensors differ in shape" in text and "--embed-dim" in text, text
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("verb", ["compress", "fit"])
+def test_an_out_that_is_the_input_model_is_refused_and_the_model_kept(tmp_path, verb):
+    hetvit.save(small_vit(), tmp_path / "teacher")
+    write_images(tmp_path / "imgs", NAMES, per_class=1)
+    before = {p: p.read_bytes() for p in (tmp_path / "teacher").iterdir()}
+    source = ["--checkpoint" if verb == "compress" else "--teacher", str(tmp_path / "teacher")]
+    extra = [] if verb == "compress" else ["--images", str(tmp_path / "imgs"), "--passes", "1"]
+    r = CliRunner().invoke(app, [verb, *source, "--plan", "fast", *extra, "--out",
+                            str(tmp_path / "teacher" / ".." / "teacher")])
+    assert r.exit_code == 2 and "would replace it" in one_line(r.output), r.output
+    assert {p: p.read_bytes() for p in (tmp_path / "teacher").iterdir()} == before
+
+
+def test_a_teacher_directory_with_model_options_is_refused(tmp_path):
+    hetvit.save(small_vit(), tmp_path / "teacher")
+    write_images(tmp_path / "imgs", NAMES, per_class=1)
+    r = CliRunner().invoke(app, ["fit", "--teacher", str(tmp_path / "teacher"), "--model",
+                            "vit_tiny_patch16_224", "--plan", "fast", "--images",
+                            str(tmp_path / "imgs"), "--out", str(tmp_path / "f")])
+    assert r.exit_code == 2 and "not both" in one_line(r.output), r.output
+    assert not (tmp_path / "f").exists()
+
+
+def test_the_api_refuses_no_images_and_calibration_of_another_size():
+    model = small_vit()
+    with pytest.raises(hetvit.errors.DataError, match="model takes"):
+        hetvit.compress(model, "fast", calibration=torch.randn(2, 3, 64, 64))
+    student = hetvit.compress(model, "fast")
+    with pytest.raises(hetvit.fitting.FitError, match="no images"):
+        hetvit.fit(student, model, torch.randn(0, 3, 32, 32))

@@ -187,7 +187,7 @@ def collect_images(images: Any, limit: int | None = None) -> torch.Tensor:
             break
         batches.append(x if limit is None else x[:limit - count])
         count += batches[-1].shape[0]
-    if not batches:
+    if not count:
         raise FitError("no images to fit on: give at least one batch of unlabeled images")
     return torch.cat(batches)
 

@@ -27,7 +27,7 @@ from .configs import AGGREGATION_INITS
 from .data import sample_images
 from .errors import DataError, PlanError, UsageError
 from .grid import token_grid
-from .hosts import describe, host_for, host_of
+from .hosts import describe, host_for, host_of, input_size
 from .hosts.hf import load_hf
 from .hosts.timm import create_timm_model
 from .modes import eval_mode
@@ -278,10 +278,15 @@ def _run_images(model: nn.Module, images: Any, max_batches: int | None) -> int:
     host = host_of(model)
     count = 0
     param = next(model.parameters())
+    want = input_size(model)
     with eval_mode(model):
         for b, x in enumerate(image_batches(images)):
             if max_batches is not None and b >= max_batches:
                 break
+            if tuple(x.shape[1:]) != want:
+                raise DataError(f"the calibration images are {tuple(x.shape[1:])} (C x H x W) "
+                                f"but the model takes {want}: resize them with the model's "
+                                "eval transform")
             try:
                 host.features(model, x.to(param))
             except StopForward:

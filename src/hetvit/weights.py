@@ -50,9 +50,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str | Path) -> None:
     """Load ``state`` into ``model``; any missing, unexpected or misshapen tensor is a
     :class:`CheckpointError` naming ``source`` (what a user must fix)."""
+    own = model.state_dict()
+    misshapen = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state.items()
+                 if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+    if misshapen:
+        shown = "; ".join(f"{k}: {list(a)} in the checkpoint, {list(b)} in the model"
+                          for k, a, b in misshapen[:2])
+        raise CheckpointError(f"checkpoint {source} does not fit the model: {len(misshapen)} "
+                              f"tensors differ in shape ({shown}); it holds another "
+                              "architecture or size, so build the model it was saved from",
+                              Path(source))
     try:
         result = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatches
+    except RuntimeError as e:  # anything else the shapes did not show
         raise CheckpointError(f"checkpoint {source} does not fit the model: {e}",
                               Path(source)) from e
     if result.missing_keys or result.unexpected_keys:

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from ..configs import AGGREGATION_INITS, TRAIN_OPTIM, OptimConfig, TrainConfig
-from ..errors import UsageError
+from ..errors import CheckpointError, UsageError
 from .app import fail, flag, user_errors
 
 
@@ -32,11 +32,13 @@ def open_model(model: str | None, checkpoint: Path | None, overrides: dict | Non
     import warnings
 
     from ..io import is_checkpoint, load
-    from ..surgery import load_model
 
     if checkpoint is not None and not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     if checkpoint is not None and is_checkpoint(checkpoint):
+        if model is not None or overrides:
+            raise UsageError(f"{checkpoint} is a hetvit checkpoint directory, which holds its "
+                             "own architecture: drop --model and the architecture options")
         return load(checkpoint)
     if checkpoint is not None and checkpoint.is_dir():
         raise FileNotFoundError(f"{checkpoint} is not a hetvit checkpoint directory (it has no "
@@ -59,7 +61,22 @@ def open_model(model: str | None, checkpoint: Path | None, overrides: dict | Non
     with warnings.catch_warnings():
         if quiet:
             warnings.simplefilter("ignore")
-        return load_model(model, checkpoint, **(overrides or {}))
+        return load_by_name(model, checkpoint, overrides or {})
+
+
+def load_by_name(model: str, weights: Path | None, overrides: dict[str, Any]) -> Any:
+    """``--model`` built with its architecture options and loaded with ``--checkpoint``; weights
+    of another shape say which options build the model they were trained as."""
+    from ..surgery import load_model
+
+    try:
+        return load_model(model, weights, **overrides)
+    except CheckpointError as e:
+        if "differ in shape" not in str(e):
+            raise
+        raise CheckpointError(f"{e}: --model {model} with --img-size, --patch-size, "
+                              "--embed-dim, --depth, --num-heads and --num-classes as the "
+                              "weights were trained", e.path) from e
 
 
 TeacherOpt = Annotated[Path | None, typer.Option(
@@ -72,13 +89,29 @@ TeacherWeightsOpt = Annotated[Path | None, typer.Option(
     help="Weights file for --model (.pth, .safetensors, or a `hetvit train` .ckpt).")]
 
 
-def open_teacher(teacher: Path | None, model: str | None, checkpoint: Path | None) -> Any:
+def open_teacher(teacher: Path | None, model: str | None, checkpoint: Path | None,
+                 overrides: dict | None = None) -> Any:
     """The model a compressing command starts from (`--teacher`, or `--model` with
-    `--checkpoint`), in eval mode."""
+    `--checkpoint` and any architecture overrides), in eval mode."""
     if teacher is None and model is None:
         raise UsageError("give --teacher DIR (a hetvit checkpoint) or --model NAME "
                          "--checkpoint FILE")
-    return open_model(model, teacher if teacher is not None else checkpoint).eval()
+    if teacher is not None and (model is not None or checkpoint is not None or overrides):
+        raise UsageError("give --teacher DIR, or --model NAME with --checkpoint FILE and the "
+                         "architecture options, not both")
+    if teacher is not None:
+        return open_model(None, teacher).eval()
+    return open_model(model, checkpoint, overrides).eval()
+
+
+def check_out_is_not_an_input(out: Path, **inputs: Path | None) -> None:
+    """Refuse an ``--out`` that is one of the command's inputs: writing there would replace
+    the very model it was made from."""
+    for name, path in inputs.items():
+        if path is not None and path.exists() and out.exists() and out.resolve() == \
+                path.resolve():
+            raise UsageError(f"--out {out} is the --{name.replace('_', '-')} this command reads:"
+                             " writing there would replace it; give another --out")
 
 
 def resolve_plan(plan: str, model: Any, aggregation: str | None = None) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -17,12 +17,17 @@ from .common import (
     TeacherOpt,
     TeacherWeightsOpt,
     TorchThreadsOpt,
+    _overrides,
+    _size_options,
+    check_out_is_not_an_input,
     open_teacher,
     resolve_plan,
+    with_options,
 )
 
 
 @app.command("fit")
+@with_options(_size_options)
 def fit_command(
     plan: Annotated[str, typer.Option(
         help="A preset (balanced, fast, fastest), scaled to the teacher, or a plan.json file.")],
@@ -31,8 +36,8 @@ def fit_command(
         "images in any sub-folders) or a .tar.gz of one. Labels, if any, are never read.")],
     out: Annotated[Path, typer.Option(
         help="Directory to write the fitted checkpoint to, with fit.json (the fit's settings, "
-        "images and time). An earlier checkpoint there is replaced; a folder of other files is "
-        "refused.")],
+        "images and time). An earlier checkpoint there is replaced; a folder of other files, or "
+        "the teacher itself, is refused.")],
     teacher: TeacherOpt = None,
     model: TeacherModelOpt = None,
     checkpoint: TeacherWeightsOpt = None,
@@ -93,6 +98,7 @@ def fit_command(
     seed: Annotated[int, typer.Option(help="Seed of the image draw, order and augmentation.")
     ] = 0,
     threads: TorchThreadsOpt = None,
+    **sizes: Any,
 ) -> None:
     """Compress a trained ViT and fit the student to it on unlabeled images: no labels, no
     training pipeline, about ten minutes of a 2-core CPU for a small ViT.
@@ -120,8 +126,9 @@ def fit_command(
                            anchor=anchor, temperature=temperature, trainable=trainable,
                            freeze_early=freeze_early, seed=seed, minutes=minutes)
         files.check_writable(out)
+        check_out_is_not_an_input(out, teacher=teacher, checkpoint=checkpoint)
         files.check_replaceable(out, io.SOURCE_FILE)
-        source = open_teacher(teacher, model, checkpoint)
+        source = open_teacher(teacher, model, checkpoint, _overrides(sizes))
         the_plan = resolve_plan(plan, source, aggregation)
         pool = collect_images(sample_images(images, source, num_images + held_out, seed=seed,
                                             batch_size=256))
@@ -145,7 +152,8 @@ def fit_command(
             fitted = fit(student, source, pool, config, progress=progress, held_out=unseen)
         fitted.hetvit_fit.inputs = {
             "images": str(images), "num_images": num_images,
-            "calibration_images": calibration_images, "aggregation_init": aggregation_init,
+            "calibration_images": min(calibration_images, len(pool)),
+            "aggregation_init": aggregation_init,
             "plan": plan, "aggregation": the_plan.aggregation, "seed": seed,
             "held_out": held_out, "minutes": minutes}
         io.save(fitted, out)

@@ -15,6 +15,8 @@ from .common import (
     TorchThreadsOpt,
     _overrides,
     _size_options,
+    check_out_is_not_an_input,
+    load_by_name,
     open_model,
     resolve_plan,
     with_options,
@@ -60,7 +62,7 @@ def _named_model(name: str, overrides: dict, weights: Path | None = None, meta: 
 
     from ..hosts import describe
     from ..hosts.timm import create_timm_model
-    from ..surgery import HF_PREFIX, load_model
+    from ..surgery import HF_PREFIX
 
     with user_errors(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "random weights": said once, by the caller
@@ -68,7 +70,7 @@ def _named_model(name: str, overrides: dict, weights: Path | None = None, meta: 
             with torch.device("meta"):
                 net = create_timm_model(name, **overrides)
         else:
-            net = load_model(name, weights, **overrides)
+            net = load_by_name(name, weights, overrides)
         describe(net)  # raises UnsupportedModelError for what hetvit cannot compress
     return net
 
@@ -153,12 +155,13 @@ def plan_command(
 
 
 @app.command()
+@with_options(_size_options)
 def compress(
     plan: Annotated[str, typer.Option(
         help="A preset (balanced, fast, fastest), scaled to the model, or a plan.json file.")],
     out: Annotated[Path, typer.Option(
         help="Directory to write the compressed checkpoint to (an earlier checkpoint there is "
-        "replaced; a folder of other files is refused).")],
+        "replaced; a folder of other files, or the model read, is refused).")],
     model: Annotated[str | None, typer.Option(
         help="timm model name, e.g. deit_small_patch16_224, or hf:DIR (a Hugging Face "
         "model directory).")] = None,
@@ -175,6 +178,7 @@ def compress(
     batch_size: Annotated[int, typer.Option(min=1, help="Calibration batch size.")] = 64,
     aggregation_init: AggregationInitOpt = "pool",
     aggregation: AggregationOpt = None,
+    **sizes: Any,
 ) -> None:
     """Compress a ViT with a plan and save it as a hetvit checkpoint directory.
 
@@ -190,8 +194,9 @@ def compress(
 
     console = Console()
     with user_errors():
+        check_out_is_not_an_input(out, checkpoint=checkpoint)
         files.check_replaceable(out, io.SOURCE_FILE)
-        source = open_model(model, checkpoint)
+        source = open_model(model, checkpoint, _overrides(sizes))
         the_plan = resolve_plan(plan, source, aggregation)
         loader = None
         if calibration is not None:

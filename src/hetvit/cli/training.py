@@ -90,6 +90,7 @@ def train(
 
 @app.command()
 @with_options(_run_options)
+@with_options(_size_options)
 def finetune(
     data: DataOpt,
     out: OutOpt,
@@ -162,7 +163,7 @@ def finetune(
                              f"{'both' if plan else 'neither'}")
         if aggregation is not None and student is not None:
             raise UsageError("--aggregation goes with --plan: a --student has its plan")
-        source = open_teacher(teacher, model, checkpoint)
+        source = open_teacher(teacher, model, checkpoint, _overrides(options))
         start = open_model(None, student) if student is not None else None
         the_plan = (resolve_plan(plan, source, aggregation) if plan is not None
                     else start.hetvit_plan)
