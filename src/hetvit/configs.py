@@ -19,12 +19,16 @@ from typing import Any
 from .errors import TrainingError
 
 __all__ = ["OptimConfig", "DistillConfig", "TrainConfig", "TrainingError", "TRAIN_OPTIM",
-           "FINETUNE_EPOCHS", "AGGREGATION_INITS"]
+           "FINETUNE_EPOCHS", "AGGREGATION_INITS", "TRAINABLE"]
 
 FINETUNE_EPOCHS = 3
 AGGREGATION_INITS = ("pool", "cluster")
 """How a pyramid stage may start (:func:`hetvit.compress`'s ``aggregation_init``); here, in a
 module the CLI imports at start-up, so that a typo is refused before any model is read."""
+
+TRAINABLE = ("all", "norms", "new")
+"""Which parameters a fit trains: everything; the new parameters with every norm and bias (a
+few percent of the weights: cheap to store as a delta); or the new parameters alone."""
 
 
 def _at_least(config: Any, names: tuple[str, ...], least: float) -> None:

@@ -38,6 +38,7 @@ from .aggregation import TokenAggregation
 from .attention import StaticAttention
 from .batches import image_batches
 from .capture import capture_outputs
+from .configs import TRAINABLE
 from .distill import aggregation_path, feature_loss, kd_loss, stage_ends
 from .errors import FitError
 from .hosts import host_of, input_size, logits
@@ -48,10 +49,6 @@ from .views import cut_and_paste, resized_crop, translate
 
 __all__ = ["FitConfig", "FitRecord", "FitError", "fit", "collect_images", "check_student",
            "teacher_match", "time_one_step", "affordable_passes", "TRAINABLE"]
-
-TRAINABLE = ("all", "norms", "new")
-"""Which parameters a fit trains: everything; the new parameters with every norm and bias (a
-few percent of the weights: cheap to store as a delta); or the new parameters alone."""
 
 
 @dataclass(frozen=True)

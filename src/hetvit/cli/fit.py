@@ -26,6 +26,14 @@ from .common import (
 )
 
 
+def _trainable(value: str) -> str:
+    from ..configs import TRAINABLE
+
+    if value not in TRAINABLE:  # now, in the flag's words, not once the model is loaded
+        raise typer.BadParameter(f"one of {', '.join(TRAINABLE)}, not {value!r}")
+    return value
+
+
 @app.command("fit")
 @with_options(_size_options)
 def fit_command(
@@ -81,8 +89,8 @@ def fit_command(
         help="Distillation temperature (1: match the teacher's probabilities; higher also "
         "matches how it ranks the unlikely classes).")] = 1.0,
     trainable: Annotated[str, typer.Option(
-        help="What the fit trains: all, norms (the new parameters, norms and biases) or new "
-        "(static logits and aggregation weights only).")] = "all",
+        callback=_trainable, help="What the fit trains: all, norms (the new parameters, norms "
+        "and biases) or new (static logits and aggregation weights only).")] = "all",
     freeze_early: Annotated[bool, flag(
         "--freeze-early/--no-freeze-early", help="Keep the teacher's weights in the embeddings "
         "and the blocks before the plan's first change: they compute the teacher's tokens "
