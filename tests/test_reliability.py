@@ -654,6 +654,7 @@ def test_compress_and_fit_build_the_user_s_own_architecture_from_its_options(tmp
                             str(tmp_path / "imgs"), "--passes", "1", "--batch-size", "4",
                             "--out", str(tmp_path / "f")])
     assert r.exit_code == 0, r.output
+    assert "holds 10 images, fewer than the 2048 asked" in one_line(r.output)
     fitted = hetvit.load(tmp_path / "f")
     # the inherited weights are the user's: the embedding before the first change is theirs
     torch.testing.assert_close(fitted.patch_embed.proj.weight, model.patch_embed.proj.weight)

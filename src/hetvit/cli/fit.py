@@ -143,6 +143,10 @@ def fit_command(
         if held_out and len(pool) <= held_out:
             raise FitError(f"{images} holds {len(pool)} images: too few to keep {held_out} "
                            "out of the fit")
+        if len(pool) < num_images + held_out:
+            console.print(f"note: {images} holds {len(pool)} images, fewer than the "
+                          f"{num_images + held_out} asked: fitting on all of them",
+                          highlight=False)
         pool, unseen = (pool[:-held_out], pool[-held_out:]) if held_out else (pool, None)
         student = compress(source, the_plan, calibration=pool[:calibration_images],
                            aggregation_init=aggregation_init)
