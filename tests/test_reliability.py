@@ -266,6 +266,8 @@ def test_a_resume_with_the_same_settings_adds_no_history(tmp_path, colours):
     ("bench", ["--rounds", "0"]),
     ("bench", ["--warmup", "-1"]),
     ("bench", ["--min-time", "-0.5"]),
+    ("fit", ["--minutes", "0"]),
+    ("fit", ["--trainable", "al"]),
 ])
 def test_a_bad_number_is_a_one_line_error_before_any_work(tmp_path, command, flag):
     write_images(tmp_path / "data", ["a", "b"], per_class=1)
@@ -280,7 +282,9 @@ def test_a_bad_number_is_a_one_line_error_before_any_work(tmp_path, command, fla
                          str(tmp_path / "data"), "--out", str(out)],
             "export": ["--checkpoint", str(tmp_path / "m"), "--out", str(out)],
             "bench": ["--checkpoint", str(tmp_path / "m"), "--plan", "fast", "--out",
-                      str(out)]}[command]
+                      str(out)],
+            "fit": ["--teacher", str(tmp_path / "m"), "--plan", "fast", "--images",
+                    str(tmp_path / "data"), "--out", str(out)]}[command]
     result = CliRunner().invoke(app, [command, *args, *flag])
     assert result.exit_code == 2, result.output
     assert f"Invalid value for '{flag[0]}'" in one_line(result.output)

@@ -34,6 +34,12 @@ def _trainable(value: str) -> str:
     return value
 
 
+def _positive_minutes(value: float | None) -> float | None:
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"a budget is a positive number of minutes, not {value:g}")
+    return value
+
+
 @app.command("fit")
 @with_options(_size_options)
 def fit_command(
@@ -58,6 +64,7 @@ def fit_command(
         min=1, help="Passes over the images (each sees every image once, freshly augmented).",
     )] = 20,
     minutes: Annotated[float | None, typer.Option(
+        callback=_positive_minutes,
         help="A budget of wall time for the whole command, loading included: one step is "
         "timed first and the passes cut to what the budget affords (at least 1, at most "
         "--passes). fit.json records the passes run; --passes of that number remakes the fit "

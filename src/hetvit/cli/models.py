@@ -209,7 +209,7 @@ def compress(
     arch = describe(source)
     base, new = formula_macs(arch), formula_macs(arch, student.hetvit_plan)
     console.print(f"compressed [bold]{arch.get('name') or 'model'}[/] with "
-                  f"{student.hetvit_plan.describe()}: {base / 1e9:.2f} -> {new / 1e9:.2f} GMACs "
+                  f"{student.hetvit_plan.describe()}: {base / 1e9:.4g} -> {new / 1e9:.4g} GMACs "
                   f"({base / new:.2f}x fewer); saved to [bold]{out}[/]")
 
 
