@@ -13,7 +13,7 @@ import torch
 
 from .errors import DataError
 
-__all__ = ["image_batches", "is_batches"]
+__all__ = ["image_batches", "is_batches", "size_mismatch"]
 
 
 def image_batches(images: Any, batch_size: int | None = None) -> Iterator[torch.Tensor]:
@@ -52,3 +52,14 @@ def _checked(batch: Any) -> torch.Tensor:
         raise DataError(f"images must be a B x C x H x W tensor, got shape "
                         f"{tuple(batch.shape)}")
     return batch
+
+
+def size_mismatch(images: torch.Tensor, want: tuple[int, ...], what: str = "the images"
+                  ) -> str | None:
+    """The one line that says ``images`` are not of the size ``want`` (C x H x W) a model
+    takes, and what to do; ``None`` when they are. Calibration and fitting say it alike."""
+    got = tuple(images.shape[1:])
+    if got == tuple(want):
+        return None
+    return (f"{what} are {got} (C x H x W) but the model takes {tuple(want)}: resize them "
+            "with the model's eval transform")

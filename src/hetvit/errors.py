@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 
 __all__ = ["HetvitError", "UsageError", "PlanError", "UnsupportedModelError", "CheckpointError",
-           "DataError", "ExportError", "AnalysisError", "TrainingError", "FitError",
-           "BaselineError", "BenchError", "DemoError"]
+           "MisshapenWeightsError", "DataError", "ExportError", "AnalysisError", "TrainingError",
+           "FitError", "BaselineError", "BenchError", "DemoError"]
 
 
 class HetvitError(Exception):
@@ -44,6 +44,11 @@ class CheckpointError(HetvitError, RuntimeError):
     def __init__(self, message: str, path: Path | None = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class MisshapenWeightsError(CheckpointError):
+    """Weights whose tensors differ in shape from the model's: saved from another architecture
+    or size (the CLI answers with the options that build the right one)."""
 
 
 class DataError(HetvitError, ValueError):

@@ -36,7 +36,7 @@ from torch import nn
 
 from .aggregation import TokenAggregation
 from .attention import StaticAttention
-from .batches import image_batches
+from .batches import image_batches, size_mismatch
 from .capture import capture_outputs
 from .configs import TRAINABLE
 from .distill import aggregation_path, feature_loss, kd_loss, stage_ends
@@ -206,10 +206,9 @@ def check_student(student: nn.Module, teacher: nn.Module) -> None:
 def _check_images(student: nn.Module, images: torch.Tensor) -> None:
     if images.ndim != 4:
         raise FitError(f"images must be B x C x H x W, got shape {tuple(images.shape)}")
-    want = input_size(student)
-    if tuple(images.shape[1:]) != want:
-        raise FitError(f"the images are {tuple(images.shape[1:])} (C x H x W) but the model "
-                       f"takes {want}: resize them with the model's eval transform")
+    wrong = size_mismatch(images, input_size(student))
+    if wrong:
+        raise FitError(wrong)
 
 
 @torch.no_grad()

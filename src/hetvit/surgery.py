@@ -21,7 +21,7 @@ from torch import nn
 
 from .aggregation import TokenAggregation, cluster_matrix
 from .attention import StaticAttention, warn_uniform
-from .batches import image_batches, is_batches
+from .batches import image_batches, is_batches, size_mismatch
 from .capture import StopForward, attention_maps, module_inputs
 from .configs import AGGREGATION_INITS
 from .data import sample_images
@@ -192,8 +192,8 @@ def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any 
     pyramid = dict(plan.pyramid)
     for i in range(len(layers)):
         if i in pyramid:
-            stages[i] = _stage(plan, n, pyramid[i], arch["embed_dim"], prefix,
-                               cur_grid).to(device)
+            stages[i] = make_stage(plan.aggregation, n, pyramid[i], arch["embed_dim"],
+                                   prefix, cur_grid).to(device)
             n, cur_grid = pyramid[i], stages[i].grid_out
         tokens_at[i] = prefix + n
     host.insert_stages(new, stages)
@@ -218,12 +218,6 @@ def compress(model: nn.Module, plan: Plan | str | os.PathLike, calibration: Any 
     new.hetvit_source = arch
     new.train(model.training)
     return new
-
-
-def _stage(plan: Plan, num_in: int, num_out: int, dim: int, prefix: int,
-           grid: tuple[int, int]) -> TokenAggregation:
-    """A pyramid stage of the plan's kind, started as pooling of ``grid``."""
-    return make_stage(plan.aggregation, num_in, num_out, dim, prefix, grid)
 
 
 @torch.no_grad()
@@ -283,10 +277,9 @@ def _run_images(model: nn.Module, images: Any, max_batches: int | None) -> int:
         for b, x in enumerate(image_batches(images)):
             if max_batches is not None and b >= max_batches:
                 break
-            if tuple(x.shape[1:]) != want:
-                raise DataError(f"the calibration images are {tuple(x.shape[1:])} (C x H x W) "
-                                f"but the model takes {want}: resize them with the model's "
-                                "eval transform")
+            wrong = size_mismatch(x, want, "the calibration images")
+            if wrong:
+                raise DataError(wrong)
             try:
                 host.features(model, x.to(param))
             except StopForward:

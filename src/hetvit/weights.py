@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, MisshapenWeightsError
 
 __all__ = ["read_state_dict", "load_strict"]
 
@@ -56,10 +56,10 @@ def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str
     if misshapen:
         shown = "; ".join(f"{k}: {list(a)} in the checkpoint, {list(b)} in the model"
                           for k, a, b in misshapen[:2])
-        raise CheckpointError(f"checkpoint {source} does not fit the model: {len(misshapen)} "
-                              f"tensors differ in shape ({shown}); it holds another "
-                              "architecture or size, so build the model it was saved from",
-                              Path(source))
+        raise MisshapenWeightsError(
+            f"checkpoint {source} does not fit the model: {len(misshapen)} tensors differ in "
+            f"shape ({shown}); it holds another architecture or size, so build the model it "
+            "was saved from", Path(source))
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # anything else the shapes did not show

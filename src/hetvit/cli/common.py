@@ -17,7 +17,7 @@ from typing import Annotated, Any
 import typer
 
 from ..configs import AGGREGATION_INITS, TRAIN_OPTIM, OptimConfig, TrainConfig
-from ..errors import CheckpointError, UsageError
+from ..errors import MisshapenWeightsError, UsageError
 from .app import fail, flag, user_errors
 
 
@@ -71,10 +71,8 @@ def load_by_name(model: str, weights: Path | None, overrides: dict[str, Any]) ->
 
     try:
         return load_model(model, weights, **overrides)
-    except CheckpointError as e:
-        if "differ in shape" not in str(e):
-            raise
-        raise CheckpointError(f"{e}: --model {model} with --img-size, --patch-size, "
+    except MisshapenWeightsError as e:
+        raise MisshapenWeightsError(f"{e}: --model {model} with --img-size, --patch-size, "
                               "--embed-dim, --depth, --num-heads and --num-classes as the "
                               "weights were trained", e.path) from e
 
