@@ -23,7 +23,13 @@ settings skips the rows already there (``--force`` redoes them).
     .venv/bin/python benchmarks/peers.py --checkpoint fit-4k=runs/fit/model
     .venv/bin/python benchmarks/peers.py --test-images 200 --rounds 1 --latency-rounds 1 \\
         --tome-r 2 --evit-keep 0.7 --presets fast --out-dir /tmp/peers-smoke   # ~3 min
+    .venv/bin/python benchmarks/peers.py --runtime onnxruntime --out-dir runs/peers-ort
     .venv/bin/python benchmarks/peers.py --plots-only                      # redraw from JSON
+
+With ``--runtime onnxruntime`` both models of every pairing are exported to ONNX and timed in
+onnxruntime instead of eager PyTorch. Top-1 is still the PyTorch model's; each row first checks
+that its export gives the same top-1 on at least 99% of the first 500 test images, and
+records that agreement and the largest difference of the logits.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ REEXEC_MARK = "HETVIT_PEERS_REEXEC"
 BATCH = 64
 CALIBRATION_DRAW, CALIBRATION_IMAGES = 2048, 256
 DRIFT_TOLERANCE = 0.1
+PARITY_IMAGES, PARITY_AGREEMENT = 500, 0.99
 
 FAMILIES: dict[str, dict[str, Any]] = {  # plot style per family, in legend order
     "teacher": {"color": "black", "marker": "*"},
@@ -280,11 +287,13 @@ def measure(row: Row, ctx: Context, test: tuple[Any, Any]) -> dict[str, Any]:
         acc, n, source = top1(model, *test), len(test[1]), "evaluated"
     else:
         acc, n, source = row.record["top1"], row.record.get("n"), "top-1 from record"
+    parity = onnx_parity(model, test[0], args.threads) if args.runtime == "onnxruntime" \
+        else None
     evaluated = time.perf_counter()
     before = loadavg()
     result = compare(ctx.teacher, model, batch_size=BATCH, rounds=args.rounds,
                      latency_rounds=args.latency_rounds, latency=True, threads=args.threads,
-                     warmup=args.warmup, min_time=args.min_time)
+                     warmup=args.warmup, min_time=args.min_time, runtime=args.runtime)
     after = loadavg()
     done = time.perf_counter()
     tp, lat = result.throughput, result.latency
@@ -300,7 +309,27 @@ def measure(row: Row, ctx: Context, test: tuple[Any, Any]) -> dict[str, Any]:
             "load_before": before, "load_after": after,
             "seconds": {"build_eval": round(evaluated - start, 1),
                         "bench": round(done - evaluated, 1)},
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "bench": result.to_dict()}
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "bench": result.to_dict(),
+            **({"onnx_parity": parity} if parity else {})}
+
+
+def onnx_parity(model: Any, images: Any, threads: int) -> dict[str, Any]:
+    """How the exported graph's logits match the PyTorch model's, on the first
+    ``PARITY_IMAGES`` test images run 50 at a time (not the batch the graph was traced at).
+
+    The onnxruntime rows' top-1 is the PyTorch model's, so the graph has to give the same
+    answers: on at least ``PARITY_AGREEMENT`` of the images. Not on all, nor to 1e-4: token
+    merging picks its pairs by ranking similarities, and onnxruntime's own rounding can swap
+    two nearly equal ones, which moves that image's logits (by up to 0.7 on one of 500 for
+    ToMe r=5). The agreement and the largest difference are recorded.
+    """
+    from hetvit.export import check_parity, ort_runner
+
+    run = ort_runner(model, BATCH, threads=threads)
+    p = check_parity(model, run.session, images[:PARITY_IMAGES], batch_size=50)
+    if p.top1_agree + p.ties < PARITY_AGREEMENT * p.images:
+        raise SystemExit(f"the ONNX export does not give the PyTorch model's top-1: {p}")
+    return {"images": p.images, "max_abs_diff": p.max_abs_diff, "top1_agree": p.top1_agree}
 
 
 def run_settings(args: argparse.Namespace, allocator: dict[str, str], teacher_dir: Path
@@ -318,6 +347,7 @@ def run_settings(args: argparse.Namespace, allocator: dict[str, str], teacher_di
                            "seed 0", "batch_size": BATCH, "rounds": args.rounds,
             "latency_rounds": args.latency_rounds, "warmup": args.warmup,
             "min_time": args.min_time, "threads": args.threads, "allocator": allocator,
+            **({"runtime": args.runtime} if args.runtime != "torch" else {}),
             "cpu": cpu_name(), "cpu_count": os.cpu_count(), "torch": torch.__version__}
 
 
@@ -373,7 +403,14 @@ def markdown(store: dict) -> str:
               f"the teacher in one process, batch {s['batch_size']} throughput and batch-1 "
               f"latency, median of {s['rounds']} / {s['latency_rounds']} alternating rounds with "
               f"the lowest and highest; {s['cpu']}, {s['threads']} thread(s), torch "
-              f"{s['torch']}, fp32, eager; {alloc}."]
+              f"{s['torch']}, fp32, {runtime_words(s)}; {alloc}."]
+    parity = [(r["onnx_parity"], r["key"]) for r in rows if "onnx_parity" in r]
+    if parity:
+        (worst, key), images = min(parity, key=lambda p: p[0]["top1_agree"]), parity[0][0]["images"]
+        diff, far = max((p["max_abs_diff"], k) for p, k in parity)
+        lines += ["", f"Each export against its PyTorch model on the first {images} test images: "
+                  f"top-1 agreement {worst['top1_agree']}/{images} at the lowest ({key}), "
+                  f"largest difference of a logit {diff:.2g} ({far})."]
     loads = [v for r in rows for v in (r["load_before"][0], r["load_after"][0])]
     if loads:
         lines += ["", f"1-minute load average over the pairings: {min(loads):.2f}-"
@@ -384,6 +421,19 @@ def markdown(store: dict) -> str:
     if stale:
         lines += ["", f"({stale} stored row(s) measured under other settings are left out.)"]
     return "\n".join(lines) + "\n"
+
+
+def runtime_name(settings: dict) -> str:
+    return "onnxruntime" if settings.get("runtime") == "onnxruntime" else "eager PyTorch"
+
+
+def runtime_words(settings: dict) -> str:
+    """What ran the models, as the table's note says it (runs before ``--runtime`` had
+    none stored: eager PyTorch)."""
+    if runtime_name(settings) == "onnxruntime":
+        return ("both models exported to ONNX and run by onnxruntime (top-1 from the PyTorch "
+                "model; how each export agrees with it is below)")
+    return "eager"
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -434,9 +484,9 @@ def plot(store: dict, path: Path, which: str) -> None:
     s = store["settings"]
     batch = f"batch {s['batch_size']}" if which == "speedup" else "batch 1"
     ax.set(xlabel=f"speedup over the teacher at {batch}, measured beside it "
-                  f"({s['cpu']}, {s['threads']} thread(s))\npoint: median of the rounds; "
-                  "bar: lowest to highest round (teacher: beside a copy of itself); "
-                  "line: each family's Pareto front",
+                  f"({s['cpu']}, {s['threads']} thread(s), {runtime_name(s)})\n"
+                  "point: median of the rounds; bar: lowest to highest round (teacher: beside "
+                  "a copy of itself); line: each family's Pareto front",
            ylabel=f"CIFAR-10 top-1 (%), {s['test_images']:,} test images",
            title=f"hetvit against ToMe and EViT on the CIFAR-10 teacher ({batch})")
     ax.grid(alpha=0.3)
@@ -482,6 +532,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--min-time", type=float, default=1.0,
                         help="seconds each timed run lasts at least")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runtime", choices=["torch", "onnxruntime"], default="torch",
+                        help="what runs the models while timed: eager PyTorch, or both "
+                             "exported to ONNX (fp32) and run by onnxruntime")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--force", action="store_true", help="redo rows already stored")
     parser.add_argument("--list", action="store_true", help="print the rows and stop")

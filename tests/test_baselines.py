@@ -23,7 +23,7 @@ from hetvit.cli import app
 from hetvit.flops import count_macs
 from hetvit.hosts import HOSTS
 
-from .conftest import write_images
+from .conftest import exports_with_parity, write_images
 
 attention_map = HOSTS["timm"].attention_map
 
@@ -236,6 +236,16 @@ def tiny_checkpoint(tmp_path):
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
     return model, ["--model", "vit_tiny_patch16_224", "--checkpoint",
                    str(tmp_path / "w.safetensors"), *TINY]
+
+
+@pytest.mark.parametrize("reduce", [lambda m: tome(m, 5), lambda m: tome(m, 4, "decreasing"),
+                                    lambda m: evit(m, 0.5, (1, 2))],
+                         ids=["tome-constant", "tome-decreasing", "evit"])
+def test_baselines_export_to_onnx_with_parity(tmp_path, reduce):
+    """Both peers trace to ONNX (traced at batch 1, checked at batch 8), so that they can be
+    timed in onnxruntime beside hetvit's exports (``bench --runtime onnxruntime``)."""
+    pytest.importorskip("onnxruntime")
+    assert exports_with_parity(reduce(vit()), tmp_path / "m.onnx")
 
 
 def test_cli_bench_method_tome_and_evit(tiny_checkpoint):

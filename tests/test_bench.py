@@ -283,7 +283,9 @@ def test_cli_bad_plan_file(tmp_path):
     broken.write_text("{not json")
     _fails(["plan", *TINY, "--preset", str(broken)], "not valid JSON")
     _fails(["bench", *TINY, "--plan", str(broken), *FAST_BENCH], "not valid JSON")
-    _fails(["bench", *TINY, "--plan", "quickest", *FAST_BENCH], "neither a preset")
+    _fails(["bench", *TINY, "--plan", "quickest", *FAST_BENCH], "--plan 'quickest' is neither")
+    # plan takes the option as --preset or --plan, and names both
+    _fails(["plan", *TINY, "--preset", "quickest"], "--preset/--plan 'quickest' is neither")
 
 
 def test_cli_plan_that_does_not_fit(tmp_path):

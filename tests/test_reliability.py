@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from pathlib import Path
 
@@ -562,6 +563,21 @@ def test_usage_errors_are_one_line(args, message):
     [line] = result.output.strip().splitlines()
     command = "hetvit fit" if args[0] == "fit" else "hetvit"
     assert line.startswith(f"error: {message}") and line.endswith(f"(see '{command} --help')")
+
+
+@pytest.mark.parametrize("command", [[], ["fit"], ["bench"]])
+def test_help_in_a_narrow_terminal_is_plain_and_fits(command):
+    """typer's boxed help squeezes descriptions to a word a line at 80 columns; there (and in a
+    pipe) the help is click's plain layout, every line within the width."""
+    narrow = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "80"})
+    wide = CliRunner().invoke(app, [*command, "--help"], env={"COLUMNS": "200"})
+    assert narrow.exit_code == wide.exit_code == 0
+    assert "╭" not in narrow.output and "╭" in wide.output
+    assert max(len(line) for line in narrow.output.splitlines()) <= 80
+    assert "Options:" in narrow.output and "Show this message" in narrow.output
+    if command:
+        # one option, its type and the start of its help on one line, as at any width
+        assert re.search(r"^  --plan <str> +\w", narrow.output, re.M), narrow.output
 
 
 def test_no_help_labels_a_flag_as_wanting_a_bool():

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import shutil
 from typing import Annotated, Any
 
 import typer
@@ -15,10 +16,17 @@ _click_errors = importlib.import_module(typer.BadParameter.__module__)
 raises."""
 
 
-class _HelpWithoutType:
-    """typer labels every bool option ``<bool>``, its own ``--help`` included, which reads as
-    if it wanted a value; this gives the help option the empty metavar :func:`flag` gives the
-    others."""
+RICH_HELP_COLUMNS = 120
+"""The narrowest terminal that gets typer's boxed help. That layout gives option names, negative
+flags and types (ranges included) a column each before the description, which an 80-column
+terminal squeezes to a word or two a line; below this width (and in a pipe) the help is click's
+plain two-column layout, which wraps to the terminal instead."""
+
+
+class _Help:
+    """What every command's ``--help`` shares: typer's boxed layout only where it fits
+    (:data:`RICH_HELP_COLUMNS`), and no ``<bool>`` label on ``--help``: typer labels every bool
+    option so, which reads as if it wanted a value, and :func:`flag` clears it on the others."""
 
     def get_help_option(self, ctx: Any) -> Any:
         option = super().get_help_option(ctx)  # type: ignore[misc]
@@ -26,12 +34,21 @@ class _HelpWithoutType:
             option.metavar = ""
         return option
 
+    def format_help(self, ctx: Any, formatter: Any) -> None:
+        if shutil.get_terminal_size().columns >= RICH_HELP_COLUMNS:
+            return super().format_help(ctx, formatter)  # type: ignore[misc]
+        mode, self.rich_markup_mode = self.rich_markup_mode, None  # typer's switch to plain
+        try:
+            return super().format_help(ctx, formatter)  # type: ignore[misc]
+        finally:
+            self.rich_markup_mode = mode
 
-class _Command(_HelpWithoutType, typer.core.TyperCommand):
+
+class _Command(_Help, typer.core.TyperCommand):
     pass
 
 
-class _Group(_HelpWithoutType, typer.core.TyperGroup):
+class _Group(_Help, typer.core.TyperGroup):
     """The ``hetvit`` group, whose usage errors (an unknown option, a missing one, a value out
     of range) read as one line in the style of :func:`fail`, instead of typer's boxed five."""
 

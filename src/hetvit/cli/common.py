@@ -112,9 +112,11 @@ def check_out_is_not_an_input(out: Path, **inputs: Path | None) -> None:
                              " writing there would replace it; give another --out")
 
 
-def resolve_plan(plan: str, model: Any, aggregation: str | None = None) -> Any:
+def resolve_plan(plan: str, model: Any, aggregation: str | None = None,
+                 flag: str = "--plan") -> Any:
     """``plan`` is a preset name (scaled to ``model``) or a plan JSON file; ``aggregation``
-    (``--aggregation``), when given, replaces the plan's own."""
+    (``--aggregation``), when given, replaces the plan's own. ``flag`` is how the error names
+    the option (``plan`` takes it as ``--preset`` or ``--plan``)."""
     from dataclasses import replace
 
     from ..plan import PRESETS, Plan
@@ -126,7 +128,7 @@ def resolve_plan(plan: str, model: Any, aggregation: str | None = None) -> Any:
         the_plan = Plan.load(plan)
         _check_plan_file(the_plan, Path(plan), model)
     else:
-        raise UsageError(f"--plan {plan!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+        raise UsageError(f"{flag} {plan!r} is neither a preset ({', '.join(PRESETS)}) nor a "
                          "plan JSON file")
     return the_plan if aggregation is None else replace(the_plan, aggregation=aggregation)
 

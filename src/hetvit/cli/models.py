@@ -115,7 +115,7 @@ def plan_command(
     net = _named_model(model, overrides, meta=True)
     arch = describe(net)
     with user_errors():
-        the_plan = resolve_plan(preset, net)
+        the_plan = resolve_plan(preset, net, flag="--preset/--plan")
         the_plan.validate(arch["depth"], token_grid(arch), tuple(arch["img_size"]))
         if the_plan.img_size is None:
             the_plan = type(the_plan).from_dict({**the_plan.to_dict(),
