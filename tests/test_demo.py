@@ -207,6 +207,21 @@ def test_the_fit_command_of_an_older_record_says_what_it_ran_with():
         "--num-images 2048 --crop 4")
 
 
+def test_the_fit_flags_are_the_settings_hetvit_fit_takes():
+    """What the demo prints as flags is what ``hetvit fit`` has: a setting given a flag (or
+    losing one) is named the same way in both."""
+    import dataclasses
+    import inspect
+
+    from hetvit.cli.fit import fit_command as cli_fit
+    from hetvit.demo import FIT_FLAGS
+    from hetvit.fitting import FitConfig
+
+    settings = {f.name for f in dataclasses.fields(FitConfig)}
+    flags = set(inspect.signature(cli_fit).parameters)
+    assert FIT_FLAGS == settings & flags - {"minutes"}
+
+
 def test_the_token_merging_row_is_tome_of_the_teacher(quiet, busy):
     """The default setting changes the teacher's outputs; r = 0 merges nothing."""
     merged, same = quiet[0], busy[0]

@@ -195,6 +195,41 @@ def test_token_distillation_adds_a_positive_term_linear_in_its_weight(vit, pool)
         FitConfig(features=-1.0)
 
 
+def test_pre_logit_distillation_adds_the_relative_error_of_the_head_s_input(vit, pool):
+    """Against timm's own ``forward_head(..., pre_logits=True)``: the term is
+    ``w * mean((s - t)^2) / mean(t^2)`` of the student's and teacher's head inputs."""
+    from hetvit.distill import kd_loss
+    from hetvit.fitting import _Loss
+
+    student = hetvit.compress(vit, Plan(pyramid=((2, 8), (3, 4))), calibration=pool[:16])
+    x = pool[:8]
+    with torch.no_grad():
+        kd = kd_loss(student(x), vit(x), 1.0)
+        s = student.forward_head(student.forward_features(x), pre_logits=True)
+        t = vit.forward_head(vit.forward_features(x), pre_logits=True)
+        expected = kd + 3.0 * (s - t).pow(2).mean() / t.pow(2).mean()
+        got = {w: _Loss(student.eval(), vit, FitConfig(pre_logits=w))(x) for w in (0.0, 3.0)}
+    torch.testing.assert_close(got[0.0], kd)
+    torch.testing.assert_close(got[3.0], expected)
+    assert got[3.0] > got[0.0]
+    with pytest.raises(FitError, match="pre_logits"):
+        FitConfig(pre_logits=-1.0)
+
+
+def test_pre_logit_distillation_needs_a_head():
+    import transformers
+
+    from hetvit.fitting import _Loss
+
+    torch.manual_seed(0)
+    bare = transformers.ViTModel(transformers.ViTConfig(
+        image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64), add_pooling_layer=False).eval()
+    student = hetvit.compress(bare, Plan(pyramid=((1, 8),)))
+    with pytest.raises(FitError, match="pre_logits needs a classification head.*set it to 0"):
+        _Loss(student, bare, FitConfig(pre_logits=1.0))
+
+
 def test_teacher_match_against_itself_and_a_reference(vit, pool):
     from hetvit.fitting import teacher_match
 
@@ -280,10 +315,12 @@ def test_cli_fit_writes_a_loadable_checkpoint_with_its_record(vit, tmp_path):
     result = CliRunner().invoke(app, ["fit", "--teacher", str(teacher_dir), "--plan", "fast",
                                       "--images", str(tmp_path / "imgs"), "--out", str(again),
                                       "--passes", "1", "--batch-size", "8", "--held-out", "5",
-                                      "--calibration-images", "8", "--no-freeze-early"])
+                                      "--calibration-images", "8", "--no-freeze-early",
+                                      "--pre-logits", "2"])
     assert result.exit_code == 0, result.output
     record = json.loads((again / "fit.json").read_text())
     assert record["images"] == 16 and record["match"]["held_out"]["images"] == 5
+    assert record["config"]["pre_logits"] == 2.0
     assert not record["config"]["freeze_early"] and json.loads(
         (out / "fit.json").read_text())["config"]["freeze_early"]  # on unless switched off
     assert "on 5 held-out ones" in result.output

@@ -43,18 +43,23 @@ def _counted(blocks: list[torch.nn.Module]) -> list[int]:
 
 @pytest.mark.parametrize("make", [confident_vit, lambda: tiny_vit(global_pool="avg"), _hf_vit],
                          ids=["timm", "timm-avg-pool", "hf"])
-def test_a_replayed_step_has_the_loss_and_gradients_of_the_plain_one(make):
+@pytest.mark.parametrize("config", [FitConfig(), FitConfig(pre_logits=2.0)],
+                         ids=["logits", "pre-logits"])
+def test_a_replayed_step_has_the_loss_and_gradients_of_the_plain_one(make, config):
     teacher = make()
-    student = _student(teacher, FitConfig())
+    student = _student(teacher, config)
     x = torch.randn(6, 3, 32, 32)
-    reference = kd_loss(logits(student, x), logits(teacher, x).detach(), 1.0)
+    reference = fitting._Loss(student, teacher, config)(x)  # no replay: every block runs
+    if not config.pre_logits:  # and that is the distillation of the logits alone
+        torch.testing.assert_close(
+            reference, kd_loss(logits(student, x), logits(teacher, x).detach(), 1.0))
     expected = torch.autograd.grad(reference, [p for p in student.parameters()
                                                if p.requires_grad])
     front = host_of(student).layers(student)[:2]
     calls = _counted(front)
     with replaying_front(student, teacher, first_change(student)) as replay:
         assert replay is not None
-        loss = fitting._Loss(student, teacher, FitConfig(), replay)(x)
+        loss = fitting._Loss(student, teacher, config, replay)(x)
     assert calls[0] == 0  # the front's blocks did not run
     got = torch.autograd.grad(loss, [p for p in student.parameters() if p.requires_grad])
     torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)

@@ -157,7 +157,7 @@ def _pattern_lines(report: Any, recommendation: Any) -> list[str]:
 
 
 FIT_FLAGS = frozenset({"passes", "batch_size", "lr", "lr_new", "mixup", "crop", "scale",
-                       "cutmix", "features", "anchor", "temperature", "trainable",
+                       "cutmix", "features", "pre_logits", "anchor", "temperature", "trainable",
                        "freeze_early", "seed"})
 """The :class:`hetvit.fitting.FitConfig` settings ``hetvit fit`` has a flag for: ``--NAME``
 with hyphens (a switch is ``--NAME`` / ``--no-NAME``)."""

@@ -37,7 +37,7 @@ from torch import nn
 from .aggregation import TokenAggregation
 from .attention import StaticAttention
 from .batches import image_batches, size_mismatch
-from .capture import capture_outputs
+from .capture import capture_outputs, module_inputs
 from .configs import TRAINABLE
 from .distill import aggregation_path, feature_loss, kd_loss, stage_ends
 from .errors import FitError
@@ -83,6 +83,11 @@ class FitConfig:
         features: weight of token distillation at the end of every pyramid stage (the
             student's tokens against the teacher's, aggregated the same way: many numbers per
             image where the logits give ten; 0: logits only).
+        pre_logits: weight of the relative squared error of the head's input (the pooled,
+            normed token: D numbers an image, against the logits' ten) to the teacher's. With
+            content-aware stages, 10 gained 0.4-0.7 points on each of four fits (two plans,
+            two seeds; ``docs/fitting.md``); with static stages it changed nothing beyond
+            noise. 0: off.
         anchor: decay of the inherited weights towards their starting values (decoupled, as
             AdamW's weight decay, but towards the teacher's weights instead of zero: a few
             thousand images are memorised long before they are matched; 0: off).
@@ -110,6 +115,7 @@ class FitConfig:
     freeze_early: bool = True
     warmup: float = 0.1
     features: float = 0.0
+    pre_logits: float = 0.0
     anchor: float = 0.0
     seed: int = 0
     minutes: float | None = None
@@ -122,7 +128,7 @@ class FitConfig:
         for name in ("lr", "lr_new", "temperature"):
             if not getattr(self, name) > 0:
                 raise FitError(f"{name} must be positive, got {getattr(self, name)}")
-        for name in ("mixup", "features", "anchor"):
+        for name in ("mixup", "features", "pre_logits", "anchor"):
             if getattr(self, name) < 0:
                 raise FitError(f"{name} must be 0 (off) or positive, got {getattr(self, name)}")
         if self.crop < 0:
@@ -330,9 +336,10 @@ def _pull(anchored: list[tuple[nn.Parameter, torch.Tensor]], rate: float) -> Non
 
 class _Loss:
     """The fit's loss on a view: KL to the teacher's logits, plus, with ``features``, the
-    token error at every stage end (as :class:`hetvit.lightning_modules.FinetuneModule`).
-    With a ``replay``, the student's frozen front is handed the teacher's tokens of the same
-    view instead of computing them again (:mod:`hetvit.replay`)."""
+    token error at every stage end (as :class:`hetvit.lightning_modules.FinetuneModule`) and,
+    with ``pre_logits``, the relative error of the head's input. With a ``replay``, the
+    student's frozen front is handed the teacher's tokens of the same view instead of
+    computing them again (:mod:`hetvit.replay`)."""
 
     def __init__(self, model: nn.Module, teacher: nn.Module, config: FitConfig,
                  replay: FrontReplay | None = None) -> None:
@@ -342,21 +349,42 @@ class _Loss:
         self.prefix = host.prefix_tokens(model.hetvit_source)
         self.ends = (stage_ends(plan_of(model), len(self.student_layers))
                      if config.features else [])
+        self.heads = [classifier(model), classifier(teacher)] if config.pre_logits else []
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         front = [] if self.replay is None else [self.replay.teacher_block]
+        heads: dict[int, torch.Tensor] = {}  # the head's input: 0 the student's, 1 the teacher's
         with torch.no_grad(), capture_outputs([*(self.teacher_layers[i] for i in self.ends),
-                                               *front]) as targets:
+                                               *front]) as targets, \
+                module_inputs(self.heads[1:], lambda k, f: heads.__setitem__(1, f)):
             target = logits(self.teacher, x)
         replayed = self.replay.tokens(targets.pop()) if front else contextlib.nullcontext()
-        with replayed, capture_outputs([self.student_layers[i] for i in self.ends]) as tokens:
+        with replayed, capture_outputs([self.student_layers[i] for i in self.ends]) as tokens, \
+                module_inputs(self.heads[:1], lambda k, f: heads.__setitem__(0, f)):
             loss = kd_loss(logits(self.model, x), target, self.config.temperature)
+        if self.heads:
+            loss = loss + self.config.pre_logits * relative_error(heads[0], heads[1])
         if self.ends:
             path = aggregation_path(self.model)
             tokens_loss = sum(feature_loss(s, t, path[i], self.prefix)
                               for s, t, i in zip(tokens, targets, self.ends, strict=True))
             loss = loss + self.config.features * tokens_loss / len(self.ends)
         return loss
+
+
+def relative_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``mean((s - t)^2) / mean(t^2)``: a squared error that does not depend on the features'
+    scale, so one weight suits any model."""
+    return (student - teacher).pow(2).mean() / teacher.pow(2).mean().clamp_min(1e-12)
+
+
+def classifier(model: nn.Module) -> nn.Module:
+    """The head whose input ``pre_logits`` distils, or :class:`FitError`."""
+    head = host_of(model).classifier(model)
+    if head is None:
+        raise FitError(f"pre_logits needs a classification head, and this "
+                       f"{type(model).__name__} outputs its features directly: set it to 0")
+    return head
 
 
 def time_one_step(loss_of: Callable[[torch.Tensor], torch.Tensor], model: nn.Module,

@@ -85,6 +85,11 @@ class Host(ABC):
     def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """The token features before the head (``B x N x D``), by the library's own code."""
 
+    def classifier(self, model: nn.Module) -> nn.Module | None:
+        """The module that turns the pooled, normed token into the logits, whose input is the
+        model's pre-logit feature (``None``: the model's output is that feature itself)."""
+        return None
+
     # ------------------------------------------------------------------ structure
     @abstractmethod
     def embedding_parameters(self, model: nn.Module) -> list[nn.Parameter]:

@@ -256,6 +256,11 @@ class HFHost(Host):
         pooled = getattr(out, "pooler_output", None)
         return pooled if pooled is not None else out.last_hidden_state[:, 0]
 
+    def classifier(self, model: nn.Module) -> nn.Module | None:
+        """``classifier`` (``cls_classifier`` for DeiT with a distillation head); a bare
+        ``ViTModel`` has none."""
+        return getattr(model, "classifier", None) or getattr(model, "cls_classifier", None)
+
     def head_macs(self, arch: Mapping[str, Any]) -> int:
         pooler = arch["embed_dim"] * arch.get("pooler_size", 0) if arch.get("pooler") else 0
         return super().head_macs(arch) + pooler

@@ -193,6 +193,11 @@ class TimmHost(Host):
     def features(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return model.forward_features(x)
 
+    def classifier(self, model: nn.Module) -> nn.Module | None:
+        """``head``: its input is what ``forward_head(..., pre_logits=True)`` returns (the cls
+        head's, for a distilled model)."""
+        return model.head
+
     # ------------------------------------------------------------------ structure
     def embedding_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         """The model's own parameters (cls, register and position embeddings), the patch
