@@ -85,8 +85,8 @@ class FitConfig:
             image where the logits give ten; 0: logits only).
         pre_logits: weight of the relative squared error of the head's input (the pooled,
             normed token: D numbers an image, against the logits' ten) to the teacher's. With
-            content-aware stages, 10 gained 0.4-0.7 points on each of four fits (two plans,
-            two seeds; ``docs/fitting.md``); with static stages it changed nothing beyond
+            content-aware stages, 10 gained 0.4-0.7 points on each of the five fits compared
+            (four plans; ``docs/fitting.md``); with static stages it changed nothing beyond
             noise. 0: off.
         anchor: decay of the inherited weights towards their starting values (decoupled, as
             AdamW's weight decay, but towards the teacher's weights instead of zero: a few

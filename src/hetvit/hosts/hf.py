@@ -259,7 +259,8 @@ class HFHost(Host):
     def classifier(self, model: nn.Module) -> nn.Module | None:
         """``classifier`` (``cls_classifier`` for DeiT with a distillation head); a bare
         ``ViTModel`` has none."""
-        return getattr(model, "classifier", None) or getattr(model, "cls_classifier", None)
+        head = getattr(model, "classifier", None)
+        return head if head is not None else getattr(model, "cls_classifier", None)
 
     def head_macs(self, arch: Mapping[str, Any]) -> int:
         pooler = arch["embed_dim"] * arch.get("pooler_size", 0) if arch.get("pooler") else 0
