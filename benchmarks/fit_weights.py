@@ -63,7 +63,6 @@ from torch.optim.optimizer import (
 
 import hetvit
 from hetvit import fitting
-from hetvit.capture import module_inputs
 from hetvit.cli.common import resolve_plan
 from hetvit.content_aggregation import ContentAggregation
 from hetvit.data import make_loader, make_transform, open_dataset, sample_images
@@ -126,23 +125,6 @@ def flip_averaged_teacher(teacher: torch.nn.Module) -> None:
         return probs.log()
 
     fitting.logits = logits
-
-
-class PreLogitsLoss(fitting._Loss):
-    """The fit's loss plus the relative squared error of the student's pre-logit features (the
-    head's input: D numbers an image where the logits give ten) against the teacher's."""
-
-    weight = 0.0
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        feats: dict[str, torch.Tensor] = {}
-        with torch.no_grad(), module_inputs([self.teacher.head],
-                                            lambda k, f: feats.__setitem__("t", f)):
-            target = fitting.logits(self.teacher, x)
-        with module_inputs([self.model.head], lambda k, f: feats.__setitem__("s", f)):
-            loss = fitting.kd_loss(fitting.logits(self.model, x), target, self.config.temperature)
-        t, s = feats["t"], feats["s"]
-        return loss + self.weight * (s - t).pow(2).mean() / t.pow(2).mean()
 
 
 class PrefixLoss(fitting._Loss):
@@ -428,10 +410,13 @@ def run_fit(args: argparse.Namespace) -> None:
         keep_mlps()
     if args.jitter or args.patch_mix:
         extra_views(args.jitter, args.patch_mix, teacher.patch_embed.patch_size[0])
-    if sum(map(bool, (args.pre_logits, args.prefix_tokens, args.adversarial,
-                      args.mask_student, args.sharpness))) > 1:
-        raise SystemExit("--pre-logits, --prefix-tokens, --adversarial, --mask-student and "
-                         "--sharpness replace the same loss: give one")
+    if sum(map(bool, (args.prefix_tokens, args.adversarial, args.mask_student,
+                      args.sharpness))) > 1:
+        raise SystemExit("--prefix-tokens, --adversarial, --mask-student and --sharpness "
+                         "replace the same loss: give one")
+    if args.pre_logits and any((args.prefix_tokens, args.adversarial, args.mask_student,
+                                args.sharpness)):
+        raise SystemExit("--pre-logits is hetvit.fit's own loss term, which those replace")
     if args.token_mix:
         if not args.freeze_early:
             raise SystemExit("--token-mix mixes the teacher's own early tokens: give "
@@ -445,9 +430,6 @@ def run_fit(args: argparse.Namespace) -> None:
         MaskedStudentLoss.share = args.mask_student
         MaskedStudentLoss.patch = teacher.patch_embed.patch_size[0]
         fitting._Loss = MaskedStudentLoss
-    if args.pre_logits:
-        PreLogitsLoss.weight = args.pre_logits
-        fitting._Loss = PreLogitsLoss
     if args.prefix_tokens:
         PrefixLoss.weight = args.prefix_tokens
         PrefixLoss.first = min(layer for layer, _ in plan.pyramid)
@@ -456,7 +438,7 @@ def run_fit(args: argparse.Namespace) -> None:
         AdversarialLoss.eps, AdversarialLoss.share = args.adversarial, args.adversarial_share
         fitting._Loss = AdversarialLoss
     config = fitting.FitConfig(passes=args.passes, mixup=args.mixup, lr_new=args.lr_new,
-                               crop=args.crop, cutmix=args.cutmix,
+                               crop=args.crop, cutmix=args.cutmix, pre_logits=args.pre_logits,
                                freeze_early=args.freeze_early, seed=args.aug_seed)
     if args.probe_passes:
         # LP-FT (Kumar et al., ICLR 2022): fit the new parameters alone first, so the inherited
@@ -532,7 +514,7 @@ def main() -> None:
     f.add_argument("--teacher-flips", action="store_true",
                    help="distil from the teacher averaged over each view and its mirror")
     f.add_argument("--pre-logits", type=float, default=0.0,
-                   help="weight of the pre-logit feature error beside the logits' KL")
+                   help="as hetvit fit --pre-logits")
     f.add_argument("--prefix-tokens", type=float, default=0.0,
                    help="weight of the cls tokens' error at every block from the first stage on")
     f.add_argument("--adversarial", type=float, default=0.0,
