@@ -590,7 +590,7 @@ def main() -> None:
                   f"{settings['threads']} thread(s), allocator "
                   f"{' '.join(f'{k}={v}' for k, v in allocator.items())}, load {loadavg()}")
     test = None
-    if any(r.record is None for r in todo):
+    if any(r.record is None for r in todo) or (todo and args.runtime == "onnxruntime"):
         t = time.perf_counter()
         test = load_images(args.data / "cifar10-test.tar.gz", teacher, args.test_images,
                            args.seed)
