@@ -20,7 +20,7 @@ from .aggregation import TokenAggregation
 from .hosts import host_of
 
 __all__ = ["kd_loss", "guidance_kl", "feature_loss", "project_map", "aggregation_path",
-           "stage_ends"]
+           "stage_ends", "relative_error"]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
@@ -73,6 +73,12 @@ def feature_loss(student: torch.Tensor, teacher: torch.Tensor, p: torch.Tensor |
     """
     if p is not None:
         teacher = torch.cat([teacher[:, :prefix], p.to(teacher.dtype) @ teacher[:, prefix:]], 1)
+    return relative_error(student, teacher)
+
+
+def relative_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``mean((s - t)^2) / mean(t^2)``: a squared error that does not depend on the features'
+    scale, so one weight suits any model, depth and width."""
     return (student - teacher).pow(2).mean() / teacher.pow(2).mean().clamp_min(1e-12)
 
 

@@ -39,7 +39,7 @@ from .attention import StaticAttention
 from .batches import image_batches, size_mismatch
 from .capture import capture_outputs, module_inputs
 from .configs import TRAINABLE
-from .distill import aggregation_path, feature_loss, kd_loss, stage_ends
+from .distill import aggregation_path, feature_loss, kd_loss, relative_error, stage_ends
 from .errors import FitError
 from .hosts import host_of, input_size, logits
 from .modes import eval_mode
@@ -370,12 +370,6 @@ class _Loss:
                               for s, t, i in zip(tokens, targets, self.ends, strict=True))
             loss = loss + self.config.features * tokens_loss / len(self.ends)
         return loss
-
-
-def relative_error(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """``mean((s - t)^2) / mean(t^2)``: a squared error that does not depend on the features'
-    scale, so one weight suits any model."""
-    return (student - teacher).pow(2).mean() / teacher.pow(2).mean().clamp_min(1e-12)
 
 
 def classifier(model: nn.Module) -> nn.Module:
